@@ -1,0 +1,126 @@
+"""The normalizer contract and the BatchNorm-replacement walk every normalizer shares.
+
+A normalizer turns a timm model built with BatchNorm into one that normalizes its own way. It is applied
+after ``timm.create_model`` so that it works on any family whose norms are ``nn.BatchNorm2d`` (including
+timm's fused ``BatchNormAct2d``), not only the families whose entrypoints accept ``norm_layer``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import torch
+from timm.layers import BatchNormAct2d
+from torch import nn
+
+from repro.errors import UserError
+from repro.registry import Registry
+
+
+class Normalizer:
+    """Base class: ``apply`` converts a model; the trainer calls ``param_groups`` and ``after_step``.
+
+    Subclasses take their options as keyword arguments of ``__init__``; unknown options are a user error.
+    """
+
+    name: ClassVar[str] = ""
+    #: True when the converted model keeps batch statistics that test-time adaptation can re-estimate.
+    has_batch_statistics: ClassVar[bool] = False
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; the default is one group with the base learning rate."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr, "weight_decay": weight_decay}]
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimizer step (MimicNorm projects its weights here)."""
+
+    def options(self) -> dict[str, Any]:
+        """The options this instance was built with, for run records."""
+        return dict(getattr(self, "_options", {}))
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({opts})"
+
+
+NORMALIZERS: Registry[type[Normalizer]] = Registry("normalizer")
+
+
+def register_normalizer(name: str) -> Callable[[type[Normalizer]], type[Normalizer]]:
+    """Class decorator: register a Normalizer subclass under ``name`` and record its options for run records."""
+
+    def decorator(cls: type[Normalizer]) -> type[Normalizer]:
+        cls.name = name
+        original_init = cls.__init__
+
+        def __init__(self: Normalizer, *args: Any, **kwargs: Any) -> None:
+            bound = inspect.signature(original_init).bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            self._options = {k: v for k, v in bound.arguments.items() if k != "self"}
+            original_init(self, *args, **kwargs)
+
+        __init__.__signature__ = inspect.signature(original_init)  # type: ignore[attr-defined]
+        __init__.__doc__ = original_init.__doc__
+        cls.__init__ = __init__  # type: ignore[method-assign]
+        return NORMALIZERS.register(name)(cls)
+
+    return decorator
+
+
+def normalizer_options(cls: type[Normalizer]) -> list[str]:
+    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+
+def create_normalizer(spec: str | type[Normalizer] | Callable[..., Normalizer] | Normalizer, **options: Any) -> Normalizer:
+    """Build a normalizer from a registered name, a class, a ``functools.partial`` of a class, or an instance."""
+    if isinstance(spec, Normalizer):
+        if options:
+            raise TypeError("options cannot be given together with a normalizer instance")
+        return spec
+    factory = NORMALIZERS.get(spec) if isinstance(spec, str) else spec
+    try:
+        return factory(**options)
+    except TypeError as err:
+        cls = getattr(factory, "func", factory)
+        allowed = normalizer_options(cls) if isinstance(cls, type) else []
+        name = getattr(cls, "name", "") or getattr(cls, "__name__", str(cls))
+        raise UserError(f"normalizer {name!r}: bad options {sorted(options)} ({err}); allowed: {allowed}") from None
+
+
+def batchnorm_modules(model: nn.Module) -> Iterator[tuple[str, nn.BatchNorm2d]]:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.BatchNorm2d):
+            yield name, module
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def replace_batchnorms(model: nn.Module, make: Callable[[str, nn.BatchNorm2d], nn.Module]) -> int:
+    """Replace every ``BatchNorm2d`` by ``make(name, bn)``; a fused timm ``BatchNormAct2d`` keeps its activation.
+
+    Returns how many layers were replaced.
+    """
+    targets = list(batchnorm_modules(model))
+    for name, bn in targets:
+        new = make(name, bn)
+        if isinstance(bn, BatchNormAct2d):
+            new = nn.Sequential(new, bn.drop, bn.act)
+        set_submodule(model, name, new)
+    return len(targets)
+
+
+def copy_affine(source: nn.BatchNorm2d, target: nn.Module) -> None:
+    """Carry the BN's affine init (e.g. timm's zero-init of the last norm in a block) over to its replacement."""
+    if source.affine and getattr(target, "weight", None) is not None:
+        with torch.no_grad():
+            target.weight.copy_(source.weight)
+            target.bias.copy_(source.bias)
