@@ -1,0 +1,109 @@
+"""Dataset containers and the dataset registry.
+
+Small datasets (Fashion-MNIST, CIFAR) are held whole as uint8 tensors so that they can live on the training
+device; ImageNet-sized ones are folder trees streamed through decoding workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from repro.registry import Registry
+
+
+@dataclass(frozen=True)
+class TensorSplit:
+    """A whole split in memory: uint8 images N×C×H×W and int64 labels N."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError(f"images must be uint8 N×C×H×W, got {self.images.dtype} {tuple(self.images.shape)}")
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, n: int | None, seed: int = 0) -> TensorSplit:
+        """The first ``n`` images of a fixed permutation, so every run of a suite sees the same subset."""
+        if n is None or n >= len(self):
+            return self
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+        return TensorSplit(self.images[order], self.labels[order])
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(self.images.contiguous().numpy().tobytes())
+        digest.update(self.labels.contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class FolderSplit:
+    """A split kept on disk as image files (ImageNet layout); decoded by loader workers."""
+
+    files: list[Path]
+    labels: torch.Tensor
+    image_size: int = 224
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def subset(self, n: int | None, seed: int = 0) -> FolderSplit:
+        if n is None or n >= len(self):
+            return self
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n].sort().values.tolist()
+        return FolderSplit([self.files[i] for i in order], self.labels[order], self.image_size)
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for path, label in zip(self.files, self.labels.tolist(), strict=True):
+            digest.update(f"{path.parent.name}/{path.name}:{path.stat().st_size}:{label}\n".encode())
+        return digest.hexdigest()[:16]
+
+
+Split = TensorSplit | FolderSplit
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    """Train and test splits plus what a model and a loader need to know about them."""
+
+    name: str
+    train: Split
+    test: Split
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str
+    class_names: list[str] = field(default_factory=list)
+
+    @property
+    def in_chans(self) -> int:
+        return len(self.mean)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256((self.train.fingerprint() + self.test.fingerprint()).encode()).hexdigest()[:16]
+
+    def subset(self, train: int | None, test: int | None) -> ImageDataset:
+        return ImageDataset(
+            self.name, self.train.subset(train), self.test.subset(test), self.num_classes, self.mean, self.std,
+            self.source, self.class_names,
+        )
+
+
+DatasetLoader = Callable[..., ImageDataset]
+DATASETS: Registry[DatasetLoader] = Registry("dataset")
+
+
+def register_dataset(name: str) -> Callable[[DatasetLoader], DatasetLoader]:
+    """Register ``fn(data_dir: Path | None, source: str, **kwargs) -> ImageDataset`` under ``name``."""
+    return DATASETS.register(name)

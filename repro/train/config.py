@@ -1,0 +1,41 @@
+"""Training hyperparameters, validated (a suite's ``train:`` block)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class TrainConfig(BaseModel):
+    """One run's training recipe. ``lr`` is the learning rate at ``batch_size`` (no implicit scaling)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    eval_batch_size: int = Field(default=1000, ge=1)
+    lr: float = Field(gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(default=5e-4, ge=0)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    milestones: list[float] = Field(default_factory=list, description="epochs at which 'step' multiplies lr by gamma")
+    gamma: float = Field(default=0.1, gt=0)
+    warmup_epochs: float = Field(default=0.0, ge=0)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    mixup_alpha: float = Field(default=0.0, ge=0, description="0 disables mixup")
+    micro_batch: int | None = Field(default=None, ge=1, description="images per normalization batch; None = whole batch")
+    crop_padding: int = Field(default=0, ge=0)
+    flip: bool = False
+    amp: bool = Field(default=True, description="bf16 autocast on CUDA; ignored on CPU")
+    channels_last: bool = Field(default=True, description="channels-last memory format on CUDA; ignored on CPU")
+    max_steps_per_epoch: int | None = Field(default=None, ge=1, description="cap on optimizer steps per epoch")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.schedule == "step" and not self.milestones:
+            raise ValueError("schedule 'step' needs milestones")
+        if self.micro_batch is not None and self.batch_size % self.micro_batch:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch {self.micro_batch}")
+        return self

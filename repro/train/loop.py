@@ -1,0 +1,212 @@
+"""Training and evaluation of one run: data on the device, bf16 and channels-last on CUDA, exact seeding."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from repro.data import ImageDataset, make_loader
+from repro.train.config import TrainConfig
+from repro.train.schedule import lr_multiplier
+
+#: how often (in steps) the loop reads the loss back from the device to check it and update the progress bar
+SYNC_EVERY = 20
+
+
+@dataclass
+class TrainResult:
+    status: str  # "ok" or "diverged"
+    metrics: dict[str, Any]
+    curve: list[dict[str, float]]
+    wall_time_s: float
+    images_per_s: float
+    peak_memory_mb: float
+    diverged_step: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def autocast(device: torch.device, enabled: bool):
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA allocator peak on GPU; the process's peak resident set on CPU (a whole-process high-water mark)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = True) -> tuple[float, float]:
+    """Top-1 accuracy (%) and mean cross-entropy over a loader, with the model in eval mode."""
+    model.eval()
+    correct = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=device)
+    count = 0
+    for images, labels in loader:
+        with autocast(device, amp):
+            logits = model(images)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
+        correct += (logits.argmax(1) == labels).sum()
+        count += len(labels)
+    return (100.0 * correct / count).item(), (loss_sum / count).item()
+
+
+def _mixup(images: torch.Tensor, labels: torch.Tensor, alpha: float, generator: torch.Generator):
+    """Mixup (Zhang et al. 2018) within the batch: returns mixed images, the partner labels and the weight."""
+    lam = torch.distributions.Beta(alpha, alpha).sample().item() if alpha > 0 else 1.0
+    partner = torch.randperm(len(labels), device=labels.device, generator=generator)
+    return lam * images + (1 - lam) * images[partner], labels[partner], lam
+
+
+def _forward_backward(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
+                      device: torch.device, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward of one optimizer batch, split into micro-batches when ``cfg.micro_batch`` is set.
+
+    Each micro-batch goes through the model on its own (its own normalization statistics) and gradients
+    accumulate, weighted by micro-batch size: the arithmetic of data-parallel training without synchronized BN.
+    Returns the batch's summed loss and number of correct predictions, both on the device.
+    """
+    chunk = cfg.micro_batch or len(labels)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    for start in range(0, len(labels), chunk):
+        x, y = images[start : start + chunk], labels[start : start + chunk]
+        if cfg.mixup_alpha > 0:
+            x, y_partner, lam = _mixup(x, y, cfg.mixup_alpha, generator)
+        with autocast(device, cfg.amp):
+            logits = model(x)
+        logits = logits.float()
+        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        if cfg.mixup_alpha > 0:
+            loss = lam * loss + (1 - lam) * F.cross_entropy(logits, y_partner, label_smoothing=cfg.label_smoothing)
+        (loss * (len(y) / len(labels))).backward()
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+    return loss_sum, correct
+
+
+def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *, device: torch.device, seed: int,
+                       progress: bool = True, description: str = "") -> TrainResult:
+    """Train ``model`` on ``data.train`` with ``cfg`` and evaluate on ``data.test`` after every epoch.
+
+    A non-finite loss ends the run with status ``diverged`` and the step at which it happened.
+    """
+    on_cuda = device.type == "cuda"
+    channels_last = cfg.channels_last and on_cuda
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    loader_args = {"device": device, "mean": data.mean, "std": data.std, "channels_last": channels_last}
+    train_loader = make_loader(data.train, cfg.batch_size, train=True, crop_padding=cfg.crop_padding, flip=cfg.flip,
+                               seed=seed, **loader_args)
+    test_loader = make_loader(data.test, cfg.eval_batch_size, train=False, **loader_args)
+    steps_per_epoch = min(len(train_loader), cfg.max_steps_per_epoch or len(train_loader))
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(data.train)} training images")
+
+    normalizer = getattr(model, "normalizer", None)
+    groups = (normalizer.param_groups(model, cfg.lr, cfg.weight_decay) if normalizer is not None
+              else [{"params": list(model.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay}])
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                                weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, steps_per_epoch))
+    mix_generator = torch.Generator(device=device).manual_seed(seed + 1)
+
+    curve: list[dict[str, float]] = []
+    train_time = 0.0
+    trained_images = 0
+    step = 0
+    start_wall = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        model.train()
+        synchronize(device)
+        epoch_start = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)
+        seen = 0
+        bar = tqdm(total=steps_per_epoch, desc=f"{description} epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+                   leave=False, mininterval=1.0, dynamic_ncols=True)
+        for batch_index, (images, labels) in enumerate(train_loader):
+            if batch_index >= steps_per_epoch:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            batch_loss, batch_correct = _forward_backward(model, images, labels, cfg, device, mix_generator)
+            optimizer.step()
+            scheduler.step()
+            if normalizer is not None:
+                normalizer.after_step(model)
+            loss_sum += batch_loss
+            correct += batch_correct
+            seen += len(labels)
+            step += 1
+            if step % SYNC_EVERY == 0 or batch_index == steps_per_epoch - 1:
+                batch_mean = (batch_loss / len(labels)).item()
+                if not math.isfinite(batch_mean):
+                    bar.close()
+                    return _diverged(step, curve, start_wall, trained_images + seen, train_time, device)
+                elapsed = time.perf_counter() - epoch_start
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
+                                img_s=f"{seen / max(elapsed, 1e-9):.0f}", refresh=False)
+            bar.update(1)
+        bar.close()
+        synchronize(device)
+        epoch_time = time.perf_counter() - epoch_start
+        train_time += epoch_time
+        trained_images += seen
+        train_loss = loss_sum.item() / seen
+        if not math.isfinite(train_loss):
+            return _diverged(step, curve, start_wall, trained_images, train_time, device)
+        test_top1, test_loss = evaluate(model, test_loader, device, cfg.amp)
+        curve.append({
+            "epoch": epoch + 1, "train_loss": train_loss, "train_top1": 100 * correct.item() / seen,
+            "test_top1": test_top1, "test_loss": test_loss, "lr": optimizer.param_groups[0]["lr"],
+            "epoch_time_s": epoch_time,
+        })
+        if progress:
+            tqdm.write(f"{description} epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, "
+                       f"test top-1 {test_top1:.2f}%, {seen / epoch_time:.0f} img/s")
+        if not math.isfinite(test_loss):
+            return _diverged(step, curve, start_wall, trained_images, train_time, device)
+
+    last = curve[-1]
+    metrics = {
+        "top1": last["test_top1"], "loss": last["test_loss"], "best_top1": max(c["test_top1"] for c in curve),
+        "train_loss": last["train_loss"], "epoch_time_s": train_time / cfg.epochs,
+        "step_time_ms": 1000 * train_time / max(step, 1),
+    }
+    return TrainResult("ok", metrics, curve, time.perf_counter() - start_wall, trained_images / train_time,
+                       peak_memory_mb(device))
+
+
+def _diverged(step: int, curve: list, start_wall: float, images: int, train_time: float, device: torch.device
+              ) -> TrainResult:
+    """Record a run whose loss became NaN or infinite; the best accuracy reached so far is kept."""
+    metrics: dict[str, Any] = {"top1": None, "loss": None}
+    if curve:
+        metrics["best_top1"] = max(c["test_top1"] for c in curve)
+    return TrainResult("diverged", metrics, curve, time.perf_counter() - start_wall,
+                       images / train_time if train_time else 0.0, peak_memory_mb(device), diverged_step=step)
