@@ -36,7 +36,8 @@ def _read_batches(folder: Path, files: list[str], label_key: bytes) -> TensorSpl
     return TensorSplit(torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64))
 
 
-def _load_cifar(name: str, data_dir: Path | None, source: str, hub_id: str | None, revision: str | None) -> ImageDataset:
+def _load_cifar(name: str, data_dir: Path | None, source: str, hub_id: str | None, revision: str | None
+                ) -> ImageDataset:
     folder_name, train_files, test_files, label_key, default_hub, hub_label, classes, mean, std = _SPECS[name]
     data_dir = data_dir or (Path(os.environ["REPRO_DATA_DIR"]) if os.environ.get("REPRO_DATA_DIR") else None)
     if source in ("auto", "local") and data_dir is not None:

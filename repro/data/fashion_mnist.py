@@ -51,8 +51,8 @@ def _missing(data_dir: Path | None) -> UserError:
 
 
 @register_dataset("fashion_mnist")
-def load_fashion_mnist(data_dir: Path | None = None, source: str = "auto", hub_id: str = HUB_ID, revision: str | None = None
-                       ) -> ImageDataset:
+def load_fashion_mnist(data_dir: Path | None = None, source: str = "auto", hub_id: str = HUB_ID,
+                       revision: str | None = None) -> ImageDataset:
     """Load from, in order: ``data_dir``/``REPRO_DATA_DIR``, Debian's package folder, the hub.
 
     ``source`` forces one of ``local``, ``debian`` or ``hub``; ``auto`` tries them in that order.

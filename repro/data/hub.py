@@ -7,7 +7,8 @@ import torch
 from repro.data.base import TensorSplit
 
 
-def load_hub_split(path: str, split: str, image_column: str, label_column: str, revision: str | None = None) -> TensorSplit:
+def load_hub_split(path: str, split: str, image_column: str, label_column: str, revision: str | None = None
+                   ) -> TensorSplit:
     """One split as uint8 N×C×H×W tensors.
 
     ``path`` is a hub id (``zalando-datasets/fashion_mnist``) or a local directory of parquet files laid out

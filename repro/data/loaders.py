@@ -71,7 +71,10 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
         device = self.labels.device
-        order = torch.randperm(n, device=device, generator=self.generator) if self.train else torch.arange(n, device=device)
+        if self.train:
+            order = torch.randperm(n, device=device, generator=self.generator)
+        else:
+            order = torch.arange(n, device=device)
         for step in range(len(self)):
             index = order[step * self.batch_size : (step + 1) * self.batch_size]
             if self.crop_padding:

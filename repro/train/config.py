@@ -25,7 +25,8 @@ class TrainConfig(BaseModel):
     warmup_epochs: float = Field(default=0.0, ge=0)
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     mixup_alpha: float = Field(default=0.0, ge=0, description="0 disables mixup")
-    micro_batch: int | None = Field(default=None, ge=1, description="images per normalization batch; None = whole batch")
+    micro_batch: int | None = Field(
+        default=None, ge=1, description="images per normalization batch; None = the whole batch")
     crop_padding: int = Field(default=0, ge=0)
     flip: bool = False
     amp: bool = Field(default=True, description="bf16 autocast on CUDA; ignored on CPU")

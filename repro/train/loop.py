@@ -137,6 +137,7 @@ def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *
     mix_generator = torch.Generator(device=device).manual_seed(seed + 1)
 
     curve: list[dict[str, float]] = []
+    first_bad_step = torch.full((), -1, device=device)  # set on the device, read back only every SYNC_EVERY steps
     train_time = 0.0
     trained_images = 0
     step = 0
@@ -163,11 +164,12 @@ def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *
             correct += batch_correct
             seen += len(labels)
             step += 1
+            first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(batch_loss), step, first_bad_step)
             if step % SYNC_EVERY == 0 or batch_index == steps_per_epoch - 1:
-                batch_mean = (batch_loss / len(labels)).item()
-                if not math.isfinite(batch_mean):
+                if first_bad_step.item() >= 0:
                     bar.close()
-                    return _diverged(step, curve, start_wall, trained_images + seen, train_time, device)
+                    return _diverged(int(first_bad_step), curve, start_wall, trained_images + seen, train_time,
+                                     device)
                 elapsed = time.perf_counter() - epoch_start
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
                                 img_s=f"{seen / max(elapsed, 1e-9):.0f}", refresh=False)
@@ -178,8 +180,6 @@ def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *
         train_time += epoch_time
         trained_images += seen
         train_loss = loss_sum.item() / seen
-        if not math.isfinite(train_loss):
-            return _diverged(step, curve, start_wall, trained_images, train_time, device)
         test_top1, test_loss = evaluate(model, test_loader, device, cfg.amp)
         curve.append({
             "epoch": epoch + 1, "train_loss": train_loss, "train_top1": 100 * correct.item() / seen,

@@ -1,0 +1,78 @@
+"""nox sessions for repro: tests, lint, and running / gathering / checking suites.
+
+Every session installs the package against ``requirements.lock`` (exact versions) into a virtualenv that
+can see system site-packages, so a machine that already has the multi-GB torch install reuses it, and
+reuses its environment between invocations. Tests and CI never touch the network: the Hugging Face hub
+is switched off for every session.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.needs_version = ">=2025.02.09"
+nox.options.default_venv_backend = "virtualenv"
+nox.options.reuse_venv = "yes"
+nox.options.sessions = ["lint", "tests"]
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+SHARED_VENV = {"venv_params": ["--system-site-packages"], "reuse_venv": True}
+
+
+def _install(session: nox.Session, extra: str = "test") -> None:
+    session.env.update(OFFLINE)
+    session.run_install("python", "-m", "pip", "install", "-q", "-c", "requirements.lock", "-e", f".[{extra}]")
+
+
+@nox.session(**SHARED_VENV)
+def tests(session: nox.Session) -> None:
+    """pytest on CPU (pass pytest arguments after --)."""
+    _install(session)
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(**SHARED_VENV)
+def lint(session: nox.Session) -> None:
+    """ruff over the package, tests and this file."""
+    _install(session)
+    session.run("ruff", "check", "repro", "tests", "noxfile.py", "benchmarks")
+
+
+@nox.session(**SHARED_VENV, default=False)
+def suite(session: nox.Session) -> None:
+    """Run one suite: nox -s suite -- NAME [TIER] [repro run flags]."""
+    if not session.posargs:
+        session.error("usage: nox -s suite -- NAME [smoke|full] [--device cuda ...]")
+    name, *rest = session.posargs
+    tier = rest.pop(0) if rest and not rest[0].startswith("-") else "smoke"
+    _install(session)
+    session.run("repro", "run", name, "--tier", tier, *rest)
+
+
+@nox.session(**SHARED_VENV, default=False)
+def gather(session: nox.Session) -> None:
+    """All run records under results/ -> tables, plots and results/README.md."""
+    _install(session)
+    session.run("repro", "gather", *session.posargs)
+
+
+@nox.session(**SHARED_VENV, default=False)
+def check(session: nox.Session) -> None:
+    """Compare results/ with the suites' references; fails when a check fails."""
+    _install(session)
+    session.run("repro", "check", *session.posargs)
+
+
+@nox.session(**SHARED_VENV, default=False)
+def reproduce(session: nox.Session) -> None:
+    """The main job: smoke tier of the given suites (default fmnist-baseline), then gather and check."""
+    _install(session)
+    names = session.posargs or ["fmnist-baseline"]
+    for name in names:
+        session.run("repro", "run", name, "--tier", "smoke", "--no-progress")
+    session.run("repro", "gather", *names)
+    session.run("repro", "check", *names)
+
+
+if __name__ == "__main__":
+    nox.main()

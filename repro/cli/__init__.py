@@ -1,0 +1,96 @@
+"""Command line: ``repro run | gather | check | list``.
+
+User errors (a bad suite file, a missing dataset, a bad flag) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from repro.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="repro", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a suite's runs that have no complete record yet")
+    run.add_argument("suite", help="suite file (suites/NAME.yaml) or suite name")
+    run.add_argument("--tier", default="smoke", help="tier to run (smoke or full; default smoke)")
+    run.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    run.add_argument("--results", type=Path, default=Path("results"), help="results folder (default results/)")
+    run.add_argument("--force", action="store_true", help="run again even when a complete record exists")
+    run.add_argument("--data-dir", type=Path, default=None, help="folder holding local dataset copies")
+    run.add_argument("--no-progress", action="store_true", help="no per-epoch progress bars")
+
+    gather = sub.add_parser("gather", help="run records -> pandas tables (csv, md), plots and an index")
+    gather.add_argument("--results", type=Path, default=Path("results"))
+    gather.add_argument("suites", nargs="*", help="suite names (default: every suite with records)")
+
+    check = sub.add_parser("check", help="compare results with the suites' references; exit 1 on a failed check")
+    check.add_argument("--results", type=Path, default=Path("results"))
+    check.add_argument("suites", nargs="*", help="suite names or files (default: every suite with records)")
+
+    sub.add_parser("list", help="the suites, their tiers and how many runs each expands to")
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from repro.suite import run_suite
+
+    summary = run_suite(args.suite, args.tier, device=args.device, results_dir=args.results, force=args.force,
+                        data_dir=args.data_dir, progress=not args.no_progress)
+    print(f"{summary.suite} ({summary.tier}): {len(summary.ran)} ran, {len(summary.skipped)} skipped, "
+          f"{len(summary.diverged)} diverged, {len(summary.failed)} failed")
+    return 1 if summary.failed else 0
+
+
+def _cmd_gather(args: argparse.Namespace) -> int:
+    from repro.results.gather import gather
+
+    for results, paths in gather(args.results, [Path(s).stem for s in args.suites] or None):
+        stale = f" ({results.stale} stale records of an older recipe ignored)" if results.stale else ""
+        print(f"{results.name}: {results.frame['run_id'].nunique()} runs{stale}")
+        print((paths[1]).read_text())
+        for path in paths:
+            print(f"  wrote {path}")
+    print(f"wrote {args.results / 'README.md'}")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from repro.results.check import report_frame
+    from repro.results.gather import run_checks
+
+    results = run_checks(args.results, [Path(s).stem for s in args.suites] or None)
+    if not results:
+        print(f"no references to check in {args.results}")
+        return 0
+    print(report_frame(results).to_markdown(index=False))
+    counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "not run")}
+    print(f"\n{counts['pass']} passed, {counts['fail']} failed, {counts['not run']} not run")
+    return 1 if counts["fail"] else 0
+
+
+def _cmd_list(_: argparse.Namespace) -> int:
+    from repro.suite import expand, list_suite_files, load_suite
+
+    rows = []
+    for path in list_suite_files():
+        suite, _ = load_suite(path)
+        tiers = ", ".join(f"{tier}: {len(expand(suite, tier))} runs" for tier in suite.tiers)
+        rows.append(f"{suite.name:<28} v{suite.version}  {suite.task:<8} {tiers}")
+    print("\n".join(rows) if rows else "no suites found")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = {"run": _cmd_run, "gather": _cmd_gather, "check": _cmd_check, "list": _cmd_list}[args.command]
+    try:
+        return command(args)
+    except UserError as err:
+        print(f"repro: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,1 @@
+"""Run records, tables over them, and checks against the papers' references."""

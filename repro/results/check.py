@@ -1,0 +1,103 @@
+"""Compare reproduced numbers with a suite's references: absolute paper numbers and relative claims."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+
+from repro.results.tables import select
+from repro.suite.schema import AbsoluteReference, RelativeReference, Suite
+
+
+@dataclass
+class CheckResult:
+    suite: str
+    tier: str
+    reference: str
+    kind: str
+    metric: str
+    reproduced: float | None
+    reported: float | None
+    delta: float | None
+    tolerance: str
+    status: str  # "pass", "fail" or "not run"
+    n: int
+    detail: str
+
+
+def _values(frame: pd.DataFrame, setting: dict, metric: str, diverged_as: float | None = None
+            ) -> tuple[pd.Series, int, int]:
+    """The metric's values for a setting, the number of runs, and how many of them diverged."""
+    rows = select(frame, setting)
+    if metric not in rows.columns:
+        return pd.Series(dtype=float), 0, 0
+    runs = rows["run_id"].nunique()
+    is_diverged = rows["status"] == "diverged"
+    values = pd.to_numeric(rows[metric], errors="coerce")
+    if diverged_as is not None:
+        values = values.mask(is_diverged, diverged_as)
+    return values.dropna(), runs, rows.loc[is_diverged, "run_id"].nunique()
+
+
+def _absolute(suite: str, tier: str, ref: AbsoluteReference, frame: pd.DataFrame) -> CheckResult:
+    values, runs, diverged = _values(frame, ref.setting, ref.metric)
+    tolerance = f"±{ref.tolerance:g}"
+    if runs == 0:
+        return CheckResult(suite, tier, ref.id, "absolute", ref.metric, None, ref.value, None, tolerance, "not run", 0,
+                           ref.source)
+    if values.empty:
+        return CheckResult(suite, tier, ref.id, "absolute", ref.metric, None, ref.value, None, tolerance, "fail", runs,
+                           f"all {diverged} runs diverged")
+    mean = float(values.mean())
+    delta = mean - ref.value
+    status = "pass" if abs(delta) <= ref.tolerance + 1e-9 else "fail"
+    return CheckResult(suite, tier, ref.id, "absolute", ref.metric, mean, ref.value, delta, tolerance, status, runs,
+                       ref.source)
+
+
+def _relative(suite: str, tier: str, ref: RelativeReference, frame: pd.DataFrame) -> CheckResult:
+    a, runs_a, div_a = _values(frame, ref.a, ref.metric, ref.diverged_as)
+    b, runs_b, div_b = _values(frame, ref.b, ref.metric, ref.diverged_as)
+    bounds = f"[{'-∞' if ref.min is None else f'{ref.min:g}'}, {'+∞' if ref.max is None else f'{ref.max:g}'}]"
+    n = runs_a + runs_b
+    if runs_a == 0 or runs_b == 0:
+        return CheckResult(suite, tier, ref.id, "relative", ref.metric, None, None, None, bounds, "not run", n,
+                           ref.claim)
+    if a.empty or b.empty:
+        side = "a" if a.empty else "b"
+        return CheckResult(suite, tier, ref.id, "relative", ref.metric, None, None, None, bounds, "fail", n,
+                           f"{ref.claim} (every run of {side} diverged)")
+    difference = float(a.mean() - b.mean())
+    ok = (ref.min is None or difference >= ref.min - 1e-9) and (ref.max is None or difference <= ref.max + 1e-9)
+    counted = "left out" if ref.diverged_as is None else f"counted as {ref.diverged_as:g}"
+    note = f"; {div_a + div_b} diverged runs {counted}" if div_a + div_b else ""
+    detail = f"{ref.claim} (a {a.mean():.2f} − b {b.mean():.2f}{note})"
+    return CheckResult(suite, tier, ref.id, "relative", ref.metric, difference, None, None, bounds,
+                       "pass" if ok else "fail", n, detail)
+
+
+def check(suite: Suite, frame: pd.DataFrame) -> list[CheckResult]:
+    """One result per reference and tier it applies to; settings without runs are 'not run', not failures."""
+    results = []
+    for ref in suite.references:
+        for tier in ref.tiers:
+            tier_frame = frame[frame["tier"] == tier] if not frame.empty else frame
+            if isinstance(ref, AbsoluteReference):
+                results.append(_absolute(suite.name, tier, ref, tier_frame))
+            else:
+                results.append(_relative(suite.name, tier, ref, tier_frame))
+    return results
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+
+
+def report_frame(results: list[CheckResult]) -> pd.DataFrame:
+    return pd.DataFrame([{
+        "suite": r.suite, "tier": r.tier, "reference": r.reference, "kind": r.kind, "metric": r.metric,
+        "reproduced": _fmt(r.reproduced), "reported": _fmt(r.reported), "delta": _fmt(r.delta),
+        "tolerance": r.tolerance, "n": r.n, "status": r.status, "detail": r.detail,
+    } for r in results])

@@ -1,0 +1,78 @@
+"""Run records -> pandas: one tidy frame of all runs, and per-setting mean ± std over seeds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+RUN_FIELDS = ("wall_time_s", "images_per_s", "peak_memory_mb")
+
+
+def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per run, or per row of a run's ``rows`` (tasks that produce tables, e.g. corruption × severity)."""
+    rows = []
+    for record in records:
+        base = {"suite": record["suite"], "suite_version": record["suite_version"], "tier": record["tier"],
+                "run_id": record["run_id"], "status": record["status"], **record["setting"]}
+        scalars = {k: v for k, v in record.get("metrics", {}).items() if v is None or isinstance(v, int | float)}
+        scalars.update({k: record.get(k) for k in RUN_FIELDS})
+        if record.get("rows"):
+            rows.extend({**base, **row} for row in record["rows"])
+        else:
+            rows.append({**base, **scalars})
+    return pd.DataFrame(rows)
+
+
+def metric_columns(frame: pd.DataFrame, setting_columns: list[str]) -> list[str]:
+    fixed = {"suite", "suite_version", "tier", "run_id", "status", "seed", *setting_columns}
+    return [c for c in frame.columns if c not in fixed and pd.api.types.is_numeric_dtype(frame[c])]
+
+
+def summarize(frame: pd.DataFrame, setting_columns: list[str]) -> pd.DataFrame:
+    """Mean, std and n over seeds for every metric, per tier and setting; diverged runs counted apart."""
+    if frame.empty:
+        return frame
+    keys = ["tier", *[c for c in setting_columns if c in frame.columns]]
+    metrics = metric_columns(frame, setting_columns)
+    grouped = frame.groupby(keys, dropna=False, sort=False)
+    summary = grouped[metrics].agg(["mean", "std"])
+    summary.columns = [f"{metric}_{stat}" for metric, stat in summary.columns]
+    summary["n"] = grouped["run_id"].nunique()
+    summary["n_diverged"] = grouped["status"].agg(lambda s: int((s == "diverged").sum()))
+    return summary.reset_index()
+
+
+def _mean_std(mean: float, std: float) -> str:
+    if pd.isna(mean):
+        return "—"
+    return f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def to_markdown(summary: pd.DataFrame, setting_columns: list[str], metrics: list[str]) -> str:
+    """A readable table: setting columns, then 'mean ± std' per metric, then n."""
+    keys = ["tier", *[c for c in setting_columns if c in summary.columns]]
+    shown = pd.DataFrame({k: summary[k] for k in keys})
+    for metric in metrics:
+        if f"{metric}_mean" in summary:
+            shown[metric] = [_mean_std(m, s) for m, s in zip(summary[f"{metric}_mean"], summary[f"{metric}_std"],
+                                                             strict=True)]
+    shown["n"] = summary["n"]
+    if summary["n_diverged"].any():
+        shown["diverged"] = summary["n_diverged"]
+    return shown.to_markdown(index=False)
+
+
+def select(frame: pd.DataFrame, setting: dict[str, Any]) -> pd.DataFrame:
+    """Rows matching every ``column: value`` of a reference's setting (numbers compared as numbers)."""
+    mask = np.ones(len(frame), dtype=bool)
+    for column, value in setting.items():
+        if column not in frame.columns:
+            return frame.iloc[0:0]
+        values = frame[column]
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            mask &= pd.to_numeric(values, errors="coerce").to_numpy() == value
+        else:
+            mask &= (values.astype(str) == str(value)).to_numpy()
+    return frame[mask]

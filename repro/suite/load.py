@@ -1,0 +1,97 @@
+"""Reading a suite file: YAML -> validated ``Suite``, with one-line errors that name the file and the field."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from repro.errors import UserError
+from repro.suite.schema import Suite
+
+SUITE_SUFFIXES = (".yaml", ".yml")
+
+
+def suites_dir() -> Path:
+    return Path(os.environ.get("REPRO_SUITES_DIR", "suites"))
+
+
+def resolve_suite_path(name_or_path: str | Path) -> Path:
+    """A path to a suite file, or a bare suite name looked up in ``suites/``."""
+    path = Path(name_or_path)
+    if path.suffix in SUITE_SUFFIXES:
+        if not path.is_file():
+            raise UserError(f"{path}: suite file does not exist")
+        return path
+    for suffix in SUITE_SUFFIXES:
+        candidate = suites_dir() / f"{name_or_path}{suffix}"
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(p.stem for p in list_suite_files()) or "none"
+    raise UserError(f"{name_or_path}: no such suite file or suite name in {suites_dir()}/ (known: {known})")
+
+
+def list_suite_files() -> list[Path]:
+    directory = suites_dir()
+    return sorted(p for p in directory.glob("*.y*ml") if not p.name.startswith("_")) if directory.is_dir() else []
+
+
+def _fields_at(model: type[BaseModel], location: tuple[Any, ...]) -> list[str]:
+    """The field names allowed at ``location`` inside ``model`` (for 'unknown key' messages)."""
+    current: Any = model
+    for part in location[:-1]:
+        if isinstance(part, int) or not (isinstance(current, type) and issubclass(current, BaseModel)):
+            continue
+        field = current.model_fields.get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        for candidate in (annotation, *getattr(annotation, "__args__", ())):
+            for inner in (candidate, *getattr(candidate, "__args__", ())):
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    current = inner
+                    break
+    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
+
+
+def format_validation_error(path: Path, error: ValidationError, model: type[BaseModel] = Suite) -> str:
+    first = error.errors()[0]
+    location = tuple(first["loc"])
+    field = ".".join(str(p) for p in location) or "<top level>"
+    if first["type"] == "extra_forbidden":
+        allowed = ", ".join(_fields_at(model, location))
+        return f"{path}: field {field}: unknown key; allowed: {allowed}"
+    if first["type"] == "missing":
+        return f"{path}: field {field}: required but missing"
+    return f"{path}: field {field}: {first['msg']} (got {first.get('input')!r})"
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_suite(name_or_path: str | Path) -> tuple[Suite, Path]:
+    """Parse and validate a suite (schema, then registries: normalizers, backbones, datasets, tasks)."""
+    path = resolve_suite_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a suite file must be a YAML mapping of fields")
+    try:
+        suite = Suite.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(format_validation_error(path, err)) from None
+    if suite.name != path.stem:
+        raise UserError(f"{path}: field name: {suite.name!r} must equal the file name {path.stem!r}")
+    from repro.suite.validate import check_registries
+
+    check_registries(suite, path)
+    return suite, path

@@ -1,0 +1,154 @@
+"""The suite file format: one YAML file per pinned reproduction, validated on load.
+
+A suite expands into runs: ``backbones × normalizers × seeds × grid``, each resolved with the chosen tier's
+overrides. References are either absolute numbers from a paper or relative claims between two settings.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from repro.train.config import TrainConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NormalizerSpec(_Strict):
+    """A normalizer by registered name, its options, and the label it gets in tables (default: the name)."""
+
+    name: str
+    label: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def column(self) -> str:
+        return self.label or self.name
+
+
+class DatasetSpec(_Strict):
+    name: str
+    source: Literal["auto", "local", "debian", "hub"] = "auto"
+    revision: str | None = Field(default=None, description="hub commit to pin, when loading from the hub")
+    train_subset: int | None = Field(default=None, ge=1)
+    test_subset: int | None = Field(default=None, ge=1)
+    generated: bool = Field(default=False, description="use a small generated copy in the real on-disk layout")
+
+
+class ModelSpec(_Strict):
+    small_input: bool = False
+    pretrained: str | None = Field(default=None, description="None, 'hub', or a local weights file")
+
+
+class TierSpec(_Strict):
+    """What a tier changes relative to the suite's full recipe."""
+
+    description: str = ""
+    epochs: int | None = Field(default=None, ge=1)
+    train_subset: int | None = Field(default=None, ge=1)
+    test_subset: int | None = Field(default=None, ge=1)
+    seeds: list[int] | None = None
+    backbones: list[str] | None = None
+    generated: bool | None = None
+    grid: dict[str, list[Any]] | None = None
+    train: dict[str, Any] = Field(default_factory=dict, description="overrides of train fields")
+    task: dict[str, Any] = Field(default_factory=dict, description="overrides of task option fields")
+
+
+class AbsoluteReference(_Strict):
+    """A number a paper reports; passes when the reproduced mean is within ``tolerance`` of ``value``."""
+
+    kind: Literal["absolute"]
+    id: str
+    metric: str
+    value: float
+    tolerance: float = Field(ge=0)
+    setting: dict[str, Any]
+    source: str
+    confidence: Literal["P", "A", "T", "S"] = Field(description="provenance tag as in paper_numbers.md")
+    tiers: list[str] = Field(default_factory=lambda: ["full"])
+    note: str = ""
+
+
+class RelativeReference(_Strict):
+    """A claim between two settings, ``min <= mean(a) - mean(b) <= max``; it can be checked on any dataset."""
+
+    kind: Literal["relative"]
+    id: str
+    claim: str
+    metric: str
+    a: dict[str, Any]
+    b: dict[str, Any]
+    min: float | None = None
+    max: float | None = None
+    diverged_as: float | None = Field(
+        default=None, description="value a diverged run counts as (e.g. chance accuracy); None leaves it out")
+    source: str
+    tiers: list[str] = Field(default_factory=lambda: ["full"])
+
+    @model_validator(mode="after")
+    def _bounded(self) -> RelativeReference:
+        if self.min is None and self.max is None:
+            raise ValueError("a relative claim needs min, max or both")
+        return self
+
+
+Reference = Annotated[AbsoluteReference | RelativeReference, Field(discriminator="kind")]
+
+
+class PlotSpec(_Strict):
+    """A line plot written by ``repro gather``: ``y`` against ``x``, one line per value of ``line``."""
+
+    name: str
+    x: str
+    y: str
+    line: str
+    where: dict[str, Any] = Field(default_factory=dict)
+    logx: bool = False
+
+
+class Suite(_Strict):
+    name: str
+    version: int = Field(ge=1)
+    description: str
+    citation: str
+    task: str = "train"
+    dataset: DatasetSpec
+    backbones: list[str] = Field(min_length=1)
+    normalizers: list[NormalizerSpec] = Field(min_length=1)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    seeds: list[int] = Field(min_length=1)
+    train: TrainConfig
+    task_options: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    tiers: dict[str, TierSpec]
+    references: list[Reference] = Field(default_factory=list)
+    plots: list[PlotSpec] = Field(default_factory=list)
+
+    @field_validator("normalizers", mode="before")
+    @classmethod
+    def _names_to_specs(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("tiers")
+    @classmethod
+    def _has_smoke_and_full(cls, tiers: dict[str, TierSpec]) -> dict[str, TierSpec]:
+        missing = {"smoke", "full"} - set(tiers)
+        if missing:
+            raise ValueError(f"tiers must define smoke and full (missing: {', '.join(sorted(missing))})")
+        return tiers
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_paths(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in grid.items():
+            if key.split(".")[0] not in ("train", "task", "model") or "." not in key:
+                raise ValueError(f"grid key {key!r} must be train.<field>, task.<field> or model.<field>")
+            if not values:
+                raise ValueError(f"grid key {key!r} has no values")
+        return grid

@@ -1,0 +1,142 @@
+"""What a run does: one registry of tasks. ``train`` trains and evaluates one configuration.
+
+Other tasks (test-time adaptation, quantization, memory measurement) register here the same way: a class with
+an ``Options`` model (validated from the suite's ``task_options``) and a ``run`` method returning the fields
+of the run record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from repro.data import ImageDataset, load_dataset
+from repro.models import build_model
+from repro.registry import Registry
+from repro.train import TrainConfig, seed_everything, train_and_evaluate
+
+
+@dataclass
+class RunSpec:
+    """One expanded configuration of a suite."""
+
+    suite: str
+    suite_version: int
+    tier: str
+    run_id: str
+    config: dict[str, Any]
+    setting: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.setting.items())
+
+
+@dataclass
+class RunContext:
+    """What a task needs besides its configuration: device, data location, where checkpoints go."""
+
+    device: torch.device
+    results_dir: Path
+    data_dir: Path | None = None
+    progress: bool = True
+    _datasets: dict[str, ImageDataset] = field(default_factory=dict)
+
+    def dataset(self, spec: dict[str, Any]) -> ImageDataset:
+        """Load (once per process) the dataset a run's config names, cut to the tier's subsets."""
+        key = repr(sorted(spec.items()))
+        if key not in self._datasets:
+            revision = {"revision": spec["revision"]} if spec.get("revision") else {}
+            data = load_dataset(spec["name"], data_dir=self.data_dir, source=spec["source"],
+                                generated=spec["generated"], **revision)
+            self._datasets[key] = data.subset(spec["train_subset"], spec["test_subset"])
+        return self._datasets[key]
+
+    def checkpoint_path(self, run: RunSpec) -> Path:
+        return self.results_dir / "checkpoints" / run.suite / f"{run.run_id}.pt"
+
+
+@dataclass
+class RunOutcome:
+    status: str
+    metrics: dict[str, Any]
+    wall_time_s: float
+    images_per_s: float | None = None
+    peak_memory_mb: float | None = None
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    diverged_step: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Task:
+    """Base class of a run kind.
+
+    ``extra_columns`` are setting columns its table rows add; ``table_metrics`` the metrics its markdown
+    table shows (the CSV keeps every metric).
+    """
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type[BaseModel]] = NoOptions
+    extra_columns: ClassVar[tuple[str, ...]] = ()
+    table_metrics: ClassVar[tuple[str, ...]] = ()
+
+    def run(self, run: RunSpec, ctx: RunContext) -> RunOutcome:
+        raise NotImplementedError
+
+
+TASKS: Registry[type[Task]] = Registry("task")
+
+
+def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
+    def decorator(cls: type[Task]) -> type[Task]:
+        cls.name = name
+        return TASKS.register(name)(cls)
+
+    return decorator
+
+
+def build_run_model(run: RunSpec, data: ImageDataset) -> torch.nn.Module:
+    """The run's model, seeded so that the initial weights depend on the run's seed only."""
+    config = run.config
+    seed_everything(config["seed"])
+    return build_model(
+        config["backbone"], config["normalizer"]["name"], num_classes=data.num_classes, in_chans=data.in_chans,
+        small_input=config["model"]["small_input"], pretrained=config["model"]["pretrained"],
+        **config["normalizer"]["options"],
+    )
+
+
+class TrainOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    save_checkpoint: bool = False
+
+
+@register_task("train")
+class TrainTask(Task):
+    """Train from scratch and evaluate top-1 and loss on the test split after every epoch."""
+
+    Options = TrainOptions
+    table_metrics = ("top1", "best_top1", "loss", "epoch_time_s", "images_per_s", "peak_memory_mb")
+
+    def run(self, run: RunSpec, ctx: RunContext) -> RunOutcome:
+        data = ctx.dataset(run.config["dataset"])
+        model = build_run_model(run, data)
+        cfg = TrainConfig.model_validate(run.config["train"])
+        result = train_and_evaluate(model, data, cfg, device=ctx.device, seed=run.config["seed"], progress=ctx.progress,
+                                    description=run.label)
+        if TrainOptions.model_validate(run.config["task_options"]).save_checkpoint and result.status == "ok":
+            path = ctx.checkpoint_path(run)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), path)
+        return RunOutcome(result.status, result.metrics, result.wall_time_s, result.images_per_s,
+                          result.peak_memory_mb, result.curve, diverged_step=result.diverged_step, extra=result.extra)

@@ -1,0 +1,56 @@
+"""Shared test setup: no network, one thread per process, generated data in a temporary cache."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _generated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["REPRO_CACHE_DIR"] = str(tmp_path_factory.mktemp("repro-cache"))
+
+
+TINY_SUITE = """
+name: {name}
+version: 1
+description: a tiny suite for tests
+citation: none
+dataset: {{name: fashion_mnist, train_subset: 192, test_subset: 64, generated: true}}
+backbones: [test_resnet]
+normalizers: [bn, {{name: gn, options: {{group_size: 8}}}}]
+model: {{small_input: true}}
+seeds: [0]
+train: {{epochs: 1, batch_size: 32, lr: 0.05, eval_batch_size: 64}}
+tiers:
+  full: {{}}
+  smoke: {{}}
+references:
+  - kind: relative
+    id: gn-vs-bn
+    claim: test claim
+    metric: top1
+    a: {{normalizer: gn}}
+    b: {{normalizer: bn}}
+    min: -100
+    source: test
+    tiers: [smoke]
+"""
+
+
+@pytest.fixture
+def suites_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A suites/ folder holding ``tiny.yaml``; REPRO_SUITES_DIR points at it."""
+    directory = tmp_path / "suites"
+    directory.mkdir()
+    (directory / "tiny.yaml").write_text(textwrap.dedent(TINY_SUITE.format(name="tiny")))
+    monkeypatch.setenv("REPRO_SUITES_DIR", str(directory))
+    return directory

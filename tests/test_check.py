@@ -1,0 +1,74 @@
+"""The check against references, on records the test constructs (values chosen here, not produced by the code)."""
+
+import pandas as pd
+import pytest
+
+from repro.results.check import check
+from repro.results.tables import records_frame, summarize
+from repro.suite.schema import Suite
+
+BASE = {
+    "name": "t", "version": 1, "description": "d", "citation": "c", "dataset": {"name": "fashion_mnist"},
+    "backbones": ["resnet18"], "normalizers": ["bn", "gn", "none"], "seeds": [0, 1],
+    "train": {"epochs": 1, "batch_size": 8, "lr": 0.1}, "tiers": {"smoke": {}, "full": {}},
+}
+
+
+def _record(normalizer: str, seed: int, top1: float | None, status: str = "ok") -> dict:
+    return {"suite": "t", "suite_version": 1, "tier": "full", "run_id": f"{normalizer}{seed}", "status": status,
+            "setting": {"backbone": "resnet18", "normalizer": normalizer, "seed": seed},
+            "metrics": {"top1": top1, "loss": 0.5}, "wall_time_s": 1.0, "images_per_s": 10.0, "peak_memory_mb": 1.0}
+
+
+@pytest.fixture
+def frame() -> pd.DataFrame:
+    return records_frame([_record("bn", 0, 94.0), _record("bn", 1, 95.0), _record("gn", 0, 93.0),
+                          _record("gn", 1, 93.6), _record("none", 0, None, "diverged"), _record("none", 1, 80.0)])
+
+
+def _suite(*references: dict) -> Suite:
+    return Suite.model_validate({**BASE, "references": list(references)})
+
+
+def _absolute(value: float, tolerance: float) -> dict:
+    return {"kind": "absolute", "id": "a", "metric": "top1", "value": value, "tolerance": tolerance,
+            "setting": {"normalizer": "bn"}, "source": "s", "confidence": "P"}
+
+
+def test_absolute_pass_and_fail(frame: pd.DataFrame) -> None:
+    (passed,) = check(_suite(_absolute(94.9, 1.0)), frame)
+    assert passed.status == "pass" and passed.reproduced == pytest.approx(94.5)
+    assert passed.delta == pytest.approx(94.5 - 94.9)
+    (failed,) = check(_suite(_absolute(94.9, 0.3)), frame)
+    assert failed.status == "fail"
+
+
+def test_reference_without_runs_is_not_run(frame: pd.DataFrame) -> None:
+    ref = {**_absolute(94.9, 1.0), "setting": {"normalizer": "mimicnorm"}}
+    smoke = {**_absolute(94.9, 1.0), "id": "b", "tiers": ["smoke"]}
+    assert [r.status for r in check(_suite(ref, smoke), frame)] == ["not run", "not run"]
+
+
+def test_relative_claims(frame: pd.DataFrame) -> None:
+    gn = {"kind": "relative", "id": "gn", "claim": "c", "metric": "top1", "a": {"normalizer": "gn"},
+          "b": {"normalizer": "bn"}, "min": -1.0, "source": "s"}
+    (result,) = check(_suite(gn), frame)
+    assert result.reproduced == pytest.approx(93.3 - 94.5) and result.status == "fail"
+    (loose,) = check(_suite({**gn, "min": -1.5}), frame)
+    assert loose.status == "pass"
+
+
+def test_diverged_runs_left_out_or_counted(frame: pd.DataFrame) -> None:
+    claim = {"kind": "relative", "id": "none", "claim": "c", "metric": "top1", "a": {"normalizer": "none"},
+             "b": {"normalizer": "bn"}, "max": -2.0, "source": "s"}
+    (left_out,) = check(_suite(claim), frame)
+    assert left_out.reproduced == pytest.approx(80.0 - 94.5) and "1 diverged runs left out" in left_out.detail
+    (counted,) = check(_suite({**claim, "diverged_as": 10.0}), frame)
+    assert counted.reproduced == pytest.approx((10.0 + 80.0) / 2 - 94.5)
+
+
+def test_summary_mean_std_n(frame: pd.DataFrame) -> None:
+    summary = summarize(frame, ["backbone", "normalizer"]).set_index("normalizer")
+    assert summary.loc["bn", "top1_mean"] == pytest.approx(94.5)
+    assert summary.loc["bn", "top1_std"] == pytest.approx(pd.Series([94.0, 95.0]).std())
+    assert summary.loc["bn", "n"] == 2 and summary.loc["none", "n_diverged"] == 1

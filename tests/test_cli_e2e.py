@@ -1,0 +1,41 @@
+"""One end-to-end smoke run through the command line: run, gather, check, and a second run that trains nothing."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _repro(*args: str, env_dir: Path) -> subprocess.CompletedProcess:
+    import os
+
+    env = {**os.environ, "REPRO_SUITES_DIR": str(env_dir), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "repro", *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_run_gather_check_rerun(suites_dir: Path, tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    first = _repro("run", str(suites_dir / "tiny.yaml"), "--tier", "smoke", "--results", str(results),
+                   "--no-progress", env_dir=suites_dir)
+    assert first.returncode == 0, first.stderr
+    assert "2 ran, 0 skipped" in first.stdout
+    assert len(list((results / "runs" / "tiny").glob("*.json"))) == 2
+
+    gathered = _repro("gather", "--results", str(results), env_dir=suites_dir)
+    assert gathered.returncode == 0, gathered.stderr
+    for name in ("tiny.csv", "tiny.md"):
+        assert (results / "tables" / name).is_file()
+    assert "| smoke  | test_resnet" in (results / "tables" / "tiny.md").read_text()
+    assert "[table](tables/tiny.md)" in (results / "README.md").read_text()
+
+    checked = _repro("check", "--results", str(results), "tiny", env_dir=suites_dir)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "gn-vs-bn" in checked.stdout and "1 passed, 0 failed, 0 not run" in checked.stdout
+
+    again = _repro("run", "tiny", "--results", str(results), "--no-progress", env_dir=suites_dir)
+    assert again.returncode == 0 and "0 ran, 2 skipped" in again.stdout
+
+    listed = _repro("list", env_dir=suites_dir)
+    assert "tiny" in listed.stdout and "smoke: 2 runs" in listed.stdout

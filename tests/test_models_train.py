@@ -1,0 +1,80 @@
+"""build_model with bn/gn/none, the CIFAR-style stem, the schedule, and seeding."""
+
+import math
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+
+from repro.data import load_dataset
+from repro.errors import UserError
+from repro.models import build_model
+from repro.norms.groupnorm import GroupNorm
+from repro.train import TrainConfig, train_and_evaluate
+from repro.train.schedule import lr_multiplier
+
+
+def _count(model: nn.Module, kind: type) -> int:
+    return sum(isinstance(m, kind) for m in model.modules())
+
+
+def test_bn_gn_none_on_resnet18_small_input() -> None:
+    bn = build_model("resnet18", "bn", num_classes=10, in_chans=1, small_input=True)
+    gn = build_model("resnet18", "gn", num_classes=10, in_chans=1, small_input=True)
+    none = build_model("resnet18", "none", num_classes=10, in_chans=1, small_input=True)
+    assert _count(bn, nn.BatchNorm2d) == 20  # 8 blocks × 2 + 3 downsample + stem
+    assert _count(gn, nn.BatchNorm2d) == 0 and _count(gn, nn.GroupNorm) == 20
+    assert _count(none, nn.BatchNorm2d) == 0 and _count(none, nn.GroupNorm) == 0
+    assert bn.conv1.kernel_size == (3, 3) and bn.conv1.stride == (1, 1) and isinstance(bn.maxpool, nn.Identity)
+    assert bn(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_gn_keeps_fused_activation_and_group_size() -> None:
+    """efficientnet's BatchNormAct2d: the GroupNorm replacement keeps the activation; 16/24-channel layers work."""
+    model = build_model("efficientnet_b0", "gn", num_classes=10, group_size=8)
+    norm_act = model.bn1
+    assert isinstance(norm_act[0], nn.GroupNorm) and isinstance(norm_act[2], nn.SiLU)
+    assert all(m.num_channels // m.num_groups == 8 for m in model.modules() if isinstance(m, nn.GroupNorm))
+    with pytest.raises(UserError, match="not divisible by groups=32; set group_size"):
+        build_model("efficientnet_b0", "gn", num_classes=10)
+
+
+def test_normalizer_factory_takes_name_class_or_partial() -> None:
+    by_partial = build_model("resnet18", partial(GroupNorm, groups=4), num_classes=10)
+    assert {m.num_groups for m in by_partial.modules() if isinstance(m, nn.GroupNorm)} == {4}
+    by_class = build_model("resnet18", GroupNorm, num_classes=10, groups=16)
+    assert {m.num_groups for m in by_class.modules() if isinstance(m, nn.GroupNorm)} == {16}
+    with pytest.raises(UserError, match="unknown normalizer 'bogus'"):
+        build_model("resnet18", "bogus", num_classes=10)
+    with pytest.raises(UserError, match="allowed: \\['groups', 'group_size', 'eps'\\]"):
+        build_model("resnet18", "gn", num_classes=10, group_count=3)
+
+
+def test_gn_zero_init_of_last_norm_carries_over() -> None:
+    """timm zero-initialises each block's last BN weight (the GN paper does the same for GN)."""
+    model = build_model("resnet18", "gn", num_classes=10)
+    assert torch.count_nonzero(model.layer1[0].bn2.weight) == 0 and torch.all(model.layer1[0].bn1.weight == 1)
+
+
+def test_schedule_warmup_cosine_and_step() -> None:
+    cosine = lr_multiplier(TrainConfig(epochs=10, batch_size=1, lr=1, warmup_epochs=1), steps_per_epoch=10)
+    assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0)
+    assert cosine(10) == pytest.approx(1.0) and cosine(55) == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    step = lr_multiplier(TrainConfig(epochs=10, batch_size=1, lr=1, schedule="step", milestones=[5, 8]), 4)
+    assert [step(s) for s in (19, 20, 31, 32)] == pytest.approx([1.0, 0.1, 0.1, 0.01])
+
+
+def test_same_seed_same_curve_and_loss_falls() -> None:
+    data = load_dataset("fashion_mnist", generated=True).subset(160, 64)
+    cfg = TrainConfig(epochs=3, batch_size=32, lr=0.05, crop_padding=2, flip=True)
+
+    def run(seed: int) -> list[float]:
+        torch.manual_seed(seed)
+        model = build_model("test_resnet", "bn", num_classes=10, in_chans=1, small_input=True)
+        result = train_and_evaluate(model, data, cfg, device=torch.device("cpu"), seed=seed, progress=False)
+        return [c["train_loss"] for c in result.curve]
+
+    first, second = run(0), run(0)
+    assert first == second
+    assert first[-1] < first[0]

@@ -1,0 +1,84 @@
+"""Bad suite input gives one line naming the file and the field, exit status 2, no traceback, nothing written."""
+
+from pathlib import Path
+
+import pytest
+
+from repro.cli import main
+from repro.suite import expand, load_suite
+
+CASES = {
+    "unknown top-level key": ("seeds: [0]", "seeds: [0]\nsheeds: [1]", "field sheeds: unknown key; allowed: name,"),
+    "unknown normalizer": ("normalizers: [bn,", "normalizers: [bn9,", "unknown normalizer 'bn9'; allowed:"),
+    "unknown backbone": ("backbones: [test_resnet]", "backbones: [resnet_nope]", "unknown backbone 'resnet_nope'"),
+    "wrong type": ("epochs: 1,", "epochs: many,", "field train.epochs: Input should be a valid integer"),
+    "out of range": ("lr: 0.05", "lr: -1", "field train.lr: Input should be greater than 0"),
+    "unknown train key": ("lr: 0.05", "lr: 0.05, lr_decay: 3", "field train.lr_decay: unknown key; allowed: epochs,"),
+    "unknown normalizer option": ("{group_size: 8}", "{group_sise: 8}", "field normalizers.1.options: normalizer 'gn'"),
+    "unknown dataset": ("name: fashion_mnist", "name: mnist2", "unknown dataset 'mnist2'; allowed:"),
+    "reference column": ("a: {normalizer: gn}", "a: {norm: gn}", "field references.0: unknown setting column 'norm'"),
+    "missing tier": ("  full: {}\n", "", "tiers must define smoke and full (missing: full)"),
+    "micro-batch not dividing": ("lr: 0.05", "lr: 0.05, micro_batch: 5", "not a multiple of micro_batch 5"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_suite_is_one_line_and_exit_2(case: str, suites_dir: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    old, new, expected = CASES[case]
+    path = suites_dir / "tiny.yaml"
+    text = path.read_text()
+    assert old in text, "the test's edit must apply"
+    path.write_text(text.replace(old, new, 1))
+    results = tmp_path / "results"
+    assert main(["run", str(path), "--results", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"repro: error: {path}") or err.startswith("repro: error: suite tiny")
+    assert expected in err
+    assert not results.exists()
+
+
+def test_missing_file_and_unknown_name(suites_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["run", str(suites_dir / "nope.yaml")]) == 2
+    assert "nope.yaml: suite file does not exist" in capsys.readouterr().err
+    assert main(["run", "nope"]) == 2
+    assert "known: tiny" in capsys.readouterr().err
+
+
+def test_invalid_yaml_names_the_line(suites_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    path = suites_dir / "tiny.yaml"
+    path.write_text(path.read_text() + "\n  bad: [unclosed\n")
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "not valid YAML" in err and "line" in err
+
+
+def test_name_must_match_file(suites_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    path = suites_dir / "other.yaml"
+    path.write_text((suites_dir / "tiny.yaml").read_text())
+    assert main(["run", str(path)]) == 2
+    assert "field name: 'tiny' must equal the file name 'other'" in capsys.readouterr().err
+
+
+def test_unknown_tier(suites_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["run", "tiny", "--tier", "huge"]) == 2
+    assert "tier 'huge' is not defined; allowed: full, smoke" in capsys.readouterr().err
+
+
+def test_expansion_and_run_ids(suites_dir: Path) -> None:
+    suite, _ = load_suite("tiny")
+    runs = expand(suite, "smoke")
+    assert [r.setting["normalizer"] for r in runs] == ["bn", "gn"]
+    assert len({r.run_id for r in runs}) == 2
+    assert [r.run_id for r in expand(suite, "smoke")] == [r.run_id for r in runs], "ids are a pure function of config"
+    assert runs[0].config["train"]["momentum"] == 0.9, "defaults are resolved into the stored config"
+
+
+def test_every_shipped_suite_validates() -> None:
+    """The suites in the repository load, and their smoke tiers expand to at least one run."""
+    shipped = sorted(Path(__file__).resolve().parents[1].joinpath("suites").glob("*.yaml"))
+    assert shipped
+    for path in shipped:
+        suite, _ = load_suite(path)
+        assert expand(suite, "smoke")
