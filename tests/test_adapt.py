@@ -10,6 +10,7 @@ from timm.layers import BatchNormAct2d
 from torch import nn
 
 from repro.adapt import ADAPTATION_METHODS, create_method
+from repro.adapt.evaluate import evaluate_corruptions
 from repro.adapt.tent import softmax_entropy
 from repro.errors import UserError
 from repro.models import build_model
@@ -268,3 +269,119 @@ def test_running_stats_free_bn_needs_batch_statistics():
                           atol=1e-6)
     with pytest.raises(UserError, match="running statistics"):
         create_method("bn_adapt", model, pseudo_samples=4).predict(x)
+
+
+# --- evaluation over corruption × severity views -------------------------------------------------------------
+
+MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+
+
+def gaussian_noise(images: torch.Tensor, severity: int) -> torch.Tensor:
+    noise = 8.0 * severity * torch.randn(images.shape, generator=torch.Generator().manual_seed(severity))
+    return (images.float() + noise).round().clamp(0, 255).to(torch.uint8)
+
+
+def lower_contrast(images: torch.Tensor, severity: int) -> torch.Tensor:
+    mean = images.float().mean(dim=(1, 2, 3), keepdim=True)
+    return ((images.float() - mean) * (1 - 0.15 * severity) + mean).round().clamp(0, 255).to(torch.uint8)
+
+
+CORRUPTIONS = {"gaussian_noise": gaussian_noise, "contrast": lower_contrast}
+
+
+def clean_images(n: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    return torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=generator), torch.arange(n) % 5
+
+
+def normalized(images: torch.Tensor) -> torch.Tensor:
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+def recording(method_class: type) -> type:
+    """The method, with every batch it sees and every prediction it returns kept in ``seen`` / ``returned``."""
+
+    class Recording(method_class):
+        def predict(self, batch: torch.Tensor) -> torch.Tensor:
+            logits = super().predict(batch)
+            self.seen.append(batch.clone())
+            self.returned.append(logits.clone())
+            return logits
+
+    return Recording
+
+
+def recorded(name: str, model: nn.Module, **options):
+    method = recording(ADAPTATION_METHODS.get(name))(model, **options)
+    method.seen, method.returned = [], []
+    return method
+
+
+def test_evaluate_rows_match_a_direct_computation():
+    images, labels = clean_images()
+    model = bn_convnet()
+
+    def view(corruption, severity):
+        return CORRUPTIONS[corruption](images, severity), labels
+
+    for name in ("source", "ptbn"):
+        rows = evaluate_corruptions(create_method(name, model), view, list(CORRUPTIONS), [1, 3], mean=MEAN, std=STD,
+                                    batch_size=len(labels))
+        assert [(r["corruption"], r["severity"]) for r in rows] == [
+            ("gaussian_noise", 1), ("contrast", 1), ("gaussian_noise", 3), ("contrast", 3)]
+        for row in rows:
+            reference = copy.deepcopy(model).train(name == "ptbn")  # one batch: ptbn = train-mode BN on all of it
+            with torch.no_grad():
+                predictions = reference(normalized(view(row["corruption"], row["severity"])[0])).argmax(1)
+            wrong = (predictions != labels).sum().item()
+            assert row["error"] == pytest.approx(100 * wrong / len(labels))
+            assert (row["method"], row["batch_size"], row["n"], row["adapted"]) == (name, 50, 50, name == "ptbn")
+
+
+def test_evaluation_order_is_shuffled_once_and_shared_across_methods():
+    n, batch_size = 50, 16
+    index_images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 8, 8).contiguous()
+
+    def view(corruption, severity):
+        return index_images, torch.arange(n) % 5
+
+    def order_seen(method) -> list[list[int]]:
+        """The image indices of every batch, read back from the normalized pixels."""
+        pixels = [batch[:, 0, 0, 0] * STD[0] * 255 + MEAN[0] * 255 for batch in method.seen]
+        return [p.round().long().tolist() for p in pixels]
+
+    runs = {}
+    for key, name, seed in [("source", "source", 0), ("tent", "tent", 0), ("again", "source", 0),
+                            ("other_seed", "source", 1), ("file_order", "source", None)]:
+        method = recorded(name, bn_convnet(), lr=1e-2) if name == "tent" else recorded(name, bn_convnet())
+        evaluate_corruptions(method, view, ["a", "b"], [1, 2], mean=MEAN, std=STD, batch_size=batch_size, seed=seed)
+        batches = order_seen(method)
+        per_view = len(batches) // 4
+        assert [len(b) for b in batches[:per_view]] == [16, 16, 16, 2]
+        views = [list(itertools.chain(*batches[i * per_view : (i + 1) * per_view])) for i in range(4)]
+        assert all(v == views[0] for v in views)  # every view is read in the same order
+        runs[key] = views[0]
+    assert sorted(runs["source"]) == list(range(n)) and runs["source"] != list(range(n))
+    assert runs["tent"] == runs["source"] == runs["again"]
+    assert runs["other_seed"] != runs["source"] and sorted(runs["other_seed"]) == list(range(n))
+    assert runs["file_order"] == list(range(n))
+
+
+def test_reset_per_view_or_online():
+    images, labels = clean_images()
+
+    def view(corruption, severity):
+        return CORRUPTIONS[corruption](images, severity), labels
+
+    def returned(reset: str, corruptions: list[str]) -> list[torch.Tensor]:
+        tent = recorded("tent", bn_convnet(), optimizer="adam", lr=1e-2)
+        evaluate_corruptions(tent, view, corruptions, [2], mean=MEAN, std=STD, batch_size=10, reset=reset)
+        return tent.returned
+
+    alone = returned("per_view", ["contrast"])
+    per_view = returned("per_view", ["gaussian_noise", "contrast"])
+    online = returned("online", ["gaussian_noise", "contrast"])
+    assert all(torch.equal(a, b) for a, b in zip(alone, per_view[5:], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(per_view[:5], online[:5], strict=True))
+    assert not any(torch.allclose(a, b) for a, b in zip(alone, online[5:], strict=True))
