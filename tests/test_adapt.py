@@ -262,6 +262,13 @@ def test_models_without_bn_fall_back_to_source(normalizer):
         assert states_equal(snapshot(method.model), before)
 
 
+def test_batch_statistics_outside_batchnorm_layers_are_an_error():
+    model = build_model("resnet18", "gn", num_classes=5, small_input=True, group_size=8)
+    model.normalizer.has_batch_statistics = True  # as if the normalizer kept statistics in a non-BN layer
+    with pytest.raises(UserError, match="no BatchNorm layer"):
+        create_method("ptbn", model)
+
+
 def test_running_stats_free_bn_needs_batch_statistics():
     model = nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False)).eval()
     x = shifted_batch()

@@ -98,7 +98,15 @@ class AdaptedBatchNorm(nn.Module):
 
 
 def adapt_batchnorms(model: nn.Module, *, pseudo_samples: float, unbiased: bool, adapt_1d: bool) -> list[str]:
-    """Replace the BN layers of ``model`` (in place) by ``AdaptedBatchNorm``; returns the replaced layers' names."""
+    """Replace the BN layers of ``model`` (in place) by ``AdaptedBatchNorm``; returns the replaced layers' names.
+
+    A model whose normalizer says it keeps batch statistics but that has no BN-type layer at all is an error:
+    its statistics live in a layer this code does not know, and falling back to ``source`` would hide that.
+    """
+    normalizer = getattr(model, "normalizer", None)
+    if getattr(normalizer, "has_batch_statistics", False) and not find_batchnorms(model, adapt_1d=True):
+        raise UserError(f"normalizer {normalizer.name!r} keeps batch statistics, but the model has no BatchNorm layer "
+                        "(or subclass) whose statistics test-time adaptation could replace")
     layers = find_batchnorms(model, adapt_1d)
     for name, layer in layers:
         set_submodule(model, name, AdaptedBatchNorm(layer, pseudo_samples, unbiased))

@@ -54,14 +54,16 @@ def view_batches(images: ImageSource, labels: torch.Tensor, order: torch.Tensor,
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Normalized batches of a view on ``device`` in ``order``; a Dataset view is decoded by DataLoader workers."""
     normalize = _Normalizer(mean, std, device, channels_last=False)
-    chunks = order.split(batch_size)
+    labels = labels.to(device)
+    chunks = order.to(device).split(batch_size)
     if isinstance(images, torch.Tensor):
+        images = images.to(device)  # one copy per view instead of one per batch
         uint8_batches: Iterable[torch.Tensor] = (images[index] for index in chunks)
     else:
         uint8_batches = DataLoader(images, batch_size=batch_size, sampler=order.tolist(), num_workers=workers,
                                    pin_memory=device.type == "cuda")
     for index, batch in zip(chunks, uint8_batches, strict=True):
-        yield normalize(batch.to(device, non_blocking=True)), labels[index].to(device, non_blocking=True)
+        yield normalize(batch.to(device, non_blocking=True)), labels[index]
 
 
 def evaluate_corruptions(method: AdaptationMethod, view: CorruptionView, corruptions: Sequence[str],
