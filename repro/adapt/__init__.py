@@ -3,7 +3,8 @@
 ``create_method(name, model, **options)`` wraps a trained model; ``method.predict(batch)`` returns logits for
 one normalized test batch (adapting as it goes), ``method.reset()`` restores the state right after wrapping.
 The caller decides the reset policy (per corruption × severity, or never = online); tent's ``episodic``
-option resets before every batch.
+option resets before every batch. ``repro.adapt.evaluate`` runs a method over corruption × severity views
+and returns tidy rows; ``repro.adapt.metrics`` summarizes them (mean error, mCE, relative mCE).
 
 What each method does, per normalizer:
 

@@ -1,6 +1,6 @@
 """Test-time statistics for BatchNorm layers: the shared machinery of ``ptbn``, ``bn_adapt`` and ``tent``.
 
-Every BN layer that a method adapts is replaced, in the method's private copy of the model, by a
+Every BN layer that a method adapts is replaced, in the method's private copy of the model, by an
 ``AdaptedBatchNorm`` that holds the original layer. It normalizes with
 
     λ = N / (N + n),   μ̄ = λ·μ_source + (1−λ)·μ_batch,   σ̄² = λ·σ²_source + (1−λ)·σ²_batch
