@@ -1,0 +1,87 @@
+"""The adaptation-method contract and its registry.
+
+A method wraps a trained model: it keeps its own deep copy (so that the caller's model, and any other
+method built from it, is never changed), predicts logits for a stream of normalized test batches, and can
+``reset`` to the state it had right after wrapping.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable
+from typing import Any, ClassVar, Self
+
+import torch
+from torch import nn
+
+from repro.errors import UserError
+from repro.registry import Registry
+
+
+class AdaptationMethod:
+    """Base class: the model in eval mode, predicting without changing any state.
+
+    Subclasses set their options and then call ``super().__init__(model)``, which copies the model, lets
+    ``_convert`` change the copy, and records the state that ``reset`` restores. ``adapted_layers`` names the
+    layers a method changed; when it is empty the method behaves exactly as ``source`` (e.g. ``ptbn`` on a
+    GroupNorm model), and ``adapts`` is False so results can say so.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.adapted_layers = self._convert(self.model)
+        self._initial_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def _convert(self, model: nn.Module) -> list[str]:
+        """Change the private copy in place; return the names of the layers changed."""
+        return []
+
+    @property
+    def adapts(self) -> bool:
+        """False when the method predicts as the source model does (nothing it could adapt was found)."""
+        return bool(self.adapted_layers)
+
+    @torch.no_grad()
+    def predict(self, batch: torch.Tensor) -> torch.Tensor:
+        """Logits for one normalized batch, already on the model's device."""
+        return self.model(batch)
+
+    def reset(self) -> None:
+        """Restore the parameters and buffers the model had right after wrapping."""
+        self.model.load_state_dict(self._initial_state)
+
+    def to(self, device: torch.device | str) -> Self:
+        """Move the model to ``device``; this also resets the method."""
+        self.model.to(device)
+        self._initial_state = {k: v.to(device) for k, v in self._initial_state.items()}
+        self.reset()
+        return self
+
+
+ADAPTATION_METHODS: Registry[type[AdaptationMethod]] = Registry("adaptation method")
+
+
+def register_method(name: str) -> Callable[[type[AdaptationMethod]], type[AdaptationMethod]]:
+    """Class decorator: register an AdaptationMethod subclass under ``name``."""
+
+    def decorator(cls: type[AdaptationMethod]) -> type[AdaptationMethod]:
+        cls.name = name
+        return ADAPTATION_METHODS.register(name)(cls)
+
+    return decorator
+
+
+def create_method(name: str, model: nn.Module, **options: Any) -> AdaptationMethod:
+    """Wrap ``model`` with the registered method ``name``; unknown or missing options are a user error."""
+    cls = ADAPTATION_METHODS.get(name)
+    allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "model")]
+    try:
+        inspect.signature(cls.__init__).bind(None, model, **options)
+    except TypeError as err:
+        raise UserError(
+            f"adaptation method {name!r}: bad options {sorted(options)} ({err}); allowed: {allowed}"
+        ) from None
+    return cls(model, **options)

@@ -1,0 +1,113 @@
+"""Test-time statistics for BatchNorm layers: the shared machinery of ``ptbn``, ``bn_adapt`` and ``tent``.
+
+Every BN layer that a method adapts is replaced, in the method's private copy of the model, by an
+``AdaptedBatchNorm`` that holds the original layer. It normalizes with
+
+    λ = N / (N + n),   μ̄ = λ·μ_source + (1−λ)·μ_batch,   σ̄² = λ·σ²_source + (1−λ)·σ²_batch
+
+(Schneider et al. 2020; n = images in the current batch, N = pseudo sample size of the source statistics),
+then applies the layer's own affine parameters (and, for timm's fused ``BatchNormAct2d``, its drop and
+activation). N = 0 is prediction-time BN, N = ∞ is the source model.
+
+Why a replacement instead of ``bn.train()``: in train mode a BN overwrites its running statistics, and BN
+subclasses (Batch Renorm, Cross-Iteration BN) run their own training-time corrections. The replacement
+normalizes every BN-type layer the same way, as plain BN does with batch statistics, and never touches the
+source running statistics (they are read, for N > 0, and otherwise left as trained).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.layers import BatchNormAct2d
+from torch import nn
+
+from repro.errors import UserError
+from repro.norms.base import set_submodule
+
+#: Layers adapted by default: BN over feature maps, including every subclass (timm BatchNormAct2d, Batch Renorm,
+#: Cross-Iteration BN). ``BatchNorm1d`` (e.g. MimicNorm's BN on the logits) is adapted only when asked.
+SPATIAL_BATCHNORMS = (nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def find_batchnorms(model: nn.Module, adapt_1d: bool) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    kinds = (*SPATIAL_BATCHNORMS, nn.BatchNorm1d) if adapt_1d else SPATIAL_BATCHNORMS
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, kinds)]
+
+
+def source_weight(pseudo_samples: float, batch_size: int) -> float:
+    """λ = N / (N + n): the weight of the source statistics; N = ∞ gives exactly 1."""
+    if math.isinf(pseudo_samples):
+        return 1.0
+    return pseudo_samples / (pseudo_samples + batch_size)
+
+
+class AdaptedBatchNorm(nn.Module):
+    """Normalizes like ``layer`` but with source statistics mixed with the current batch's (weight λ on the source).
+
+    ``unbiased`` picks the batch variance's divisor: m − 1 (the official robusta code, which reads it from a
+    momentum-1 BN's running_var) or m (what a BN in train mode normalizes with), m = values per channel
+    (n·H·W for a 2d BN). When m = 1 (a BatchNorm1d at batch size 1) a batch has no variance, and PyTorch's
+    train-mode BN refuses it; this layer then uses the source statistics for that batch.
+    """
+
+    def __init__(self, layer: nn.modules.batchnorm._BatchNorm, pseudo_samples: float, unbiased: bool) -> None:
+        super().__init__()
+        self.layer = layer
+        self.pseudo_samples = pseudo_samples
+        self.unbiased = unbiased
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        prior = source_weight(self.pseudo_samples, x.shape[0])
+        if x.numel() == x.shape[1]:
+            prior = 1.0
+        if prior == 0.0 and not self.unbiased:
+            # Exactly a BN forward in train mode (differentiable through the batch statistics, as tent needs),
+            # without running buffers so nothing is updated.
+            normalized = F.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
+        else:
+            mean, var = self.statistics(x, prior)
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            normalized = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + layer.eps)
+            if layer.weight is not None:
+                normalized = normalized * layer.weight.view(shape) + layer.bias.view(shape)
+        if isinstance(layer, BatchNormAct2d):
+            normalized = layer.act(layer.drop(normalized))
+        return normalized
+
+    def statistics(self, x: torch.Tensor, prior: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mixed mean and variance per channel."""
+        if prior > 0.0 and (self.layer.running_mean is None or self.layer.running_var is None):
+            raise UserError(f"{type(self.layer).__name__} keeps no running statistics to fall back on or mix with: "
+                            "needs N = 0 and more than one value per channel")
+        if prior == 1.0:
+            return self.layer.running_mean, self.layer.running_var
+        reduce = [0, *range(2, x.ndim)]
+        batch_var, batch_mean = torch.var_mean(x, dim=reduce, correction=1 if self.unbiased else 0)
+        if prior == 0.0:
+            return batch_mean, batch_var
+        mean = prior * self.layer.running_mean + (1 - prior) * batch_mean
+        var = prior * self.layer.running_var + (1 - prior) * batch_var
+        return mean, var
+
+    def extra_repr(self) -> str:
+        return f"pseudo_samples={self.pseudo_samples}, unbiased={self.unbiased}"
+
+
+def adapt_batchnorms(model: nn.Module, *, pseudo_samples: float, unbiased: bool, adapt_1d: bool) -> list[str]:
+    """Replace the BN layers of ``model`` (in place) by ``AdaptedBatchNorm``; returns the replaced layers' names.
+
+    A model whose normalizer says it keeps batch statistics but that has no BN-type layer at all is an error:
+    its statistics live in a layer this code does not know, and falling back to ``source`` would hide that.
+    """
+    normalizer = getattr(model, "normalizer", None)
+    if getattr(normalizer, "has_batch_statistics", False) and not find_batchnorms(model, adapt_1d=True):
+        raise UserError(f"normalizer {normalizer.name!r} keeps batch statistics, but the model has no BatchNorm layer "
+                        "(or subclass) whose statistics test-time adaptation could replace")
+    layers = find_batchnorms(model, adapt_1d)
+    for name, layer in layers:
+        set_submodule(model, name, AdaptedBatchNorm(layer, pseudo_samples, unbiased))
+    return [name for name, _ in layers]

@@ -1,0 +1,109 @@
+"""``tent``: test entropy minimization (Wang et al., ICLR 2021, arXiv 2006.10726; code DequanWang/tent).
+
+Where the paper text and the official code differ or are silent, this follows:
+
+- statistics: BN layers always normalize with the current batch's mean and biased variance (paper and code;
+  the code sets ``running_mean = running_var = None``). Here the source running statistics are kept but
+  neither used nor updated.
+- parameters: only the affine γ, β of the adapted BN layers (the code collects ``BatchNorm2d`` only; the
+  paper says "each normalization layer"). ``adapt_1d`` adds ``BatchNorm1d`` layers; GroupNorm/LayerNorm
+  parameters are never adapted.
+- loss and step: mean softmax entropy over the batch, one optimizer step per batch; the returned logits come
+  from the forward pass used for the loss, i.e. from *before* that step (paper and code), so an update first
+  affects the next batch. The paper's offline variant (adapt over the whole set, then re-predict) is not here.
+- rest of the network: kept in eval mode. The code calls ``model.train()``, which differs only for models
+  with dropout or drop-path (not the ResNets either reference uses).
+- optimizer: SGD with momentum 0.9 and lr 0.00025 (paper, ImageNet) by default, Nesterov on as in the
+  code's config (the paper does not say); Adam with lr 1e-3, β = (0.9, 0.999) is the paper's setting for the
+  other datasets. Weight decay 0, dampening 0 as in the code.
+- reset: restores the BN affine parameters and drops the optimizer state (momentum / Adam moments), as the
+  code does by reloading copies of both.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from repro.adapt.base import AdaptationMethod, register_method
+from repro.adapt.batchnorm import AdaptedBatchNorm, adapt_batchnorms
+from repro.errors import UserError
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy of the softmax of each row, in nats."""
+    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
+
+
+@register_method("tent")
+class Tent(AdaptationMethod):
+    """Minimize the prediction entropy on each test batch by updating only the BN affine parameters.
+
+    On a model without adaptable BN layers (GroupNorm, Fixup, no normalization) there is nothing to update:
+    tent predicts as ``source`` and ``adapts`` is False. When the adapted BNs have no affine parameters
+    (MimicNorm's last BN with ``adapt_1d=True``) it normalizes with batch statistics and takes no step.
+
+    Args:
+        optimizer: ``"sgd"`` (uses ``momentum`` and ``nesterov``) or ``"adam"`` (uses ``betas``).
+        lr: learning rate.
+        episodic: reset before every batch (the code's ``episodic=True``). Otherwise the caller decides: reset
+            per corruption × severity (the official example) or never (online).
+        adapt_1d: also adapt ``BatchNorm1d`` layers; off by default as in the official code.
+    """
+
+    def __init__(self, model: nn.Module, *, optimizer: Literal["sgd", "adam"] = "sgd", lr: float = 0.00025,
+                 momentum: float = 0.9, nesterov: bool = True, betas: tuple[float, float] = (0.9, 0.999),
+                 weight_decay: float = 0.0, episodic: bool = False, adapt_1d: bool = False) -> None:
+        if optimizer not in OPTIMIZERS:
+            raise UserError(f"tent: unknown optimizer {optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+        if not lr > 0:
+            raise UserError(f"tent: lr must be > 0, got {lr}")
+        self.optimizer_name = optimizer
+        self.lr = lr
+        self.momentum = momentum
+        self.nesterov = nesterov
+        self.betas = betas
+        self.weight_decay = weight_decay
+        self.episodic = episodic
+        self.adapt_1d = adapt_1d
+        super().__init__(model)
+        self.adapted_parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = self._make_optimizer()
+
+    def _convert(self, model: nn.Module) -> list[str]:
+        names = adapt_batchnorms(model, pseudo_samples=0.0, unbiased=False, adapt_1d=self.adapt_1d)
+        for module in model.modules():
+            if isinstance(module, AdaptedBatchNorm) and module.layer.affine:
+                module.layer.weight.requires_grad_(True)
+                module.layer.bias.requires_grad_(True)
+        return names
+
+    def _make_optimizer(self) -> torch.optim.Optimizer | None:
+        if not self.adapted_parameters:
+            return None
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(self.adapted_parameters, lr=self.lr, betas=self.betas,
+                                    weight_decay=self.weight_decay)
+        return torch.optim.SGD(self.adapted_parameters, lr=self.lr, momentum=self.momentum,
+                               nesterov=self.nesterov and self.momentum > 0, weight_decay=self.weight_decay)
+
+    def reset(self) -> None:
+        super().reset()
+        self.optimizer = self._make_optimizer()
+
+    def predict(self, batch: torch.Tensor) -> torch.Tensor:
+        """Logits from the current parameters; then one entropy-minimization step on this batch."""
+        if self.episodic:
+            self.reset()
+        if self.optimizer is None:
+            return super().predict(batch)
+        with torch.enable_grad():
+            logits = self.model(batch)
+            softmax_entropy(logits).mean().backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return logits.detach()
