@@ -76,7 +76,9 @@ def normalizer_options(cls: type[Normalizer]) -> list[str]:
     return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
 
 
-def create_normalizer(spec: str | type[Normalizer] | Callable[..., Normalizer] | Normalizer, **options: Any) -> Normalizer:
+def create_normalizer(
+        spec: str | type[Normalizer] | Callable[..., Normalizer] | Normalizer, **options: Any
+) -> Normalizer:
     """Build a normalizer from a registered name, a class, a ``functools.partial`` of a class, or an instance."""
     if isinstance(spec, Normalizer):
         if options:

@@ -21,11 +21,14 @@ class GroupNorm(Normalizer):
     def num_groups(self, channels: int, layer: str) -> int:
         if self.group_size is not None:
             if channels % self.group_size:
-                raise UserError(f"gn: layer {layer} has {channels} channels, not divisible by group_size={self.group_size}")
+                raise UserError(
+                    f"gn: layer {layer} has {channels} channels, not divisible by group_size={self.group_size}"
+                )
             return channels // self.group_size
         if channels % self.groups:
             raise UserError(
-                f"gn: layer {layer} has {channels} channels, not divisible by groups={self.groups}; set group_size instead"
+                f"gn: layer {layer} has {channels} channels, not divisible by groups={self.groups}; "
+                "set group_size instead"
             )
         return self.groups
 
