@@ -54,3 +54,18 @@ def suites_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (directory / "tiny.yaml").write_text(textwrap.dedent(TINY_SUITE.format(name="tiny")))
     monkeypatch.setenv("REPRO_SUITES_DIR", str(directory))
     return directory
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist():
+    """The real Fashion-MNIST from a local copy (REPRO_DATA_DIR) or Debian's package; never the hub."""
+    from repro.data import load_dataset
+    from repro.errors import UserError
+
+    errors = []
+    for source in ("local", "debian"):
+        try:
+            return load_dataset("fashion_mnist", source=source)
+        except UserError as err:
+            errors.append(str(err))
+    pytest.skip(f"Fashion-MNIST not installed (apt-get install dataset-fashion-mnist): {errors[-1]}")
