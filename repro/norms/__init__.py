@@ -1,6 +1,15 @@
 """Normalizer registry. Importing this package registers every built-in normalizer module."""
 
-from repro.norms import batchnorm, fixup, groupnorm, identity, mimicnorm, qbn  # noqa: F401  (registration side effect)
+from repro.norms import (  # noqa: F401  (registration side effect)
+    batch_renorm,
+    batchnorm,
+    cbn,
+    fixup,
+    groupnorm,
+    identity,
+    mimicnorm,
+    qbn,
+)
 from repro.norms.base import (
     NORMALIZERS,
     Normalizer,

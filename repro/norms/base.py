@@ -36,6 +36,9 @@ class Normalizer:
         """Optimizer parameter groups; the default is one group with the base learning rate."""
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr, "weight_decay": weight_decay}]
 
+    def before_training(self, model: nn.Module, steps_per_epoch: int) -> None:
+        """Called once before the first optimizer step (CBN turns a burn-in given in epochs into steps here)."""
+
     def after_step(self, model: nn.Module) -> None:
         """Called after every optimizer step (MimicNorm projects its weights here)."""
 
@@ -127,3 +130,22 @@ def copy_affine(source: nn.BatchNorm2d, target: nn.Module) -> None:
         with torch.no_grad():
             target.weight.copy_(source.weight)
             target.bias.copy_(source.bias)
+
+
+def running_average_factor(bn: nn.BatchNorm2d) -> float:
+    """Count one training batch and return its weight in the running averages, exactly as ``nn.BatchNorm2d`` does.
+
+    For BatchNorm variants that update their running statistics themselves; ``momentum=None`` is a cumulative average.
+    """
+    bn.num_batches_tracked.add_(1)
+    return 1.0 / bn.num_batches_tracked.item() if bn.momentum is None else bn.momentum
+
+
+def channel_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance over (N, H, W) in at least float32, differentiable.
+
+    Centered two-pass form: stable, and on CPU faster than ``torch.var_mean`` over non-contiguous dimensions.
+    """
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    mean = x.mean((0, 2, 3))
+    return mean, (x - mean.view(1, -1, 1, 1)).square().mean((0, 2, 3))

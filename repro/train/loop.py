@@ -129,6 +129,8 @@ def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(data.train)} training images")
 
     normalizer = getattr(model, "normalizer", None)
+    if normalizer is not None:
+        normalizer.before_training(model, steps_per_epoch)
     groups = (normalizer.param_groups(model, cfg.lr, cfg.weight_decay) if normalizer is not None
               else [{"params": list(model.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay}])
     optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
