@@ -24,12 +24,14 @@ Where the paper and the official code differ (paper_numbers.md §1f), ``"officia
   layer sits in the residual scalar) and ``N(0, 2.8/fan_in)`` for the non-depthwise convs of a straight network
   (the official VGG). ``"paper"``: Theorem 3's ``N(0, sigma_w^2/n)`` with ``sigma_w^2 = 2n/((n-1)(1-1/pi))``
   for the projected convs, He fan-in for the others. Linear layers: ``N(0, 2/fan_in)``; all biases 0.
+  The two options are independent: both ``"paper"`` is the paper's text, both ``"official"`` the code; mixing
+  them counts the 1.2 gain twice or not at all.
 
 Not reproduced: the official ImageNet ResNet's extra scalar (init 1.2) after the projection shortcut (the CIFAR
 code, closest to the small-input models here, has none); the official MobileNetV2/ShuffleNetV2 files clamp the
-fan-in of depthwise convs to 2 or 4 channels, here they get plain He fan-in. Residual families other than the
-four blocks above, and networks whose known blocks have no shortcut (e.g. LCNet), are treated as straight
-networks: no scalar, the straight-network init.
+fan-in of depthwise convs to 2 or 4 channels, here they get plain He fan-in. Families built from other blocks,
+and networks whose known blocks have no shortcut (e.g. LCNet), are treated as straight networks: no scalar,
+the straight-network init.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def conv_feeding_each_batchnorm(model: nn.Module) -> dict[str, nn.Conv2d]:
     was_training = model.training
     try:
         model.eval()
-        model(torch.zeros(1, convs[0].in_channels, size, size, device=convs[0].weight.device))
+        model(convs[0].weight.new_zeros(1, convs[0].in_channels, size, size))
     finally:
         model.train(was_training)
         for handle in handles:
