@@ -228,8 +228,8 @@ def test_cbn_refuses_a_batchnorm_without_a_conv_before_it():
 def test_resnet18_with_cbn_trains_on_fashion_mnist():
     data = load_dataset("fashion_mnist").subset(64, 32)
     seed_everything(0)
-    model = build_model("resnet18", "cbn", num_classes=10, in_chans=1, small_input=True, burnin_epochs=1)
-    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05, schedule="constant", weight_decay=0.0, eval_batch_size=32)
+    model = build_model("resnet18", "cbn", num_classes=10, in_chans=1, burnin_epochs=1)
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.02, schedule="constant", weight_decay=0.0, eval_batch_size=32)
     result = train_and_evaluate(model, data, cfg, device=torch.device("cpu"), seed=0, progress=False)
     layers = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
     steps_per_epoch = 64 // 16
