@@ -10,7 +10,9 @@ Design decisions (see also the class docstrings):
 * The gradients are computed in closed form, not with autograd: μ_c is linear in filter c, so ∂μ_c/∂W_c is the
   mean input patch (one ``unfold`` of the batch-summed input), and ∂ν_c/∂W_c = E[2·y_c·patch] is the conv's own
   weight gradient for grad_output 2y/M (one ``convolution_backward``). The official code runs two autograd
-  backward passes through the conv with a retained graph instead.
+  backward passes through the conv with a retained graph instead. Extra cost per layer and step: one
+  weight-gradient convolution (on CPU about the cost of the conv's whole backward) plus window-many dot products
+  over the weight; ``repro.train.timing.measure_step_time`` measures it.
 * Σ ∂ν/∂W ⊙ (W_t − W_{t−τ}) is evaluated as ⟨∂ν/∂W, W_t⟩ − ⟨∂ν/∂W, W_{t−τ}⟩ with the second term computed when the
   iteration is stored, so no copies of old weights are kept.
 * Biased variance in every path (ν − μ² in the window, like ``nn.BatchNorm2d`` outside it); the official plain-BN
