@@ -19,6 +19,8 @@ CPU = torch.device("cpu")
 class StepTiming:
     median_ms: float
     min_ms: float
+    #: CPU time of this process per step: on a shared CPU machine steadier than wall time (on CUDA only host time)
+    median_cpu_ms: float
     steps: int
     threads: int
 
@@ -39,10 +41,10 @@ def measure_step_time(model: nn.Module, *, batch_size: int, image_size: int, in_
     if normalizer is not None:
         normalizer.before_training(model, warmup + steps)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    times = []
+    times, cpu_times = [], []
     for step in range(warmup + steps):
         synchronize(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(images), labels).backward()
         optimizer.step()
@@ -51,4 +53,6 @@ def measure_step_time(model: nn.Module, *, batch_size: int, image_size: int, in_
         synchronize(device)
         if step >= warmup:
             times.append(time.perf_counter() - start)
-    return StepTiming(1000 * statistics.median(times), 1000 * min(times), steps, torch.get_num_threads())
+            cpu_times.append(time.process_time() - cpu_start)
+    return StepTiming(1000 * statistics.median(times), 1000 * min(times), 1000 * statistics.median(cpu_times), steps,
+                      torch.get_num_threads())
