@@ -10,7 +10,9 @@ Design decisions (see also the class docstrings):
 * The gradients are computed in closed form, not with autograd: μ_c is linear in filter c, so ∂μ_c/∂W_c is the
   mean input patch (one ``unfold`` of the batch-summed input), and ∂ν_c/∂W_c = E[2·y_c·patch] is the conv's own
   weight gradient for grad_output 2y/M (one ``convolution_backward``). The official code runs two autograd
-  backward passes through the conv with a retained graph instead.
+  backward passes through the conv with a retained graph instead. Extra cost per layer and step: one
+  weight-gradient convolution (on CPU about the cost of the conv's whole backward) plus window-many dot products
+  over the weight; ``repro.train.timing.measure_step_time`` measures it.
 * Σ ∂ν/∂W ⊙ (W_t − W_{t−τ}) is evaluated as ⟨∂ν/∂W, W_t⟩ − ⟨∂ν/∂W, W_{t−τ}⟩ with the second term computed when the
   iteration is stored, so no copies of old weights are kept.
 * Biased variance in every path (ν − μ² in the window, like ``nn.BatchNorm2d`` outside it); the official plain-BN
@@ -72,15 +74,20 @@ def _dot_per_channel(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class _PastIteration:
-    """One micro-batch's statistics, their closed-form gradients, and the gradients' products with its weight."""
+class _TaylorTerms:
+    """Closed-form gradients of μ and ν at a past iteration, and their products with that iteration's weight."""
 
-    mean: torch.Tensor
-    mean_square: torch.Tensor
     mean_patches: torch.Tensor
     mean_square_grad: torch.Tensor
     mean_patches_dot_weight: torch.Tensor
     mean_square_grad_dot_weight: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _PastIteration:
+    mean: torch.Tensor
+    mean_square: torch.Tensor
+    taylor: _TaylorTerms | None  # not computed for the naive average (rho = 0)
 
 
 class CrossIterationBatchNorm2d(nn.BatchNorm2d):
@@ -118,7 +125,7 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         object.__setattr__(self, "conv", conv)  # a plain reference: registering it would duplicate its parameters
         conv.register_forward_hook(self._remember_conv_call)
         self.window = window
-        self.rho = rho
+        self.rho = rho  # fixed: with rho = 0 no gradients are stored that a later rho could use
         self.burnin_iterations = burnin_iterations
         self.eps_inside_sqrt = eps_inside_sqrt
         self.iterations_done = 0
@@ -150,12 +157,16 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         if not entries:
             empty = self.conv.weight.new_zeros(0, self.num_features, dtype=dtype)
             return empty, empty
-        weight = self.conv.weight.detach().to(dtype)
-        means = [e.mean + self.rho * (_dot_with_patches(weight, e.mean_patches) - e.mean_patches_dot_weight)
-                 for e in entries]
-        mean_squares = [e.mean_square + self.rho * (_dot_per_channel(weight, e.mean_square_grad)
-                                                    - e.mean_square_grad_dot_weight) for e in entries]
-        return torch.stack(means), torch.stack(mean_squares)
+        means = torch.stack([e.mean for e in entries])
+        mean_squares = torch.stack([e.mean_square for e in entries])
+        if self.rho:
+            weight = self.conv.weight.detach().to(dtype)
+            terms = [e.taylor for e in entries]
+            means = means + self.rho * torch.stack(
+                [_dot_with_patches(weight, t.mean_patches) - t.mean_patches_dot_weight for t in terms])
+            mean_squares = mean_squares + self.rho * torch.stack(
+                [_dot_per_channel(weight, t.mean_square_grad) - t.mean_square_grad_dot_weight for t in terms])
+        return means, mean_squares
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(y)
@@ -212,14 +223,14 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
 
     @torch.no_grad()
     def _store(self, micro_batch: int, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> None:
-        dtype = torch.promote_types(y.dtype, torch.float32)
-        mean_patches, mean_square_grad = statistics_gradients(self.conv, x.to(dtype), y.to(dtype))
-        weight = self.conv.weight.detach().to(dtype)
-        self._windows[micro_batch].append(_PastIteration(
-            mean=mean, mean_square=var + mean**2, mean_patches=mean_patches, mean_square_grad=mean_square_grad,
-            mean_patches_dot_weight=_dot_with_patches(weight, mean_patches),
-            mean_square_grad_dot_weight=_dot_per_channel(weight, mean_square_grad),
-        ))
+        taylor = None
+        if self.rho:
+            dtype = torch.promote_types(y.dtype, torch.float32)
+            mean_patches, mean_square_grad = statistics_gradients(self.conv, x.to(dtype), y.to(dtype))
+            weight = self.conv.weight.detach().to(dtype)
+            taylor = _TaylorTerms(mean_patches, mean_square_grad, _dot_with_patches(weight, mean_patches),
+                                  _dot_per_channel(weight, mean_square_grad))
+        self._windows[micro_batch].append(_PastIteration(mean, var + mean**2, taylor))
 
     @torch.no_grad()
     def _update_running_statistics(self, mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor) -> None:

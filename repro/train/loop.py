@@ -7,16 +7,20 @@ import math
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from repro.data import ImageDataset, make_loader
 from repro.train.config import TrainConfig
 from repro.train.schedule import lr_multiplier
+
+if TYPE_CHECKING:
+    from repro.train.distributed import DataParallel
 
 #: how often (in steps) the loop reads the loss back from the device to check it and update the progress bar
 SYNC_EVERY = 20
@@ -58,18 +62,28 @@ def synchronize(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = True) -> tuple[float, float]:
-    """Top-1 accuracy (%) and mean cross-entropy over a loader, with the model in eval mode."""
+def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = True,
+             data_parallel: DataParallel | None = None) -> tuple[float, float]:
+    """Top-1 accuracy (%) and mean cross-entropy over a loader, with the model in eval mode.
+
+    Data-parallel: every rank uses rank 0's buffers and evaluates every world_size-th batch; the sums are all-reduced.
+    """
     model.eval()
+    if data_parallel is not None:
+        data_parallel.broadcast_buffers(model)
     correct = torch.zeros((), device=device)
     loss_sum = torch.zeros((), device=device)
-    count = 0
-    for images, labels in loader:
+    count = torch.zeros((), device=device)
+    for index, (images, labels) in enumerate(loader):
+        if data_parallel is not None and index % data_parallel.world_size != data_parallel.rank:
+            continue
         with autocast(device, amp):
             logits = model(images)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
         count += len(labels)
+    if data_parallel is not None:
+        correct, loss_sum, count = data_parallel.sum_over_ranks(correct, loss_sum, count)
     return (100.0 * correct / count).item(), (loss_sum / count).item()
 
 
@@ -95,7 +109,7 @@ def _forward_backward(model: nn.Module, images: torch.Tensor, labels: torch.Tens
         x, y = images[start : start + chunk], labels[start : start + chunk]
         if cfg.mixup_alpha > 0:
             x, y_partner, lam = _mixup(x, y, cfg.mixup_alpha, generator)
-        with autocast(device, cfg.amp):
+        with _gradient_sync(model, last_chunk=start + chunk >= len(labels)), autocast(device, cfg.amp):
             logits = model(x)
         logits = logits.float()
         loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
@@ -107,11 +121,21 @@ def _forward_backward(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     return loss_sum, correct
 
 
+def _gradient_sync(model: nn.Module, last_chunk: bool) -> contextlib.AbstractContextManager:
+    """DDP all-reduces gradients after every backward; within a batch only the last micro-batch's needs to."""
+    if isinstance(model, DistributedDataParallel) and not last_chunk:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
 def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *, device: torch.device, seed: int,
-                       progress: bool = True, description: str = "") -> TrainResult:
+                       progress: bool = True, description: str = "", data_parallel: DataParallel | None = None
+                       ) -> TrainResult:
     """Train ``model`` on ``data.train`` with ``cfg`` and evaluate on ``data.test`` after every epoch.
 
     A non-finite loss ends the run with status ``diverged`` and the step at which it happened.
+    With ``data_parallel`` (see ``repro.train.distributed``) this rank trains on its slice of every batch, losses
+    and counts are summed over ranks (so every rank returns the same metrics), and only rank 0 shows progress.
     """
     on_cuda = device.type == "cuda"
     channels_last = cfg.channels_last and on_cuda
@@ -124,6 +148,11 @@ def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *
     train_loader = make_loader(data.train, cfg.batch_size, train=True, crop_padding=cfg.crop_padding, flip=cfg.flip,
                                seed=seed, **loader_args)
     test_loader = make_loader(data.test, cfg.eval_batch_size, train=False, **loader_args)
+    train_model = model
+    if data_parallel is not None:
+        data_parallel.check_batch_sizes(cfg)
+        train_model = data_parallel.wrap(model)
+        progress = progress and data_parallel.is_main
     steps_per_epoch = min(len(train_loader), cfg.max_steps_per_epoch or len(train_loader))
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(data.train)} training images")
@@ -157,7 +186,10 @@ def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *
             if batch_index >= steps_per_epoch:
                 break
             optimizer.zero_grad(set_to_none=True)
-            batch_loss, batch_correct = _forward_backward(model, images, labels, cfg, device, mix_generator)
+            local_batch = (images, labels) if data_parallel is None else data_parallel.shard(images, labels)
+            batch_loss, batch_correct = _forward_backward(train_model, *local_batch, cfg, device, mix_generator)
+            if data_parallel is not None:  # global sums, so that every rank takes the same divergence decisions
+                batch_loss, batch_correct = data_parallel.sum_over_ranks(batch_loss, batch_correct)
             optimizer.step()
             scheduler.step()
             if normalizer is not None:
@@ -182,7 +214,7 @@ def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *
         train_time += epoch_time
         trained_images += seen
         train_loss = loss_sum.item() / seen
-        test_top1, test_loss = evaluate(model, test_loader, device, cfg.amp)
+        test_top1, test_loss = evaluate(model, test_loader, device, cfg.amp, data_parallel)
         curve.append({
             "epoch": epoch + 1, "train_loss": train_loss, "train_top1": 100 * correct.item() / seen,
             "test_top1": test_top1, "test_loss": test_loss, "lr": optimizer.param_groups[0]["lr"],
