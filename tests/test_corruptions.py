@@ -280,33 +280,34 @@ def test_deterministic_corruptions_match_the_reference_pixel_by_pixel(size: int,
 # draws: at 32 px even per-pixel noise touches few pixels; glass blur is slow in the reference.
 DRAWS = {
     **{(name, size): (1, 1) for name in DETERMINISTIC for size in (32, 224)},
-    **{(name, 32): (16, 64) for name in PIXEL_RANDOM + SCENE_RANDOM},
+    **{(name, 32): (64, 128) for name in PIXEL_RANDOM + SCENE_RANDOM},
     ("glass_blur", 32): (4, 16),
+    ("frost", 32): (16, 64),
     **{(name, 224): (1, 4) for name in PIXEL_RANDOM},
     **{(name, 224): (4, 8) for name in ("motion_blur", "snow", "elastic_transform")},
     **{(name, 224): (8, 8) for name in ("fog", "spatter")},
     ("frost", 224): (12, 12),  # one of five textures per draw: the widest spread
 }
-# (relative tolerance on the mean absolute change, absolute tolerance on SSIM) per size: about 1.5x the largest
-# disagreement seen over five independent sets of draws (first_seed 0, 1000, ..., 4000) with the DRAWS above.
-# Corruptions whose spread comes from one draw per image (frost texture, fog map, spatter layer) get loose
-# bounds here; test_random_corruptions_match_the_reference_on_its_own_draws pins them down pixel by pixel.
+# (relative tolerance on the mean absolute change, absolute tolerance on SSIM) per size: about twice the largest
+# disagreement seen over five independent sets of draws (first_seed 0, 1000, ..., 4000) with the DRAWS above,
+# rounded up. Corruptions whose spread comes from one draw per image (frost texture, fog map, spatter layer) get
+# loose bounds here; test_random_corruptions_match_the_reference_on_its_own_draws pins them down pixel by pixel.
 STATS_TOLERANCE = {
     32: {
-        "gaussian_noise": (0.006, 0.003), "shot_noise": (0.01, 0.003), "impulse_noise": (0.06, 0.008),
-        "defocus_blur": (0.008, 0.002), "glass_blur": (0.03, 0.013), "motion_blur": (0.035, 0.01),
-        "zoom_blur": (0.002, 0.001), "snow": (0.1, 0.04), "frost": (0.1, 0.016), "fog": (0.06, 0.014),
-        "brightness": (0.002, 0.001), "contrast": (0.002, 0.001), "elastic_transform": (0.05, 0.06),
-        "pixelate": (0.002, 0.001), "jpeg_compression": (0.002, 0.001), "speckle_noise": (0.008, 0.003),
-        "gaussian_blur": (0.002, 0.001), "spatter": (0.12, 0.01), "saturate": (0.006, 0.001),
+        "gaussian_noise": (0.003, 0.002), "shot_noise": (0.005, 0.002), "impulse_noise": (0.06, 0.01),
+        "defocus_blur": (0.01, 0.002), "glass_blur": (0.04, 0.02), "motion_blur": (0.025, 0.01),
+        "zoom_blur": (0.002, 0.001), "snow": (0.05, 0.01), "frost": (0.12, 0.02), "fog": (0.025, 0.006),
+        "brightness": (0.003, 0.001), "contrast": (0.002, 0.001), "elastic_transform": (0.07, 0.06),
+        "pixelate": (0.002, 0.001), "jpeg_compression": (0.002, 0.001), "speckle_noise": (0.004, 0.002),
+        "gaussian_blur": (0.002, 0.001), "spatter": (0.25, 0.02), "saturate": (0.008, 0.002),
     },
     224: {
-        "gaussian_noise": (0.003, 0.002), "shot_noise": (0.005, 0.003), "impulse_noise": (0.03, 0.005),
-        "defocus_blur": (0.002, 0.001), "glass_blur": (0.025, 0.01), "motion_blur": (0.035, 0.012),
-        "zoom_blur": (0.002, 0.001), "snow": (0.015, 0.011), "frost": (0.28, 0.04), "fog": (0.08, 0.016),
-        "brightness": (0.002, 0.001), "contrast": (0.002, 0.001), "elastic_transform": (0.017, 0.006),
-        "pixelate": (0.002, 0.001), "jpeg_compression": (0.002, 0.001), "speckle_noise": (0.004, 0.002),
-        "gaussian_blur": (0.002, 0.001), "spatter": (0.27, 0.013), "saturate": (0.007, 0.002),
+        "gaussian_noise": (0.005, 0.003), "shot_noise": (0.008, 0.004), "impulse_noise": (0.04, 0.008),
+        "defocus_blur": (0.002, 0.001), "glass_blur": (0.04, 0.014), "motion_blur": (0.035, 0.018),
+        "zoom_blur": (0.002, 0.001), "snow": (0.015, 0.012), "frost": (0.21, 0.04), "fog": (0.1, 0.014),
+        "brightness": (0.003, 0.001), "contrast": (0.002, 0.001), "elastic_transform": (0.02, 0.008),
+        "pixelate": (0.002, 0.001), "jpeg_compression": (0.002, 0.001), "speckle_noise": (0.006, 0.003),
+        "gaussian_blur": (0.002, 0.001), "spatter": (0.31, 0.022), "saturate": (0.01, 0.003),
     },
 }  # fmt: skip
 

