@@ -32,10 +32,10 @@ def shot_noise(x: Tensor, context: CorruptionContext) -> Tensor:
 def impulse_noise(x: Tensor, context: CorruptionContext) -> Tensor:
     """Salt and pepper (skimage ``random_noise(mode='s&p')``): a fraction ``amount`` of values set to 0 or 1."""
     amount = context.pick(imagenet=(0.03, 0.06, 0.09, 0.17, 0.27), cifar=(0.01, 0.02, 0.03, 0.05, 0.07))
-    shape = tuple(x.shape[1:])
-    flipped = context.random.uniform("flip", shape) < amount
-    salt = context.random.uniform("salt", shape) < 0.5
-    return torch.where(flipped, salt.to(x.dtype), x)
+    words = context.random.bits("impulse", tuple(x.shape[1:]))
+    flipped = (words >> 8) < round(amount * 2**24)  # top 24 bits: P(flip) = amount
+    salt = (words & 1).to(x.dtype)  # lowest bit: salt or pepper with probability 1/2 each
+    return torch.where(flipped, salt, x)
 
 
 @register_corruption("speckle_noise")

@@ -58,10 +58,21 @@ def canny(image: Tensor, low: int, high: int) -> Tensor:
 
     edges = candidate & (magnitude > high)
     while True:
-        grown = edges | (candidate & (F.max_pool2d(edges.to(image.dtype), 3, stride=1, padding=1) > 0))
+        grown = edges | (candidate & _dilate3x3(edges))
         if torch.equal(grown, edges):
             return edges
         edges = grown
+
+
+def _dilate3x3(mask: Tensor) -> Tensor:
+    """8-connected dilation of a boolean ``(..., H, W)`` mask (outside the image counts as False)."""
+    height, width = mask.shape[-2:]
+    padded = F.pad(mask, (1, 1, 1, 1))
+    dilated = torch.zeros_like(mask)
+    for dy in range(3):
+        for dx in range(3):
+            dilated |= padded[..., dy : dy + height, dx : dx + width]
+    return dilated
 
 
 def chamfer_distance_to(zeros: Tensor, cap: float) -> Tensor:
