@@ -1,0 +1,174 @@
+"""Digital corruptions: contrast, elastic transform, pixelate, JPEG and the held-out saturate."""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from repro.corruptions.core import CorruptionContext, register_corruption
+from repro.corruptions.ops import gaussian_blur, hsv_to_rgb, rgb_to_hsv
+
+
+@register_corruption("contrast")
+def contrast(x: Tensor, context: CorruptionContext) -> Tensor:
+    """Pull every channel towards its spatial mean."""
+    factor = context.pick(imagenet=(0.4, 0.3, 0.2, 0.1, 0.05), cifar=(0.75, 0.5, 0.4, 0.3, 0.15))
+    means = x.mean((2, 3), keepdim=True)
+    return (x - means) * factor + means
+
+
+def _sample_symmetric(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """Bilinear samples at float pixel coordinates ``(N, H, W)``, mirrored about the outer pixel edges
+    (scipy ``map_coordinates(order=1, mode='reflect')``)."""
+    height, width = x.shape[-2:]
+    grid = torch.stack([(2.0 * cols + 1.0) / width - 1.0, (2.0 * rows + 1.0) / height - 1.0], -1)
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _smooth_displacement(
+    context: CorruptionContext, purpose: str, shape: tuple[int, int], noise_range: float, sigma: tuple[float, float]
+) -> Tensor:
+    """Uniform noise in ``(-noise_range, noise_range)``, blurred as skimage ``gaussian(mode="reflect", truncate=3)``."""
+    noise = context.random.uniform(purpose, (1, *shape), -noise_range, noise_range)
+    return gaussian_blur(noise, sigma, truncate=3.0, mode="symmetric")[:, 0]
+
+
+def _random_affine_warp(x: Tensor, context: CorruptionContext, jitter: float) -> Tensor:
+    """make_cifar_c.py's random affine: move three points around the centre by U(-jitter, jitter) each and warp
+    (OpenCV ``warpAffine``: bilinear, reflect101 border)."""
+    count, height, width = x.shape[0], x.shape[-2], x.shape[-1]
+    centre_x, centre_y, half = float(width // 2), float(height // 2), float(min(height, width) // 3)
+    anchors = torch.tensor(
+        [[centre_x + half, centre_y + half], [centre_x + half, centre_y - half], [centre_x - half, centre_y - half]],
+        dtype=torch.float64,
+        device=x.device,
+    )
+    moved = anchors + context.random.uniform("affine", (3, 2), -jitter, jitter, dtype=torch.float64)
+    # Output pixel p reads the input at B p, where the affine map B takes the moved points back to the anchors.
+    homogeneous = torch.cat([moved, torch.ones(count, 3, 1, dtype=torch.float64, device=x.device)], 2)
+    back = torch.linalg.solve(homogeneous, anchors.expand(count, 3, 2))  # (N, 3, 2): [x y 1] @ back
+    rows, cols = torch.meshgrid(
+        torch.arange(height, dtype=torch.float64, device=x.device),
+        torch.arange(width, dtype=torch.float64, device=x.device),
+        indexing="ij",
+    )
+    pixels = torch.stack([cols, rows, torch.ones_like(rows)], -1).reshape(1, -1, 3)
+    source = (pixels @ back).reshape(count, height, width, 2)
+    grid = torch.stack([2.0 * source[..., 0] / (width - 1) - 1.0, 2.0 * source[..., 1] / (height - 1) - 1.0], -1)
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection", align_corners=True)
+
+
+# make_cifar_c.py: (displacement amplitude, displacement sigma, affine jitter) as fractions of the side.
+_CIFAR_ELASTIC = ((0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03))
+# imagecorruptions: displacement amplitude (sigma is 1 % of the side, the noise range 0.5 % of the height).
+_IMAGENET_ELASTIC_ALPHA = tuple(250 * v for v in (0.05, 0.065, 0.085, 0.1, 0.12))
+
+
+@register_corruption("elastic_transform")
+def elastic_transform(x: Tensor, context: CorruptionContext) -> Tensor:
+    """Resample along a smooth random displacement field.
+
+    From 64 px: imagecorruptions' variant (no affine step). Below 64 px: make_cifar_c.py's (random affine, then
+    displacement), lengths in units of the shorter side. Neither is the algorithm (affine + displacement with
+    other constants) that made the released ImageNet-C files.
+    """
+    height, width = x.shape[-2:]
+    if context.low_resolution:
+        side = min(height, width)
+        alpha, sigma, jitter = (side * v for v in _CIFAR_ELASTIC[context.severity - 1])
+        x = _random_affine_warp(x, context, jitter)
+        noise_range: float = 1.0
+        sigmas: tuple[float, float] = (sigma, sigma)
+    else:
+        alpha = _IMAGENET_ELASTIC_ALPHA[context.severity - 1]
+        noise_range, sigmas = 0.005 * height, (0.01 * height, 0.01 * width)
+    shift_x = _smooth_displacement(context, "dx", (height, width), noise_range, sigmas) * alpha
+    shift_y = _smooth_displacement(context, "dy", (height, width), noise_range, sigmas) * alpha
+    rows, cols = torch.meshgrid(
+        torch.arange(height, dtype=x.dtype, device=x.device),
+        torch.arange(width, dtype=x.dtype, device=x.device),
+        indexing="ij",
+    )
+    return _sample_symmetric(x, rows + shift_y, cols + shift_x)
+
+
+_PIL_PRECISION_BITS = 22  # Pillow's fixed-point precision for 8-bit resampling
+
+
+@functools.lru_cache(maxsize=32)
+def _pil_box_taps(source_size: int, target_size: int) -> tuple[Tensor, Tensor]:
+    """Pillow's BOX resampling as taps: ``(target, T)`` source indices and fixed-point integer weights (float64,
+    exact), following its coefficient code (pixels whose centre lies in the box, normalised, times 2**22)."""
+    scale = source_size / target_size
+    filter_scale = max(scale, 1.0)
+    support = 0.5 * filter_scale
+    rows = []
+    for out in range(target_size):
+        centre = (out + 0.5) * scale
+        first = max(int(centre - support + 0.5), 0)
+        last = min(int(centre + support + 0.5), source_size)
+        inside = [i for i in range(first, last) if -0.5 < (i - centre + 0.5) / filter_scale <= 0.5]
+        rows.append([(i, math.floor(0.5 + 2**_PIL_PRECISION_BITS / len(inside))) for i in inside])
+    tap_count = max(len(row) for row in rows)
+    padded = [row + [(row[0][0], 0)] * (tap_count - len(row)) for row in rows]
+    indices = torch.tensor([[index for index, _ in row] for row in padded])
+    weights = torch.tensor([[weight for _, weight in row] for row in padded], dtype=torch.float64)
+    return indices, weights
+
+
+def _pil_box_resize_axis(levels: Tensor, dim: int, target_size: int) -> Tensor:
+    """One Pillow resampling pass along ``dim`` on uint8 values held as float64, rounded like Pillow."""
+    indices, weights = (t.to(levels.device) for t in _pil_box_taps(levels.shape[dim], target_size))
+    shape = [1] * levels.ndim
+    shape[dim] = target_size
+    sums = torch.zeros((), dtype=levels.dtype, device=levels.device)
+    for tap in range(indices.shape[1]):
+        sums = sums + levels.index_select(dim, indices[:, tap]) * weights[:, tap].reshape(shape)
+    return torch.floor((sums + 2 ** (_PIL_PRECISION_BITS - 1)) / 2**_PIL_PRECISION_BITS).clamp(0, 255)
+
+
+@register_corruption("pixelate")
+def pixelate(x: Tensor, context: CorruptionContext) -> Tensor:
+    """Pillow ``resize(BOX)`` down to ``factor`` of the size (horizontal then vertical pass, each rounded to
+    uint8 as Pillow does), then nearest-neighbour back up."""
+    factor = context.pick(imagenet=(0.6, 0.5, 0.4, 0.3, 0.25), cifar=(0.95, 0.9, 0.85, 0.75, 0.65))
+    height, width = x.shape[-2:]
+    small_h, small_w = int(height * factor), int(width * factor)
+    levels = torch.round(x.to(torch.float64) * 255.0)
+    levels = _pil_box_resize_axis(_pil_box_resize_axis(levels, -1, small_w), -2, small_h)
+    nearest_rows = torch.floor((torch.arange(height, dtype=torch.float64) + 0.5) * small_h / height).long()
+    nearest_cols = torch.floor((torch.arange(width, dtype=torch.float64) + 0.5) * small_w / width).long()
+    levels = levels.index_select(-2, nearest_rows.to(x.device)).index_select(-1, nearest_cols.to(x.device))
+    return (levels / 255.0).to(x.dtype)
+
+
+@register_corruption("jpeg_compression")
+def jpeg_compression(x: Tensor, context: CorruptionContext) -> Tensor:
+    """Pillow JPEG round trip at a low quality. Encoding loops over the images on the CPU (Pillow's libjpeg)."""
+    quality = context.pick(imagenet=(25, 18, 15, 10, 7), cifar=(80, 65, 58, 50, 40))
+    pixels = torch.round(x * 255.0).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    decoded = []
+    for image in pixels:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, "JPEG", quality=quality)
+        with Image.open(buffer) as compressed:
+            decoded.append(np.asarray(compressed.convert("RGB")))
+    return torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).to(x.device, x.dtype) / 255.0
+
+
+@register_corruption("saturate")
+def saturate(x: Tensor, context: CorruptionContext) -> Tensor:
+    """Scale and shift the HSV saturation (held-out corruption)."""
+    gain, offset = context.pick(
+        imagenet=((0.3, 0), (0.1, 0), (2, 0), (5, 0.1), (20, 0.2)),
+        cifar=((0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)),
+    )
+    hue, saturation, value = rgb_to_hsv(x).unbind(1)
+    return hsv_to_rgb(torch.stack([hue, (saturation * gain + offset).clamp(0.0, 1.0), value], 1))

@@ -1,0 +1,110 @@
+"""Batched torch re-statements of the OpenCV functions the spatter corruption chains together.
+
+Inputs are float ``(N, 1, H, W)`` tensors holding integer uint8 values, so the arithmetic is exact and
+matches OpenCV's integer code paths.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from repro.corruptions.ops import filter2d
+
+_SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+_CANNY_SHIFT = 15
+_TAN_22_5_FIXED = 13573  # round(tan(22.5 deg) * 2**15), OpenCV's TG22
+
+# OpenCV's 5x5 chamfer approximation of the Euclidean distance (DIST_L2, maskSize 5).
+_CHAMFER_STEPS = (
+    [((dy, dx), 1.0) for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1))]
+    + [((dy, dx), 1.4) for dy in (-1, 1) for dx in (-1, 1)]
+    + [((dy, dx), 2.1969) for dy, dx in ((-2, -1), (-2, 1), (2, -1), (2, 1), (-1, -2), (1, -2), (-1, 2), (1, 2))]
+)
+
+
+def canny(image: Tensor, low: int, high: int) -> Tensor:
+    """``cv2.Canny(image, low, high)`` with the default 3x3 Sobel and L1 gradient magnitude; returns bool edges.
+
+    Non-maximum suppression uses OpenCV's fixed-point sector test and asymmetric (>, >=) comparisons;
+    hysteresis grows strong edges through 8-connected weak candidates by repeated dilation.
+    """
+    grad_x = filter2d(image, _SOBEL_X, "replicate")
+    grad_y = filter2d(image, _SOBEL_X.T.contiguous(), "replicate")
+    magnitude = grad_x.abs() + grad_y.abs()
+    padded = F.pad(magnitude, (1, 1, 1, 1))
+    height, width = magnitude.shape[-2:]
+
+    def neighbour(dy: int, dx: int) -> Tensor:
+        return padded[..., 1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width]
+
+    abs_x, abs_y = grad_x.abs(), grad_y.abs() * 2**_CANNY_SHIFT
+    tan_22_5_x = abs_x * _TAN_22_5_FIXED
+    horizontal = abs_y < tan_22_5_x
+    vertical = ~horizontal & (abs_y > tan_22_5_x + abs_x * 2 ** (_CANNY_SHIFT + 1))
+    same_sign = (grad_x < 0) == (grad_y < 0)
+    maximum_horizontal = (magnitude > neighbour(0, -1)) & (magnitude >= neighbour(0, 1))
+    maximum_vertical = (magnitude > neighbour(-1, 0)) & (magnitude >= neighbour(1, 0))
+    maximum_diagonal = torch.where(
+        same_sign,
+        (magnitude > neighbour(-1, -1)) & (magnitude > neighbour(1, 1)),
+        (magnitude > neighbour(-1, 1)) & (magnitude > neighbour(1, -1)),
+    )
+    local_maximum = torch.where(
+        horizontal, maximum_horizontal, torch.where(vertical, maximum_vertical, maximum_diagonal)
+    )
+    candidate = local_maximum & (magnitude > low)
+
+    edges = candidate & (magnitude > high)
+    while True:
+        grown = edges | (candidate & _dilate3x3(edges))
+        if torch.equal(grown, edges):
+            return edges
+        edges = grown
+
+
+def _dilate3x3(mask: Tensor) -> Tensor:
+    """8-connected dilation of a boolean ``(..., H, W)`` mask (outside the image counts as False)."""
+    height, width = mask.shape[-2:]
+    padded = F.pad(mask, (1, 1, 1, 1))
+    dilated = torch.zeros_like(mask)
+    for dy in range(3):
+        for dx in range(3):
+            dilated |= padded[..., dy : dy + height, dx : dx + width]
+    return dilated
+
+
+def chamfer_distance_to(zeros: Tensor, cap: float) -> Tensor:
+    """``min(cv2.distanceTransform(~zeros, DIST_L2, 5), cap)``: distance of each pixel to the nearest ``True``.
+
+    Pixels outside the image count as far away, as in OpenCV. Relaxation with the 16 chamfer steps until
+    nothing changes; with the cap that is at most ``cap`` rounds.
+    """
+    distance = torch.where(zeros, 0.0, cap).to(torch.float32)
+    height, width = distance.shape[-2:]
+    while True:
+        padded = F.pad(distance, (2, 2, 2, 2), value=cap)
+        relaxed = distance
+        for (dy, dx), step in _CHAMFER_STEPS:
+            shifted = padded[..., 2 + dy : 2 + dy + height, 2 + dx : 2 + dx + width]
+            relaxed = torch.minimum(relaxed, shifted + step)
+        if torch.equal(relaxed, distance):
+            return distance
+        distance = relaxed
+
+
+def equalize_histogram(image: Tensor) -> Tensor:
+    """``cv2.equalizeHist`` per image: LUT ``round(255 * (cdf - cdf[min]) / (total - count[min]))`` in float32."""
+    count = image.shape[0]
+    levels = image.reshape(count, -1).to(torch.int64)
+    total = levels.shape[1]
+    histogram = torch.zeros(count, 256, dtype=torch.int64, device=image.device)
+    histogram.scatter_add_(1, levels, torch.ones_like(levels))
+    darkest = levels.amin(1, keepdim=True)
+    darkest_count = histogram.gather(1, darkest)
+    cumulative = (histogram.cumsum(1) - darkest_count).to(torch.float32)
+    scale = (255.0 / (total - darkest_count).clamp(min=1)).to(torch.float32)
+    lut = torch.round(cumulative * scale).clamp(0, 255)
+    lut = torch.where(darkest_count == total, darkest.to(torch.float32), lut)  # constant image stays constant
+    return lut.gather(1, levels).reshape(image.shape).to(image.dtype)

@@ -1,0 +1,157 @@
+"""Counter-based random numbers for corruptions: no generator state, so results do not depend on batching.
+
+Every random number is a hash of (seed, corruption, purpose, dataset index of the image, element position),
+computed with int64 tensor ops that give the same bits on CPU and CUDA. An image therefore receives the same
+noise whichever batch it arrives in, and no global RNG (torch, numpy, random) is read or advanced.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+from torch import Tensor
+
+_MASK32 = 0xFFFFFFFF
+_STREAM_SALT = 0x2545F491
+_HASH_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)  # Wellons' lowbias32 constants
+_CPU_BLOCK = 1 << 15  # words hashed at a time on the CPU: temporaries stay in cache (about 5x faster)
+
+
+def _hash32_int(x: int) -> int:
+    """Wellons' ``lowbias32`` integer hash (a bijection on 32-bit words with strong avalanche), for Python ints."""
+    for shift, multiplier in zip((16, 15), _HASH_MULTIPLIERS, strict=True):
+        x = ((x ^ (x >> shift)) * multiplier) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _mul32_(x: Tensor, constant: int) -> Tensor:
+    """In place ``x = (x * constant) mod 2**32`` for ``0 <= x < 2**32``, in 16-bit halves so int64 never overflows
+    (signed overflow would be undefined behaviour, and CPU and CUDA must give the same bits)."""
+    high_part = (x * (constant >> 16)).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+    return x.mul_(constant & 0xFFFF).add_(high_part).bitwise_and_(_MASK32)
+
+
+def _hash32_(x: Tensor) -> Tensor:
+    """``_hash32_int`` in place on an int64 tensor of 32-bit words."""
+    for shift, multiplier in zip((16, 15), _HASH_MULTIPLIERS, strict=True):
+        _mul32_(x.bitwise_xor_(x >> shift), multiplier)
+    return x.bitwise_xor_(x >> 16)
+
+
+def _mix_int(state: int, word: int) -> int:
+    """Fold one more 32-bit word into a hash state (order-sensitive)."""
+    return _hash32_int(state ^ _hash32_int(word & _MASK32))
+
+
+def _mix_words(state: int, words: Tensor) -> Tensor:
+    """``_mix_int`` with one word per tensor element."""
+    return _hash32_(_hash32_(words & _MASK32).bitwise_xor_(state))
+
+
+def _text_word(text: str) -> int:
+    return zlib.crc32(text.encode())
+
+
+class RandomStream:
+    """Random numbers for one call of one corruption: ``(N, *shape)`` draws, row ``i`` keyed by ``indices[i]``.
+
+    ``purpose`` names the draw (``"noise"``, ``"angle"``, ...) so that different draws are independent.
+    """
+
+    def __init__(self, seed: int, corruption: str, indices: Tensor) -> None:
+        state = _mix_int(_mix_int(_STREAM_SALT, seed & _MASK32), (seed >> 32) & _MASK32)
+        self._state = _mix_int(state, _text_word(corruption))
+        self.indices = indices.to(torch.int64)
+
+    @property
+    def device(self) -> torch.device:
+        return self.indices.device
+
+    def bits(self, purpose: str, shape: tuple[int, ...]) -> Tensor:
+        """Uniform 32-bit words (int64 in ``[0, 2**32)``) of shape ``(N, *shape)``.
+
+        Word ``e`` of image ``i`` is ``hash(hash(e ^ key_i) ^ key2_i)``, keys derived from (seed, corruption,
+        purpose, index). Computed in blocks on the CPU, in one go on CUDA; the blocking does not change the bits.
+        """
+        count, numel = len(self.indices), math.prod(shape)
+        if numel >= 2**32:
+            raise ValueError(f"a random draw of {numel} elements per image is larger than the 32-bit counter")
+        purpose_state = _mix_int(self._state, _text_word(purpose))
+        key = (_mix_words(purpose_state, self.indices) ^ _mix_words(_STREAM_SALT, self.indices >> 32))[:, None]
+        second_key = _hash32_(key ^ 0x5BD1E995)
+        words = torch.empty(count, numel, dtype=torch.int64, device=self.device)
+        block = numel if self.device.type == "cuda" else max(1, _CPU_BLOCK // max(count, 1))
+        for start in range(0, numel, block):
+            stop = min(start + block, numel)
+            counter = torch.arange(start, stop, dtype=torch.int64, device=self.device)[None, :]
+            words[:, start:stop] = _hash32_(_hash32_(counter ^ key).bitwise_xor_(second_key))
+        return words.reshape(count, *shape)
+
+    def uniform(
+        self,
+        purpose: str,
+        shape: tuple[int, ...] = (),
+        low: float = 0.0,
+        high: float = 1.0,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """Uniform in the open interval ``(low, high)``; float32 uses 23 random bits so 1.0 cannot round in."""
+        words = self.bits(purpose, shape)
+        if dtype == torch.float64:
+            unit = (words.to(torch.float64) + 0.5) * 2.0**-32
+        else:
+            unit = ((words >> 9).to(dtype) + 0.5) * 2.0**-23
+        return low + (high - low) * unit
+
+    def normal(self, purpose: str, shape: tuple[int, ...] = (), mean: float = 0.0, std: float = 1.0) -> Tensor:
+        """Gaussian draws by the Box–Muller transform of two independent uniforms."""
+        radius_unit = self.uniform(purpose + "/radius", shape)
+        angle_unit = self.uniform(purpose + "/angle", shape)
+        standard = torch.sqrt(-2.0 * torch.log(radius_unit)) * torch.cos(2.0 * math.pi * angle_unit)
+        return mean + std * standard
+
+    def integers(self, purpose: str, low: int | Tensor, high: int | Tensor, shape: tuple[int, ...] = ()) -> Tensor:
+        """Integers uniform in ``[low, high)`` (int64) by multiply-shift on 24 random bits, exact on any device.
+
+        ``low``/``high`` may be per-image ``(N,)`` tensors; their range must be below ``2**24``.
+        """
+        per_image_shape = (-1,) + (1,) * len(shape)
+        low_t = torch.as_tensor(low, dtype=torch.int64, device=self.device).reshape(per_image_shape)
+        span = torch.as_tensor(high, dtype=torch.int64, device=self.device).reshape(per_image_shape) - low_t
+        if (span <= 0).any() or (span >= 2**24).any():
+            raise ValueError("integers() needs 0 < high - low < 2**24")
+        return low_t + ((self.bits(purpose, shape) >> 8) * span >> 24)
+
+    def poisson(self, purpose: str, rates: Tensor, rate_index: Tensor) -> Tensor:
+        """Exact Poisson draws: element ``e`` has rate ``rates[rate_index[e]]`` (``rate_index`` is ``(N, ...)``).
+
+        Inverse-CDF sampling: the smallest ``k`` with ``P(X <= k) >= u``, found by bisection in a table of the
+        CDF for every rate in ``rates``. The table is built on the CPU in float64 (regularised incomplete gamma
+        function) so CPU and CUDA draw identical counts; a small ``rates`` table (e.g. one rate per uint8 grey
+        level) keeps it cheap. The bisection runs over blocks of elements on the CPU, like ``bits``.
+        """
+        rates_cpu = rates.detach().to("cpu", torch.float64)
+        top = float(rates_cpu.max()) if rates_cpu.numel() else 0.0
+        largest_count = math.ceil(top + 12.0 * math.sqrt(top) + 12.0)
+        support = torch.arange(largest_count + 1, dtype=torch.float64)
+        cdf = torch.special.gammaincc(support[None, :] + 1.0, rates_cpu[:, None])
+        cdf[:, -1] = 1.0  # P(X > largest_count) < 1e-25, far below the resolution of u
+        flat_cdf = cdf.reshape(-1).to(self.device)
+        steps = math.ceil(math.log2(largest_count + 1))
+
+        u = self.uniform(purpose, tuple(rate_index.shape[1:]), dtype=torch.float64).reshape(-1)
+        row_start = rate_index.reshape(-1).to(torch.int64) * (largest_count + 1)
+        counts = torch.empty_like(row_start)
+        block = len(u) if self.device.type == "cuda" else _CPU_BLOCK
+        for start in range(0, len(u), block):
+            rows, targets = row_start[start : start + block], u[start : start + block]
+            low, high = torch.zeros_like(rows), torch.full_like(rows, largest_count)
+            for _ in range(steps):
+                middle = (low + high) >> 1
+                reached = torch.take(flat_cdf, rows + middle) >= targets
+                high = torch.where(reached, middle, high)
+                low = torch.where(reached, low, middle + 1)
+            counts[start : start + block] = low
+        return counts.reshape(rate_index.shape)
