@@ -35,7 +35,7 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff over the package, tests and this file."""
     _install(session)
-    session.run("ruff", "check", "repro", "tests", "noxfile.py")
+    session.run("ruff", "check", "repro", "tests", "benchmarks", "noxfile.py")
 
 
 @nox.session(**SHARED_VENV, default=False)
