@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from repro.adapt.base import AdaptationMethod
 from repro.adapt.metrics import error_row
 from repro.data.corrupted import CorruptionView, ImageSource
-from repro.data.loaders import _Normalizer
+from repro.data.loaders import PixelNormalizer
 from repro.errors import UserError
 
 ResetPolicy = Literal["per_view", "online"]
@@ -53,7 +53,7 @@ def view_batches(images: ImageSource, labels: torch.Tensor, order: torch.Tensor,
                  device: torch.device, mean: tuple[float, ...], std: tuple[float, ...], workers: int = 0
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Normalized batches of a view on ``device`` in ``order``; a Dataset view is decoded by DataLoader workers."""
-    normalize = _Normalizer(mean, std, device, channels_last=False)
+    normalize = PixelNormalizer(mean, std, device, channels_last=False)
     labels = labels.to(device)
     chunks = order.to(device).split(batch_size)
     if isinstance(images, torch.Tensor):

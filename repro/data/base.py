@@ -7,6 +7,7 @@ device; ImageNet-sized ones are folder trees streamed through decoding workers.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,13 @@ class FolderSplit:
 
 
 Split = TensorSplit | FolderSplit
+
+
+def resolve_data_dir(data_dir: Path | None) -> Path | None:
+    """The folder given on the command line, else ``REPRO_DATA_DIR``, else none."""
+    if data_dir is not None:
+        return data_dir
+    return Path(os.environ["REPRO_DATA_DIR"]) if os.environ.get("REPRO_DATA_DIR") else None
 
 
 @dataclass(frozen=True)

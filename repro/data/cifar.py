@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from repro.data.base import ImageDataset, TensorSplit, register_dataset
+from repro.data.base import ImageDataset, TensorSplit, register_dataset, resolve_data_dir
 from repro.data.hub import load_hub_split
 from repro.errors import UserError
 
@@ -39,7 +38,7 @@ def _read_batches(folder: Path, files: list[str], label_key: bytes) -> TensorSpl
 def _load_cifar(name: str, data_dir: Path | None, source: str, hub_id: str | None, revision: str | None
                 ) -> ImageDataset:
     folder_name, train_files, test_files, label_key, default_hub, hub_label, classes, mean, std = _SPECS[name]
-    data_dir = data_dir or (Path(os.environ["REPRO_DATA_DIR"]) if os.environ.get("REPRO_DATA_DIR") else None)
+    data_dir = resolve_data_dir(data_dir)
     if source in ("auto", "local") and data_dir is not None:
         for folder in (data_dir / folder_name, data_dir):
             if all((folder / f).is_file() for f in train_files + test_files):

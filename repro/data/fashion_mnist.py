@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from repro.data.base import ImageDataset, TensorSplit, register_dataset
+from repro.data.base import ImageDataset, TensorSplit, register_dataset, resolve_data_dir
 from repro.data.hub import load_hub_split
 from repro.data.idx import read_idx
 from repro.errors import UserError
@@ -57,7 +56,7 @@ def load_fashion_mnist(data_dir: Path | None = None, source: str = "auto", hub_i
 
     ``source`` forces one of ``local``, ``debian`` or ``hub``; ``auto`` tries them in that order.
     """
-    data_dir = data_dir or (Path(os.environ["REPRO_DATA_DIR"]) if os.environ.get("REPRO_DATA_DIR") else None)
+    data_dir = resolve_data_dir(data_dir)
     candidates = []
     if source in ("auto", "local") and data_dir is not None:
         candidates += [data_dir, data_dir / "fashion-mnist", data_dir / "fashion_mnist"]

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
-from repro.data.base import FolderSplit, ImageDataset, register_dataset
+from repro.data.base import FolderSplit, ImageDataset, register_dataset, resolve_data_dir
 from repro.errors import UserError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -31,7 +30,7 @@ def scan_image_folder(root: Path, image_size: int = 224) -> tuple[FolderSplit, l
 @register_dataset("imagenet")
 def load_imagenet(data_dir: Path | None = None, source: str = "auto", image_size: int = 224) -> ImageDataset:
     """The ILSVRC-2012 tree; the hub copy (``ILSVRC/imagenet-1k``) is gated, so export it to this layout first."""
-    data_dir = data_dir or (Path(os.environ["REPRO_DATA_DIR"]) if os.environ.get("REPRO_DATA_DIR") else None)
+    data_dir = resolve_data_dir(data_dir)
     roots = [data_dir / "imagenet", data_dir] if data_dir else []
     for root in roots:
         if (root / "train").is_dir() and (root / "val").is_dir():

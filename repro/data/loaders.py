@@ -17,7 +17,9 @@ from torch.utils.data import DataLoader, Dataset
 from repro.data.base import FolderSplit, Split, TensorSplit
 
 
-class _Normalizer:
+class PixelNormalizer:
+    """uint8 pixels -> (x - mean) / std in float32, optionally channels-last; shared with test-time adaptation."""
+
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, channels_last: bool):
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
@@ -58,7 +60,7 @@ class DeviceLoader:
         self.crop_padding = crop_padding if train else 0
         self.flip = flip and train
         self.drop_last = train if drop_last is None else drop_last
-        self.normalize = _Normalizer(mean, std, device, channels_last)
+        self.normalize = PixelNormalizer(mean, std, device, channels_last)
         self.generator = torch.Generator(device=device).manual_seed(seed)
         if self.crop_padding:
             p = self.crop_padding
@@ -124,7 +126,7 @@ class FolderLoader:
         )
         self.device = device
         self.flip = flip and train
-        self.normalize = _Normalizer(mean, std, device, channels_last)
+        self.normalize = PixelNormalizer(mean, std, device, channels_last)
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __len__(self) -> int:
