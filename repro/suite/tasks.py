@@ -7,6 +7,8 @@ of the run record.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from repro.data import ImageDataset, load_dataset
 from repro.models import build_model
 from repro.registry import Registry
-from repro.train import TrainConfig, seed_everything, train_and_evaluate
+from repro.train import TrainConfig, TrainResult, seed_everything, train_and_evaluate
 
 
 @dataclass
@@ -58,7 +60,12 @@ class RunContext:
         return self._datasets[key]
 
     def checkpoint_path(self, run: RunSpec) -> Path:
-        return self.results_dir / "checkpoints" / run.suite / f"{run.run_id}.pt"
+        """Where the run's trained weights are kept, keyed by what determines them, not by the suite.
+
+        Two suites that train the same model (same data, backbone, normalizer, recipe and seed) share the
+        checkpoint: ``qbn-fmnist`` converts the BN models ``fmnist-normalizers`` trained.
+        """
+        return self.results_dir / "checkpoints" / f"{model_key(run.config)}.pt"
 
 
 @dataclass
@@ -116,6 +123,58 @@ def build_run_model(run: RunSpec, data: ImageDataset) -> torch.nn.Module:
     )
 
 
+def model_key(config: dict[str, Any]) -> str:
+    """Hash of the parts of a run's config that determine its trained weights."""
+    parts = {key: config[key] for key in ("dataset", "backbone", "model", "train", "seed")}
+    parts["normalizer"] = {"name": config["normalizer"]["name"], "options": config["normalizer"]["options"]}
+    canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainedModel:
+    """A trained model and the training metrics, either just trained or loaded from the checkpoint cache."""
+
+    model: torch.nn.Module
+    data: ImageDataset
+    status: str
+    metrics: dict[str, Any]
+    from_checkpoint: bool
+    result: TrainResult | None = None
+
+
+def save_checkpoint(model: torch.nn.Module, metrics: dict[str, Any], run: RunSpec, ctx: RunContext) -> Path:
+    """Write the weights and training metrics atomically (a killed run never leaves a truncated checkpoint)."""
+    path = ctx.checkpoint_path(run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".tmp")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "metrics": metrics, "model_key": model_key(run.config)}, partial)
+    partial.replace(path)
+    return path
+
+
+def train_or_load(run: RunSpec, ctx: RunContext, *, save: bool = True) -> TrainedModel:
+    """The run's model trained with its recipe: loaded when a checkpoint of the same training exists.
+
+    Tasks that evaluate trained models (quantization, test-time adaptation) call this, so a model is trained
+    once however many suites and tasks use it. Diverged models are returned but never saved.
+    """
+    data = ctx.dataset(run.config["dataset"])
+    model = build_run_model(run, data)
+    path = ctx.checkpoint_path(run)
+    if path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["state_dict"])
+        return TrainedModel(model.to(ctx.device), data, "ok", saved["metrics"], from_checkpoint=True)
+    cfg = TrainConfig.model_validate(run.config["train"])
+    result = train_and_evaluate(model, data, cfg, device=ctx.device, seed=run.config["seed"], progress=ctx.progress,
+                                description=run.label)
+    if save and result.status == "ok":
+        save_checkpoint(model, result.metrics, run, ctx)
+    return TrainedModel(model, data, result.status, result.metrics, from_checkpoint=False, result=result)
+
+
 class TrainOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     save_checkpoint: bool = False
@@ -135,8 +194,6 @@ class TrainTask(Task):
         result = train_and_evaluate(model, data, cfg, device=ctx.device, seed=run.config["seed"], progress=ctx.progress,
                                     description=run.label)
         if TrainOptions.model_validate(run.config["task_options"]).save_checkpoint and result.status == "ok":
-            path = ctx.checkpoint_path(run)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(model.state_dict(), path)
+            save_checkpoint(model, result.metrics, run, ctx)
         return RunOutcome(result.status, result.metrics, result.wall_time_s, result.images_per_s,
                           result.peak_memory_mb, result.curve, diverged_step=result.diverged_step, extra=result.extra)

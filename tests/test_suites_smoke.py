@@ -1,0 +1,28 @@
+"""Every suite in suites/ runs its smoke tier end to end on CPU and passes its smoke-tier checks.
+
+This is what keeps the full-tier suites honest in CI: their smoke tiers run the same code path (loading,
+model building, the task, records, tables, checks) on a few real or generated images.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from repro.results.gather import gather, run_checks
+from repro.results.records import read_record, record_path
+from repro.suite import expand, load_suite, run_suite
+
+SUITES = sorted((Path(__file__).parents[1] / "suites").glob("*.yaml"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", SUITES, ids=[p.stem for p in SUITES])
+def test_smoke_tier_runs_and_passes_its_checks(path: Path, tmp_path: Path) -> None:
+    suite, _ = load_suite(path)
+    summary = run_suite(path, "smoke", device="cpu", results_dir=tmp_path, progress=False, echo=lambda _: None)
+    assert not summary.failed, [read_record(record_path(tmp_path, suite.name, r))["error"] for r in summary.failed]
+    assert len(summary.ran) == len(expand(suite, "smoke"))
+    gather(tmp_path, [suite.name])
+    assert (tmp_path / "tables" / f"{suite.name}.csv").is_file()
+    smoke_checks = [c for c in run_checks(tmp_path, [suite.name]) if c.tier == "smoke"]
+    assert [(c.reference, c.status, c.detail) for c in smoke_checks if c.status != "pass"] == []
