@@ -2,6 +2,8 @@
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,8 @@ from torch import nn
 from repro.data import ImageDataset, load_dataset
 from repro.errors import UserError
 from repro.models import build_model
+from repro.results.records import iter_records
+from repro.suite import run_suite
 from repro.train import TrainConfig, seed_everything, train_and_evaluate
 from repro.train.distributed import DataParallel, to_sync_batchnorm, train_data_parallel
 
@@ -90,3 +94,64 @@ def test_batches_must_split_evenly_over_processes(batch_size, micro_batch):
     data_parallel = DataParallel(rank=0, world_size=2, device=torch.device("cpu"))
     with pytest.raises(UserError):
         data_parallel.check_batch_sizes(TrainConfig(epochs=1, batch_size=batch_size, lr=0.1, micro_batch=micro_batch))
+
+
+DATA_PARALLEL_SUITE = """
+name: dp
+version: 1
+description: data-parallel test suite
+citation: none
+dataset: {name: fashion_mnist, train_subset: 64, test_subset: 32, generated: true}
+backbones: [test_resnet]
+normalizers: [bn, {name: gn, options: {group_size: 8}}]
+model: {small_input: true}
+seeds: [0]
+train: {epochs: 2, batch_size: 16, micro_batch: 4, lr: 0.05, eval_batch_size: 16, max_steps_per_epoch: 3}
+tiers: {full: {}, smoke: {}}
+"""
+
+
+def _repro_cli(*args: str, suites: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "REPRO_SUITES_DIR": str(suites), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "repro", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_repro_run_on_two_processes_matches_one_process(tmp_path):
+    """``repro run --nproc 2`` (torchrun, gloo) writes one record per run, from rank 0, equal to the 1-process run."""
+    suites = tmp_path / "suites"
+    suites.mkdir()
+    (suites / "dp.yaml").write_text(DATA_PARALLEL_SUITE)
+    parallel = _repro_cli("run", "dp", "--nproc", "2", "--results", str(tmp_path / "two"), "--no-progress",
+                          suites=suites)
+    assert parallel.returncode == 0, parallel.stdout + parallel.stderr
+    assert parallel.stdout.count("dp (smoke): 2 ran, 0 skipped") == 1  # rank 0 only
+
+    os.environ["REPRO_SUITES_DIR"] = str(suites)
+    try:
+        run_suite("dp", "smoke", device="cpu", results_dir=tmp_path / "one", progress=False, echo=lambda _: None)
+    finally:
+        del os.environ["REPRO_SUITES_DIR"]
+    two = {r["run_id"]: r for r in iter_records(tmp_path / "two", "dp")}
+    one = {r["run_id"]: r for r in iter_records(tmp_path / "one", "dp")}
+    assert set(two) == set(one) and len(one) == 2
+    for run_id, record in two.items():
+        assert record["provenance"]["processes"] == 2 and one[run_id]["provenance"]["processes"] == 1
+        for parallel_epoch, single_epoch in zip(record["curve"], one[run_id]["curve"], strict=True):
+            assert parallel_epoch["train_loss"] == pytest.approx(single_epoch["train_loss"], rel=1e-5)
+        if record["setting"]["normalizer"] == "gn":  # no running statistics: evaluation agrees too
+            assert record["metrics"]["top1"] == one[run_id]["metrics"]["top1"]
+
+    rerun = _repro_cli("run", "dp", "--nproc", "2", "--results", str(tmp_path / "two"), suites=suites)
+    assert rerun.returncode == 0 and "0 ran, 2 skipped" in rerun.stdout
+
+
+def test_data_parallel_refuses_runs_without_micro_batch(tmp_path):
+    suites = tmp_path / "suites"
+    suites.mkdir()
+    (suites / "dp.yaml").write_text(DATA_PARALLEL_SUITE.replace("micro_batch: 4, ", ""))
+    refused = _repro_cli("run", "dp", "--nproc", "2", "--results", str(tmp_path / "out"), suites=suites)
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1 and "train.micro_batch must be set" in refused.stderr
+    assert not (tmp_path / "out").exists()

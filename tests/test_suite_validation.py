@@ -19,6 +19,15 @@ CASES = {
     "reference column": ("a: {normalizer: gn}", "a: {norm: gn}", "field references.0: unknown setting column 'norm'"),
     "missing tier": ("  full: {}\n", "", "tiers must define smoke and full (missing: full)"),
     "micro-batch not dividing": ("lr: 0.05", "lr: 0.05, micro_batch: 5", "not a multiple of micro_batch 5"),
+    "tier option of unknown normalizer": ("  smoke: {}", "  smoke: {normalizer_options: {ln: {}}}",
+                                          "unknown normalizer 'ln'; allowed: bn, gn"),
+    "bad tier normalizer option": ("  smoke: {}", "  smoke: {normalizer_options: {gn: {groupz: 8}}}",
+                                   "field tiers.smoke.normalizer_options.gn:"),
+    "linked to a non-grid key": ("tiers:", "linked: {train.lr: {0.05: {train.epochs: 2}}}\ntiers:",
+                                 "linked.train.lr: not a grid key"),
+    "linked value missing": ("tiers:", "grid: {train.micro_batch: [4, 8]}\n"
+                             "linked: {train.micro_batch: {4: {train.lr: 0.1}}}\ntiers:",
+                             "field linked.train.micro_batch has no entry for grid value 8"),
 }
 
 
@@ -82,3 +91,19 @@ def test_every_shipped_suite_validates() -> None:
     for path in shipped:
         suite, _ = load_suite(path)
         assert expand(suite, "smoke")
+
+
+def test_tier_normalizer_options_and_linked_grid_values(suites_dir: Path) -> None:
+    """A tier's normalizer options merge into the suite's; a linked grid value sets the fields it implies."""
+    path = suites_dir / "tiny.yaml"
+    path.write_text(path.read_text().replace("tiers:", "grid: {train.micro_batch: [4, 8]}\nlinked:\n"
+                                             "  train.micro_batch: {4: {train.batch_size: 16, train.lr: 0.02},"
+                                             " 8: {train.batch_size: 32, train.lr: 0.04}}\ntiers:", 1)
+                    .replace("  smoke: {}", "  smoke: {normalizer_options: {gn: {group_size: 4}}}"))
+    suite, _ = load_suite(path)
+    smoke = {(r.setting["normalizer"], r.setting["train.micro_batch"]): r.config for r in expand(suite, "smoke")}
+    assert smoke["gn", 4]["normalizer"]["options"] == {"group_size": 4}
+    assert [(smoke["bn", m]["train"]["batch_size"], smoke["bn", m]["train"]["lr"]) for m in (4, 8)] == [
+        (16, 0.02), (32, 0.04)]
+    full = {r.setting["normalizer"]: r.config for r in expand(suite, "full")}
+    assert full["gn"]["normalizer"]["options"] == {"group_size": 8}

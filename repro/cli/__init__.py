@@ -6,6 +6,9 @@ User errors (a bad suite file, a missing dataset, a bad flag) print one line and
 from __future__ import annotations
 
 import argparse
+import functools
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="run again even when a complete record exists")
     run.add_argument("--data-dir", type=Path, default=None, help="folder holding local dataset copies")
     run.add_argument("--no-progress", action="store_true", help="no per-epoch progress bars")
+    run.add_argument("--nproc", type=int, default=1,
+                     help="data-parallel processes on this machine, started with torchrun (one per GPU; gloo on CPU)")
 
     gather = sub.add_parser("gather", help="run records -> pandas tables (csv, md), plots and an index")
     gather.add_argument("--results", type=Path, default=Path("results"))
@@ -37,11 +42,38 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from repro.suite import run_suite
+def _launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """Re-run this command in ``nproc`` processes under torchrun (``--`` keeps torchrun from reading its flags)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "repro", "--", *argv]
+    return subprocess.run(command, check=False).returncode
 
-    summary = run_suite(args.suite, args.tier, device=args.device, results_dir=args.results, force=args.force,
-                        data_dir=args.data_dir, progress=not args.no_progress)
+
+def _cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
+    from repro.suite import run_suite
+    from repro.suite.runner import check_data_parallel, resolve_device
+    from repro.train.distributed import init_data_parallel, under_torchrun
+
+    started = int(os.environ["WORLD_SIZE"]) if under_torchrun() else 1
+    if args.nproc < 1 or (started > 1 and started != args.nproc):
+        raise UserError(f"--nproc {args.nproc}: must be at least 1 and match the {started} processes torchrun started")
+    device = resolve_device(args.device)
+    data_parallel = None
+    if args.nproc > 1:
+        check_data_parallel(args.suite, args.tier, args.nproc)
+        if started == 1:
+            return _launch_torchrun(args.nproc, argv)
+        data_parallel = init_data_parallel(use_cuda=device.type == "cuda")
+    try:
+        summary = run_suite(args.suite, args.tier, device=args.device, results_dir=args.results, force=args.force,
+                            data_dir=args.data_dir, progress=not args.no_progress, data_parallel=data_parallel)
+    finally:
+        if data_parallel is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if data_parallel is not None and not data_parallel.is_main:
+        return 0
     print(f"{summary.suite} ({summary.tier}): {len(summary.ran)} ran, {len(summary.skipped)} skipped, "
           f"{len(summary.diverged)} diverged, {len(summary.failed)} failed")
     return 1 if summary.failed else 0
@@ -87,10 +119,12 @@ def _cmd_list(_: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
-    command = {"run": _cmd_run, "gather": _cmd_gather, "check": _cmd_check, "list": _cmd_list}[args.command]
+    commands = {"run": functools.partial(_cmd_run, argv=argv), "gather": _cmd_gather, "check": _cmd_check,
+                "list": _cmd_list}
     try:
-        return command(args)
+        return commands[args.command](args)
     except UserError as err:
         print(f"repro: error: {err}", file=sys.stderr)
         return 2

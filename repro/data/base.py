@@ -33,6 +33,10 @@ class TensorSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
     def subset(self, n: int | None, seed: int = 0) -> TensorSplit:
         """The first ``n`` images of a fixed permutation, so every run of a suite sees the same subset."""
         if n is None or n >= len(self):

@@ -30,8 +30,10 @@ class SuiteResults:
     stale: int
 
 
-def current_run_ids(suite: Suite) -> set[str]:
-    return {run.run_id for tier in suite.tiers for run in expand(suite, tier)}
+def expansion_order(suite: Suite) -> dict[str, int]:
+    """Each current run id's position in the suite's expansion (tables list settings in the suite's order)."""
+    ids = [run.run_id for tier in suite.tiers for run in expand(suite, tier)]
+    return {run_id: index for index, run_id in reversed(list(enumerate(ids)))}
 
 
 def load_results(results_dir: Path, name: str) -> SuiteResults:
@@ -42,9 +44,9 @@ def load_results(results_dir: Path, name: str) -> SuiteResults:
         suite = None
     stale = 0
     if suite is not None:
-        current = current_run_ids(suite)
-        stale = sum(r["run_id"] not in current for r in records)
-        records = [r for r in records if r["run_id"] in current]
+        order = expansion_order(suite)
+        stale = sum(r["run_id"] not in order for r in records)
+        records = sorted((r for r in records if r["run_id"] in order), key=lambda r: order[r["run_id"]])
     return SuiteResults(name, suite, records_frame(records), stale)
 
 

@@ -41,13 +41,18 @@ def expand(suite: Suite, tier: str) -> list[RunSpec]:
     ):
         config: dict[str, Any] = {
             "suite": suite.name, "task": suite.task, "tier": tier, "dataset": dataset, "backbone": backbone,
-            "normalizer": {"name": normalizer.name, "label": normalizer.column, "options": normalizer.options},
+            "normalizer": {"name": normalizer.name, "label": normalizer.column,
+                           "options": {**normalizer.options, **spec.normalizer_options.get(normalizer.column, {})}},
             "model": suite.model.model_dump(), "seed": seed, "train": dict(train), "task_options": dict(task_options),
         }
         config = json.loads(json.dumps(config))  # deep copy, and JSON-typed as it will be stored
         for key, value in zip(grid, values, strict=True):
-            section, _, field = key.partition(".")
-            config[_SECTIONS[section]][field] = value
+            implied = suite.linked.get(key, {})
+            if implied and value not in implied:
+                raise UserError(f"suite {suite.name}: field linked.{key} has no entry for grid value {value!r}")
+            for path, assigned in {key: value, **implied.get(value, {})}.items():
+                section, _, field = path.partition(".")
+                config[_SECTIONS[section]][field] = assigned
         try:
             config["train"] = TrainConfig.model_validate(config["train"]).model_dump()
         except ValidationError as err:

@@ -2,6 +2,10 @@
 
 A run killed half-way leaves no record (records are written once, at the end, by rename), so the next
 ``repro run`` of the same suite resumes with exactly the runs that are missing or failed.
+
+Data-parallel (``repro run --nproc N``, one process per device under torchrun): every process runs this loop
+over the same pending runs, in step, and only rank 0 prints and writes records. A run that raises stops the
+suite instead of being recorded as failed, since the other processes would wait for it forever.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from repro.results.provenance import provenance
 from repro.results.records import RECORD_SCHEMA, is_complete, read_record, record_path, write_json_atomic
 from repro.suite.expand import expand
 from repro.suite.load import file_sha256, load_suite
+from repro.suite.schema import Suite
 from repro.suite.tasks import TASKS, RunContext, RunOutcome, RunSpec
+from repro.train.config import TrainConfig
+from repro.train.distributed import DataParallel
 
 
 def resolve_device(name: str) -> torch.device:
@@ -61,29 +68,65 @@ def _outcome_or_failure(task, run: RunSpec, ctx: RunContext) -> tuple[RunOutcome
         return RunOutcome("failed", {}, time.perf_counter() - start), f"{summary}\n{tail}"
 
 
-def run_suite(suite_ref: str | Path, tier: str, *, device: str = "auto", results_dir: Path = Path("results"),
-              force: bool = False, data_dir: Path | None = None, progress: bool = True,
-              echo: Callable[[str], None] = print) -> SuiteRunSummary:
+def expand_tier(suite_ref: str | Path, tier: str) -> tuple[Suite, Path, list[RunSpec]]:
     suite, path = load_suite(suite_ref)
     if tier not in suite.tiers:
         raise UserError(f"{path}: tier {tier!r} is not defined; allowed: {', '.join(suite.tiers)}")
-    runs = expand(suite, tier)
-    torch_device = resolve_device(device)
+    return suite, path, expand(suite, tier)
+
+
+def check_data_parallel(suite_ref: str | Path, tier: str, world_size: int) -> None:
+    """Refuse, before any process starts, runs whose result would depend on the number of processes.
+
+    N processes compute what one process computes with ``micro_batch`` (the images each device normalizes
+    over) as long as it is set and divides each process's share of the batch, so only such runs may go
+    data-parallel; their run ids, and records, are then the same however many processes ran them.
+    """
+    suite, path, runs = expand_tier(suite_ref, tier)
+    if suite.task != "train":
+        raise UserError(f"{path}: task {suite.task!r} runs in one process; --nproc applies to task 'train'")
+    for run in runs:
+        cfg = TrainConfig.model_validate(run.config["train"])
+        if cfg.micro_batch is None:
+            raise UserError(f"{path}: field train.micro_batch must be set to run on {world_size} processes "
+                            f"(images per device; batch_size {cfg.batch_size} / {world_size} = "
+                            f"{cfg.batch_size / world_size:g} would change the recipe)")
+        DataParallel(0, world_size, torch.device("cpu")).check_batch_sizes(cfg, where=f"{path}: {run.label}")
+
+
+def run_suite(suite_ref: str | Path, tier: str, *, device: str = "auto", results_dir: Path = Path("results"),
+              force: bool = False, data_dir: Path | None = None, progress: bool = True,
+              echo: Callable[[str], None] = print, data_parallel: DataParallel | None = None) -> SuiteRunSummary:
+    suite, path, runs = expand_tier(suite_ref, tier)
+    torch_device = resolve_device(device) if data_parallel is None else data_parallel.device
+    is_main = data_parallel is None or data_parallel.is_main
+    if not is_main:
+        echo, progress = (lambda _: None), False
     suite_sha = file_sha256(path)
-    ctx = RunContext(torch_device, results_dir, data_dir, progress)
+    ctx = RunContext(torch_device, results_dir, data_dir, progress, data_parallel=data_parallel)
     task = TASKS.get(suite.task)()
     summary = SuiteRunSummary(suite.name, tier)
     fingerprint = functools.cache(lambda key: ctx.dataset(dict(key)).fingerprint())
-    echo(f"suite {suite.name} v{suite.version}, tier {tier}: {len(runs)} runs on {torch_device} -> {results_dir}")
+    processes = "" if data_parallel is None else f" x {data_parallel.world_size} processes"
+    echo(f"suite {suite.name} v{suite.version}, tier {tier}: {len(runs)} runs on {torch_device}{processes} "
+         f"-> {results_dir}")
+    complete = {run.run_id for run in runs
+                if not force and is_complete(read_record(record_path(results_dir, suite.name, run.run_id)))}
     for index, run in enumerate(runs, 1):
         path_out = record_path(results_dir, suite.name, run.run_id)
         prefix = f"[{index}/{len(runs)}] {run.label}"
-        if not force and is_complete(read_record(path_out)):
+        if run.run_id in complete:
             summary.skipped.append(run.run_id)
             echo(f"{prefix}: complete, skipped ({path_out.name})")
             continue
         started = _now()
-        outcome, error = _outcome_or_failure(task, run, ctx)
+        if data_parallel is None:
+            outcome, error = _outcome_or_failure(task, run, ctx)
+        else:
+            outcome, error = task.run(run, ctx), None
+        summary.ran.append(run.run_id)
+        if not is_main:
+            continue
         data = ctx.dataset(run.config["dataset"])
         record = {
             "schema": RECORD_SCHEMA, "suite": suite.name, "suite_version": suite.version, "run_id": run.run_id,
@@ -92,11 +135,13 @@ def run_suite(suite_ref: str | Path, tier: str, *, device: str = "auto", results
             "wall_time_s": outcome.wall_time_s, "peak_memory_mb": outcome.peak_memory_mb,
             "images_per_s": outcome.images_per_s, "diverged_step": outcome.diverged_step, "extra": outcome.extra,
             "error": error, "started_at": started, "finished_at": _now(),
-            "provenance": provenance(torch_device, fingerprint(tuple(sorted(run.config["dataset"].items()))),
-                                     data.source, suite_sha),
+            "provenance": {
+                **provenance(torch_device, fingerprint(tuple(sorted(run.config["dataset"].items()))), data.source,
+                             suite_sha),
+                "processes": 1 if data_parallel is None else data_parallel.world_size,
+            },
         }
         write_json_atomic(path_out, record)
-        summary.ran.append(run.run_id)
         if outcome.status == "failed":
             summary.failed.append(run.run_id)
             echo(f"{prefix}: FAILED: {error.splitlines()[0]}")

@@ -54,6 +54,9 @@ class TierSpec(_Strict):
     backbones: list[str] | None = None
     generated: bool | None = None
     grid: dict[str, list[Any]] | None = None
+    normalizer_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="options merged into a normalizer's, by its label (e.g. GN groups that "
+        "suit the tier's smaller backbone)")
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of train fields")
     task: dict[str, Any] = Field(default_factory=dict, description="overrides of task option fields")
 
@@ -124,6 +127,9 @@ class Suite(_Strict):
     train: TrainConfig
     task_options: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    linked: dict[str, dict[Any, dict[str, Any]]] = Field(
+        default_factory=dict, description="fields a grid value implies: {grid key: {value: {train.<field>: ...}}}, "
+        "e.g. the batch size and linearly scaled learning rate that go with each number of images per device")
     tiers: dict[str, TierSpec]
     references: list[Reference] = Field(default_factory=list)
     plots: list[PlotSpec] = Field(default_factory=list)
@@ -142,6 +148,29 @@ class Suite(_Strict):
         if missing:
             raise ValueError(f"tiers must define smoke and full (missing: {', '.join(sorted(missing))})")
         return tiers
+
+    @model_validator(mode="after")
+    def _tier_normalizers_exist(self) -> Suite:
+        labels = [n.column for n in self.normalizers]
+        for name, tier in self.tiers.items():
+            unknown = sorted(set(tier.normalizer_options) - set(labels))
+            if unknown:
+                raise ValueError(f"tiers.{name}.normalizer_options: unknown normalizer {unknown[0]!r}; "
+                                 f"allowed: {', '.join(labels)}")
+        return self
+
+    @model_validator(mode="after")
+    def _linked_to_grid_keys(self) -> Suite:
+        grid_keys = {*self.grid, *(key for tier in self.tiers.values() for key in tier.grid or {})}
+        for key, by_value in self.linked.items():
+            if key not in grid_keys:
+                raise ValueError(f"linked.{key}: not a grid key; allowed: {', '.join(sorted(grid_keys)) or 'none'}")
+            for fields in by_value.values():
+                bad = [f for f in fields if f.split(".")[0] not in ("train", "task", "model") or f in grid_keys]
+                if bad:
+                    raise ValueError(f"linked.{key}: {bad[0]!r} must be a train.*, task.* or model.* field that is "
+                                     "not itself a grid key")
+        return self
 
     @field_validator("grid")
     @classmethod

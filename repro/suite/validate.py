@@ -49,6 +49,12 @@ def check_registries(suite: Suite, path: Path) -> None:
         raise _fail(path, "normalizers", "two normalizers share a label; give them distinct `label`s")
     task_options = TASKS.get(suite.task).Options
     for name, tier in suite.tiers.items():
+        for spec in suite.normalizers:
+            if spec.column in tier.normalizer_options:
+                try:
+                    create_normalizer(spec.name, **{**spec.options, **tier.normalizer_options[spec.column]})
+                except UserError as err:
+                    raise _fail(path, f"tiers.{name}.normalizer_options.{spec.column}", str(err)) from None
         grid = {**suite.grid, **(tier.grid or {})}
         for key in grid:
             section, _, field = key.partition(".")

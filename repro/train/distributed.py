@@ -54,12 +54,14 @@ class DataParallel:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def check_batch_sizes(self, cfg: TrainConfig) -> None:
+    def check_batch_sizes(self, cfg: TrainConfig, where: str = "train") -> None:
         if cfg.batch_size % self.world_size:
-            raise UserError(f"batch_size {cfg.batch_size} is not a multiple of the {self.world_size} processes")
+            raise UserError(f"{where}: batch_size {cfg.batch_size} is not a multiple of the {self.world_size} "
+                            "processes")
         per_rank = cfg.batch_size // self.world_size
         if cfg.micro_batch is not None and per_rank % cfg.micro_batch:
-            raise UserError(f"micro_batch {cfg.micro_batch} does not divide the {per_rank} images per process")
+            raise UserError(f"{where}: micro_batch {cfg.micro_batch} does not divide the {per_rank} images per "
+                            "process")
 
     def shard(self, *batches: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """This rank's contiguous slice of each global batch."""
@@ -86,16 +88,20 @@ class DataParallel:
             dist.broadcast(buffer, src=0)
 
 
-def init_data_parallel(sync_batchnorm: bool = False) -> DataParallel:
+def under_torchrun() -> bool:
+    return all(name in os.environ for name in TORCHRUN_VARIABLES)
+
+
+def init_data_parallel(sync_batchnorm: bool = False, use_cuda: bool | None = None) -> DataParallel:
     """Join the process group that torchrun describes in RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT.
 
-    NCCL on ``cuda:LOCAL_RANK`` when CUDA is available, gloo on CPU otherwise.
+    NCCL on ``cuda:LOCAL_RANK`` when CUDA is used (by default: when it is available), gloo on CPU otherwise.
     """
     missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
     if missing:
         raise UserError(f"data-parallel training runs under torchrun; environment variables missing: {missing}")
     rank, world_size, local_rank = (int(os.environ[name]) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() if use_cuda is None else use_cuda:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=device)
