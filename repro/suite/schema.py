@@ -74,7 +74,8 @@ class AbsoluteReference(_Strict):
 
 
 class RelativeReference(_Strict):
-    """A claim between two settings, ``min <= mean(a) - mean(b) <= max``; it can be checked on any dataset."""
+    """A claim between two settings, ``min <= mean(a) - mean(b) <= max`` (or that difference in percent of
+    ``mean(b)``); it can be checked on any dataset."""
 
     kind: Literal["relative"]
     id: str
@@ -86,6 +87,8 @@ class RelativeReference(_Strict):
     max: float | None = None
     diverged_as: float | None = Field(
         default=None, description="value a diverged run counts as (e.g. chance accuracy); None leaves it out")
+    percent: bool = Field(
+        default=False, description="compare 100 * (mean(a) - mean(b)) / mean(b), for claims like '20% less memory'")
     source: str
     tiers: list[str] = Field(default_factory=lambda: ["full"])
 
@@ -124,6 +127,8 @@ class Suite(_Strict):
     train: TrainConfig
     task_options: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    exclude: list[dict[str, Any]] = Field(
+        default_factory=list, description="settings not to run, e.g. {backbone: mobilenetv2_050, normalizer: fixup}")
     tiers: dict[str, TierSpec]
     references: list[Reference] = Field(default_factory=list)
     plots: list[PlotSpec] = Field(default_factory=list)
