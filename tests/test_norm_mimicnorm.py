@@ -100,6 +100,19 @@ def test_only_the_last_batchnorm_remains(backbone):
     assert activation_types(model) == activation_types(bn_model)  # fused norm-act layers kept their activation
 
 
+def test_weight_mean_only_has_no_normalization_but_keeps_projection_and_scalars():
+    """``last_bn=False``: the Table 2 "Weight Mean" ablation is MimicNorm without the BN on the logits."""
+    model = build("resnet18", last_bn=False)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert isinstance(model.get_classifier(), nn.Linear)
+    assert sum(isinstance(m, BasicBlock) for m in model.modules()) == 8
+    assert model.layer1[0].bn2.scale.item() == pytest.approx(1.2**2)  # the residual scalar of the first block
+    sgd_steps(model)
+    for conv in convs(model):
+        if eligible(conv):
+            assert filter_means(conv).abs().max() < 1e-6
+
+
 def test_logits_are_batch_normalized_in_train_mode():
     model = build("resnet18")
     classifier = model.get_classifier()

@@ -5,12 +5,17 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from repro.data import make_loader
 from repro.errors import UserError
 from repro.models import build_model
-from repro.norms.qbn import QuantizedBatchNorm2d, convert_to_qbn, measure_qbn
+from repro.norms.qbn import (
+    FloatingPointSpy,
+    QuantizedBatchNorm2d,
+    convert_to_qbn,
+    float_operations_in_integer_path,
+    measure_qbn,
+)
 from repro.train import TrainConfig, seed_everything, train_and_evaluate
 
 torch.set_num_threads(1)
@@ -32,21 +37,6 @@ def example_batchnorm() -> nn.BatchNorm2d:
         bn.weight.copy_(torch.tensor([1.3, -0.7, 0.0, 0.2, 0.9]))
         bn.bias.copy_(torch.tensor([0.1, 0.5, -0.2, 0.0, 5000.0]))
     return bn
-
-
-class FloatingPointSpy(TorchFunctionMode):
-    """Records every torch call that receives or returns a floating-point tensor."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.float_calls: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        tensors = [t for t in (*args, *(kwargs or {}).values(), result) if isinstance(t, torch.Tensor)]
-        if any(t.is_floating_point() for t in tensors):
-            self.float_calls.append(getattr(func, "__name__", str(func)))
-        return result
 
 
 @pytest.mark.parametrize("bits", [8, 16])
@@ -116,6 +106,18 @@ def test_trained_model_conversion(trained_bn_model, bits):
     p = report.top1_float / 100
     standard_error = 100 * math.sqrt(p * (1 - p) / report.images)
     assert abs(report.top1_change) <= standard_error
+
+
+def test_integer_only_check_finds_a_float_in_the_integer_step(trained_bn_model):
+    model, data = trained_bn_model
+    images, _ = next(iter(make_loader(data.test.subset(8), 8, device=CPU, mean=data.mean, std=data.std)))
+    converted = convert_to_qbn(model, [images], bits=8)
+    assert float_operations_in_integer_path(converted, images) == []
+    name, layer = next((n, m) for n, m in converted.named_modules() if isinstance(m, QuantizedBatchNorm2d))
+    integer_step = layer.forward_int
+    layer.forward_int = lambda q_x: integer_step((q_x.float() * 1.0).round().int())  # a detour through floats
+    found = float_operations_in_integer_path(converted, images)
+    assert found and all(entry.startswith(f"{name}: ") for entry in found)
 
 
 def test_qbn_trains_as_batchnorm():

@@ -9,7 +9,9 @@ The recipe, on any timm model built with BatchNorm:
   code: no gradient flows through a mean. Eligible: ``groups == 1`` and fan-in ``in*kh*kw > min_fan_in``; the
   default 50 is the official CIFAR filter (it skips depthwise convs and a 1- or 3-channel stem), ``min_fan_in=1``
   the official ImageNet one (every ``groups == 1`` conv). Linear layers are never projected;
-* *last BN*: ``BatchNorm1d(num_classes, affine=False)`` on the logits, wrapped around timm's classifier;
+* *last BN*: ``BatchNorm1d(num_classes, affine=False)`` on the logits, wrapped around timm's classifier
+  (``last_bn=False`` leaves it out: the "Weight Mean" column of the paper's Table 2, the official ``_nobn``
+  models with ``--weight mean``);
 * a learnable scalar at the end of each residual branch of the residual blocks it knows (timm ResNet
   ``BasicBlock``/``Bottleneck``, timm EfficientNet-family ``InvertedResidual``/``DepthwiseSeparableConv``).
 
@@ -199,12 +201,13 @@ class MimicNorm(Normalizer):
     has_batch_statistics = True
 
     def __init__(self, min_fan_in: int = 50, residual_scale_init: Literal["official", "paper"] = "official",
-                 init: Literal["official", "paper"] = "official") -> None:
+                 init: Literal["official", "paper"] = "official", last_bn: bool = True) -> None:
         """
         Args:
             min_fan_in: weight mean applies to ``groups == 1`` convs with ``in*kh*kw`` above this (at least 1).
             residual_scale_init: ``official`` (1.2**m / l) or ``paper`` (1/sqrt(l)).
             init: ``official`` (He fan-in; 2.8/fan_in for straight nets) or ``paper`` (Theorem 3).
+            last_bn: add the BatchNorm1d on the logits; ``False`` is the weight-mean-only ablation.
         """
         if min_fan_in < 1:
             raise UserError(f"mimicnorm: min_fan_in must be at least 1 (a single weight has no mean), got {min_fan_in}")
@@ -214,6 +217,7 @@ class MimicNorm(Normalizer):
         self.min_fan_in = min_fan_in
         self.residual_scale_init = residual_scale_init
         self.init = init
+        self.last_bn = last_bn
 
     def apply(self, model: nn.Module) -> nn.Module:
         fed = conv_feeding_each_batchnorm(model)
@@ -230,7 +234,8 @@ class MimicNorm(Normalizer):
             return BranchScale(branch_scales[name]) if name in branch_scales else nn.Identity()
 
         replace_batchnorms(model, remove)
-        add_last_batchnorm(model)
+        if self.last_bn:
+            add_last_batchnorm(model)
         initialize(model, self.init, residual=bool(branch_scales), min_fan_in=self.min_fan_in)
         project_weights(model, self.min_fan_in)
         return model

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from repro.errors import UserError
 from repro.norms.base import Normalizer, batchnorm_modules, register_normalizer, replace_batchnorms
@@ -181,6 +182,54 @@ def convert_to_qbn(model: nn.Module, calibration_batches: Iterable[torch.Tensor]
 
     replace_batchnorms(quantized, quantize)
     return quantized
+
+
+class FloatingPointSpy(TorchFunctionMode):
+    """Records every torch call that receives or returns a floating-point tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.float_calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        tensors = [t for t in (*args, *(kwargs or {}).values(), result) if isinstance(t, torch.Tensor)]
+        if any(t.is_floating_point() for t in tensors):
+            self.float_calls.append(getattr(func, "__name__", str(func)))
+        return result
+
+
+@torch.no_grad()
+def float_operations_in_integer_path(qbn_model: nn.Module, images: torch.Tensor) -> list[str]:
+    """What is not integer in the integer step of every ``QuantizedBatchNorm2d``, on one forward of ``images``.
+
+    Empty when the deployment path is integer-only: integer multipliers and biases, and no torch call inside
+    ``forward_int`` that takes or returns a float tensor (the quantize/dequantize boundary is outside it).
+    """
+    found: list[str] = []
+
+    def make_spy(name: str, qbn: QuantizedBatchNorm2d):
+        def spy_on_integer_step(_module: nn.Module, inputs: tuple) -> None:
+            q_x = qbn.quantize_input(inputs[0])
+            with FloatingPointSpy() as spy:
+                q_y = qbn.forward_int(q_x)
+            found.extend(f"{name}: {call}" for call in spy.float_calls)
+            if q_y.is_floating_point():
+                found.append(f"{name}: output is {q_y.dtype}")
+
+        return spy_on_integer_step
+
+    layers = [(name, m) for name, m in qbn_model.named_modules() if isinstance(m, QuantizedBatchNorm2d)]
+    for name, qbn in layers:
+        found.extend(f"{name}.{buffer}: {getattr(qbn, buffer).dtype}" for buffer in ("multiplier", "bias")
+                     if getattr(qbn, buffer).is_floating_point())
+    handles = [qbn.register_forward_pre_hook(make_spy(name, qbn)) for name, qbn in layers]
+    try:
+        qbn_model.eval()(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
 
 
 @dataclass(frozen=True)

@@ -70,10 +70,13 @@ def _relative(suite: str, tier: str, ref: RelativeReference, frame: pd.DataFrame
         return CheckResult(suite, tier, ref.id, "relative", ref.metric, None, None, None, bounds, "fail", n,
                            f"{ref.claim} (every run of {side} diverged)")
     difference = float(a.mean() - b.mean())
+    if ref.percent:
+        difference = 100 * difference / float(b.mean())
     ok = (ref.min is None or difference >= ref.min - 1e-9) and (ref.max is None or difference <= ref.max + 1e-9)
     counted = "left out" if ref.diverged_as is None else f"counted as {ref.diverged_as:g}"
     note = f"; {div_a + div_b} diverged runs {counted}" if div_a + div_b else ""
-    detail = f"{ref.claim} (a {a.mean():.2f} − b {b.mean():.2f}{note})"
+    unit = " in % of b" if ref.percent else ""
+    detail = f"{ref.claim} (a {a.mean():.2f} − b {b.mean():.2f}{unit}{note})"
     return CheckResult(suite, tier, ref.id, "relative", ref.metric, difference, None, None, bounds,
                        "pass" if ok else "fail", n, detail)
 

@@ -22,8 +22,14 @@ def run_id_of(config: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def matches(setting: dict[str, Any], pattern: dict[str, Any]) -> bool:
+    """Whether every ``column: value`` of ``pattern`` holds in ``setting`` (an ``exclude`` entry)."""
+    return all(column in setting and setting[column] == value for column, value in pattern.items())
+
+
 def expand(suite: Suite, tier: str) -> list[RunSpec]:
-    """All runs of ``suite`` at ``tier``: backbones × normalizers × grid × seeds, in that nesting order."""
+    """All runs of ``suite`` at ``tier``: backbones × normalizers × grid × seeds, in that nesting order, less the
+    settings ``exclude`` names (a normalizer that does not apply to a backbone, a recipe for one model only)."""
     spec = suite.tiers[tier]
     dataset = suite.dataset.model_dump()
     for key in ("train_subset", "test_subset", "generated"):
@@ -60,5 +66,7 @@ def expand(suite: Suite, tier: str) -> list[RunSpec]:
             raise UserError(f"suite {suite.name}: field train ({where}): {err.errors()[0]['msg']}") from None
         setting = {"backbone": backbone, "normalizer": normalizer.column, **dict(zip(grid, values, strict=True)),
                    "seed": seed}
+        if any(matches(setting, excluded) for excluded in suite.exclude):
+            continue
         runs.append(RunSpec(suite.name, suite.version, tier, run_id_of(config), config, setting))
     return runs

@@ -77,7 +77,8 @@ class AbsoluteReference(_Strict):
 
 
 class RelativeReference(_Strict):
-    """A claim between two settings, ``min <= mean(a) - mean(b) <= max``; it can be checked on any dataset."""
+    """A claim between two settings, ``min <= mean(a) - mean(b) <= max`` (or that difference in percent of
+    ``mean(b)``); it can be checked on any dataset."""
 
     kind: Literal["relative"]
     id: str
@@ -89,6 +90,8 @@ class RelativeReference(_Strict):
     max: float | None = None
     diverged_as: float | None = Field(
         default=None, description="value a diverged run counts as (e.g. chance accuracy); None leaves it out")
+    percent: bool = Field(
+        default=False, description="compare 100 * (mean(a) - mean(b)) / mean(b), for claims like '20% less memory'")
     source: str
     tiers: list[str] = Field(default_factory=lambda: ["full"])
 
@@ -130,6 +133,8 @@ class Suite(_Strict):
     linked: dict[str, dict[Any, dict[str, Any]]] = Field(
         default_factory=dict, description="fields a grid value implies: {grid key: {value: {train.<field>: ...}}}, "
         "e.g. the batch size and linearly scaled learning rate that go with each number of images per device")
+    exclude: list[dict[str, Any]] = Field(
+        default_factory=list, description="settings not to run, e.g. {backbone: mobilenetv2_050, normalizer: fixup}")
     tiers: dict[str, TierSpec]
     references: list[Reference] = Field(default_factory=list)
     plots: list[PlotSpec] = Field(default_factory=list)

@@ -78,6 +78,11 @@ def check_registries(suite: Suite, path: Path) -> None:
         first = err.errors()[0]
         raise _fail(path, "task_options." + ".".join(map(str, first["loc"])), first["msg"]) from None
     columns = {*setting_columns(suite), *TASKS.get(suite.task).extra_columns}
+    for i, excluded in enumerate(suite.exclude):
+        unknown = set(excluded) - columns - {"seed"}
+        if unknown:
+            raise _fail(path, f"exclude.{i}", f"unknown setting column {sorted(unknown)[0]!r}; "
+                        f"allowed: {', '.join(sorted(columns | {'seed'}))}")
     for i, ref in enumerate(suite.references):
         settings = [ref.setting] if ref.kind == "absolute" else [ref.a, ref.b]
         for setting in settings:

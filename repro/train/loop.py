@@ -228,7 +228,8 @@ def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *
 
     last = curve[-1]
     metrics = {
-        "top1": last["test_top1"], "loss": last["test_loss"], "best_top1": max(c["test_top1"] for c in curve),
+        "top1": last["test_top1"], "top1_error": 100 - last["test_top1"], "loss": last["test_loss"],
+        "best_top1": max(c["test_top1"] for c in curve),
         "train_loss": last["train_loss"], "epoch_time_s": train_time / cfg.epochs,
         "step_time_ms": 1000 * train_time / max(step, 1),
     }

@@ -1,0 +1,65 @@
+"""Suite-level features the paper suites use (exclude, percent claims) and the suites' pinned relations."""
+
+from pathlib import Path
+
+import pytest
+
+from repro.errors import UserError
+from repro.results.check import check
+from repro.results.tables import records_frame
+from repro.suite import expand, load_suite
+from repro.suite.schema import Suite
+from repro.suite.tasks import model_key
+
+SUITES = Path(__file__).parents[1] / "suites"
+BASE = {
+    "name": "t", "version": 1, "description": "d", "citation": "c", "dataset": {"name": "fashion_mnist"},
+    "backbones": ["resnet18", "mobilenetv2_050"], "normalizers": ["bn", "fixup"], "seeds": [0, 1],
+    "train": {"epochs": 1, "batch_size": 8, "lr": 0.1}, "grid": {"train.lr": [0.1, 1.0]},
+    "tiers": {"smoke": {}, "full": {}},
+}
+
+
+@pytest.mark.parametrize("tier", ["smoke", "full"])
+def test_qbn_fmnist_converts_the_bn_models_fmnist_normalizers_trains(tier: str) -> None:
+    normalizers, _ = load_suite(SUITES / "fmnist-normalizers.yaml")
+    quantized, _ = load_suite(SUITES / "qbn-fmnist.yaml")
+    trained = {model_key(r.config) for r in expand(normalizers, tier) if r.config["normalizer"]["name"] == "bn"}
+    converted = {model_key(r.config) for r in expand(quantized, tier)}
+    assert converted == trained
+    assert normalizers.task_options["save_checkpoint"] is True
+
+
+def test_exclude_drops_matching_settings_only() -> None:
+    suite = Suite.model_validate({**BASE, "exclude": [{"backbone": "mobilenetv2_050", "normalizer": "fixup"},
+                                                      {"normalizer": "bn", "train.lr": 1.0}]})
+    settings = [(r.setting["backbone"], r.setting["normalizer"], r.setting["train.lr"]) for r in expand(suite, "full")]
+    expected = [(b, n, lr) for b in BASE["backbones"] for n in BASE["normalizers"] for lr in (0.1, 1.0) for _ in (0, 1)
+                if not (b == "mobilenetv2_050" and n == "fixup") and not (n == "bn" and lr == 1.0)]
+    assert settings == expected
+
+
+def test_exclude_with_an_unknown_column_is_a_user_error(tmp_path: Path) -> None:
+    text = (SUITES / "fmnist-normalizers.yaml").read_text().replace("{backbone: mobilenetv2_050, normalizer: fixup}",
+                                                                      "{backbone: mobilenetv2_050, norm: fixup}")
+    path = tmp_path / "fmnist-normalizers.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=r"field exclude\.0: unknown setting column 'norm'"):
+        load_suite(path)
+
+
+def _record(normalizer: str, seed: int, memory: float) -> dict:
+    return {"suite": "t", "suite_version": 1, "tier": "full", "run_id": f"{normalizer}{seed}", "status": "ok",
+            "setting": {"backbone": "resnet18", "normalizer": normalizer, "seed": seed}, "metrics": {},
+            "wall_time_s": 1.0, "images_per_s": 1.0, "peak_memory_mb": memory}
+
+
+def test_percent_claim_compares_relative_to_b() -> None:
+    frame = records_frame([_record("bn", 0, 1000.0), _record("bn", 1, 1200.0), _record("fixup", 0, 800.0),
+                           _record("fixup", 1, 960.0)])
+    claim = {"kind": "relative", "id": "r", "claim": "c", "metric": "peak_memory_mb", "a": {"normalizer": "fixup"},
+             "b": {"normalizer": "bn"}, "min": -30, "max": -10, "percent": True, "source": "s"}
+    (result,) = check(Suite.model_validate({**BASE, "references": [claim]}), frame)
+    assert result.reproduced == pytest.approx(100 * (880 - 1100) / 1100) and result.status == "pass"
+    (absolute,) = check(Suite.model_validate({**BASE, "references": [{**claim, "percent": False}]}), frame)
+    assert absolute.reproduced == pytest.approx(-220) and absolute.status == "fail"
