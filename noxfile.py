@@ -8,6 +8,8 @@ is switched off for every session.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.needs_version = ">=2025.02.09"
@@ -65,9 +67,9 @@ def check(session: nox.Session) -> None:
 
 @nox.session(**SHARED_VENV, default=False)
 def reproduce(session: nox.Session) -> None:
-    """The main job: smoke tier of the given suites (default fmnist-baseline), then gather and check."""
+    """The main job: smoke tier of the given suites (default: every suite in suites/), then gather and check."""
     _install(session)
-    names = session.posargs or ["fmnist-baseline"]
+    names = session.posargs or sorted(path.stem for path in Path("suites").glob("*.yaml"))
     for name in names:
         session.run("repro", "run", name, "--tier", "smoke", "--no-progress")
     session.run("repro", "gather", *names)
