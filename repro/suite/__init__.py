@@ -1,5 +1,6 @@
 """Suites: pinned YAML files that expand into runs, and the runner that executes them."""
 
+from repro.suite import tta  # noqa: F401  (registers the tta task)
 from repro.suite.expand import expand
 from repro.suite.load import list_suite_files, load_suite, resolve_suite_path
 from repro.suite.runner import run_suite
