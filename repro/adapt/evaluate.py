@@ -13,6 +13,7 @@ the same batches. The order matters: it decides which images share a batch, henc
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -66,6 +67,53 @@ def view_batches(images: ImageSource, labels: torch.Tensor, order: torch.Tensor,
         yield normalize(batch.to(device, non_blocking=True)), labels[index]
 
 
+@dataclass
+class Evaluation:
+    """One method at one test batch size under one reset policy; ``label`` names it in the result rows."""
+
+    method: AdaptationMethod
+    batch_size: int
+    label: str
+    reset: ResetPolicy = "per_view"
+
+    def __post_init__(self) -> None:
+        if self.reset not in ("per_view", "online"):
+            raise UserError(f"reset policy {self.reset!r}; allowed: per_view, online")
+        if self.batch_size < 1:
+            raise UserError(f"test batch size must be >= 1, got {self.batch_size}")
+
+
+def evaluate_views(evaluations: Sequence[Evaluation], view: CorruptionView, views: Sequence[tuple[str, int]], *,
+                   mean: tuple[float, ...], std: tuple[float, ...], device: torch.device | str = "cpu",
+                   seed: int | None = 0, workers: int = 0) -> list[dict[str, object]]:
+    """Evaluate every evaluation on every (corruption, severity) view, in the given order; one row per pair.
+
+    Each view is read once and fed to all evaluations (a generated view costs more than evaluating it), in
+    the order of ``evaluation_order(n, seed)``. Every method is reset when this starts; ``"per_view"``
+    evaluations are reset again before each view, ``"online"`` ones carry their adaptation from view to view.
+    ``mean`` and ``std`` are per-channel, in [0, 1] units, as ``ImageDataset.mean/std``.
+    """
+    device = torch.device(device)
+    for evaluation in evaluations:
+        evaluation.method.to(device)
+    rows = []
+    for corruption, severity in views:
+        images, labels = view(corruption, severity)
+        if len(images) != len(labels):
+            raise UserError(f"{corruption} severity {severity}: {len(images)} images but {len(labels)} labels")
+        order = evaluation_order(len(labels), seed)
+        for evaluation in evaluations:
+            method = evaluation.method
+            if evaluation.reset == "per_view":
+                method.reset()
+            batches = view_batches(images, labels, order, evaluation.batch_size, device=device, mean=mean, std=std,
+                                   workers=workers)
+            predictions, targets = evaluate_stream(method, batches)
+            rows.append(error_row(evaluation.label, corruption, severity, evaluation.batch_size, predictions, targets,
+                                  method.adapts))
+    return rows
+
+
 def evaluate_corruptions(method: AdaptationMethod, view: CorruptionView, corruptions: Sequence[str],
                          severities: Sequence[int], *, mean: tuple[float, ...], std: tuple[float, ...],
                          batch_size: int, device: torch.device | str = "cpu", seed: int | None = 0,
@@ -75,24 +123,7 @@ def evaluate_corruptions(method: AdaptationMethod, view: CorruptionView, corrupt
     Views run severity-major (for each severity, every corruption), the official TENT example's loop.
     ``reset="per_view"`` restores the method before each view (the TENT example); ``"online"`` resets once at
     the start and lets the adaptation carry over from view to view, in that order.
-    ``mean`` and ``std`` are per-channel, in [0, 1] units, as ``ImageDataset.mean/std``.
     """
-    if reset not in ("per_view", "online"):
-        raise UserError(f"reset policy {reset!r}; allowed: per_view, online")
-    if batch_size < 1:
-        raise UserError(f"test batch size must be >= 1, got {batch_size}")
-    device = torch.device(device)
-    method.to(device)
-    rows = []
-    for severity in severities:
-        for corruption in corruptions:
-            if reset == "per_view":
-                method.reset()
-            images, labels = view(corruption, severity)
-            if len(images) != len(labels):
-                raise UserError(f"{corruption} severity {severity}: {len(images)} images but {len(labels)} labels")
-            batches = view_batches(images, labels, evaluation_order(len(labels), seed), batch_size, device=device,
-                                   mean=mean, std=std, workers=workers)
-            predictions, targets = evaluate_stream(method, batches)
-            rows.append(error_row(method.name, corruption, severity, batch_size, predictions, targets, method.adapts))
-    return rows
+    views = [(corruption, severity) for severity in severities for corruption in corruptions]
+    return evaluate_views([Evaluation(method, batch_size, method.name, reset)], view, views, mean=mean, std=std,
+                          device=device, seed=seed, workers=workers)

@@ -12,9 +12,14 @@ from repro.data.loaders import DeviceLoader, FolderLoader, make_loader
 from repro.errors import UserError
 
 
+def cache_root() -> Path:
+    """Where generated datasets and cached corrupted views go: ``REPRO_CACHE_DIR``, else ``~/.cache/repro``."""
+    return Path(os.environ.get("REPRO_CACHE_DIR", Path.home() / ".cache" / "repro"))
+
+
 def generated_data_dir(name: str) -> Path:
     """Write (once) and return a small generated copy of ``name`` in its real layout."""
-    root = Path(os.environ.get("REPRO_CACHE_DIR", Path.home() / ".cache" / "repro")) / "generated" / name
+    root = cache_root() / "generated" / name
     marker = root / ".complete"
     if not marker.exists():
         if name not in GENERATORS:
@@ -40,6 +45,7 @@ __all__ = [
     "FolderSplit",
     "ImageDataset",
     "TensorSplit",
+    "cache_root",
     "load_dataset",
     "make_loader",
     "register_dataset",

@@ -39,10 +39,8 @@ class TensorSplit:
 
     def subset(self, n: int | None, seed: int = 0) -> TensorSplit:
         """The first ``n`` images of a fixed permutation, so every run of a suite sees the same subset."""
-        if n is None or n >= len(self):
-            return self
-        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-        return TensorSplit(self.images[order], self.labels[order])
+        order = subset_indices(len(self), n, seed)
+        return self if order is None else TensorSplit(self.images[order], self.labels[order])
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
@@ -63,10 +61,10 @@ class FolderSplit:
         return len(self.files)
 
     def subset(self, n: int | None, seed: int = 0) -> FolderSplit:
-        if n is None or n >= len(self):
+        order = subset_indices(len(self), n, seed)
+        if order is None:
             return self
-        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n].sort().values.tolist()
-        return FolderSplit([self.files[i] for i in order], self.labels[order], self.image_size)
+        return FolderSplit([self.files[i] for i in order.tolist()], self.labels[order], self.image_size)
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
@@ -76,6 +74,17 @@ class FolderSplit:
 
 
 Split = TensorSplit | FolderSplit
+
+
+def subset_indices(length: int, n: int | None, seed: int = 0) -> torch.Tensor | None:
+    """The sorted first ``n`` of a fixed permutation of ``range(length)``; None when ``n`` keeps everything.
+
+    One rule for every split and for the released corruption files, so that a subset of CIFAR-10-C (whose rows
+    follow the test set) holds the same images as the clean test split cut to the same size.
+    """
+    if n is None or n >= length:
+        return None
+    return torch.randperm(length, generator=torch.Generator().manual_seed(seed))[:n].sort().values
 
 
 def resolve_data_dir(data_dir: Path | None) -> Path | None:

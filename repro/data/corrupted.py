@@ -7,19 +7,25 @@
 - CIFAR-10-C / CIFAR-100-C: ``<root>/<corruption>.npy``, uint8 N×32×32×3 holding the five severities one
   after another (10,000 rows each, in test-set order), and ``<root>/labels.npy``. ``images`` is a tensor.
 
-An on-the-fly corrupted view (``repro.corruptions``) has the same signature, so evaluation code does not
-care where the images come from.
+``GeneratedView`` corrupts any in-memory split on the fly (``repro.corruptions``, batched on the device, with
+an optional disk cache) and has the same signature, so evaluation code does not care where the images come from.
+``subset_view`` and ``in_memory`` adapt a released view to an evaluation that reads every view many times.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from repro.corruptions import corrupt
+from repro.data.base import TensorSplit, subset_indices
 from repro.data.imagenet import scan_image_folder
 from repro.errors import UserError
 
@@ -113,3 +119,92 @@ def imagenet_c_view(root: Path | str, *, crop_size: int = 224, classes: list[str
         return ImageFiles(split.files, crop_size), labels
 
     return view
+
+
+#: Bump when a change to ``repro.corruptions`` changes its output, so that cached views are not reused.
+CACHE_VERSION = 1
+
+
+class GeneratedView:
+    """A split corrupted on the fly: ``view(corruption, severity) -> (uint8 images on device, labels)``.
+
+    Image i of the split is corrupted with dataset index i (``corrupt(..., indices=...)``), so the result does not
+    depend on ``batch_size``, which only bounds the memory of one ``corrupt`` call. The whole corrupted view is
+    returned as one tensor on ``device`` (a 50,000-image ImageNet view is 7.5 GB of uint8). With ``cache_dir``
+    each view is also written there as ``.npy``, keyed by the split's fingerprint, the seed and ``CACHE_VERSION``,
+    and read back instead of recomputed. ``images`` and ``seconds`` count what was computed (the throughput).
+    """
+
+    def __init__(self, split: TensorSplit, *, seed: int = 0, device: torch.device | str = "cpu",
+                 batch_size: int = 256, cache_dir: Path | str | None = None) -> None:
+        self.split = split
+        self.seed = seed
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.images = 0
+        self.seconds = 0.0
+
+    def cache_path(self, corruption: str, severity: int) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        key = f"{self.split.fingerprint()}-seed{self.seed}-v{CACHE_VERSION}"
+        return self.cache_dir / key / f"{corruption}-{severity}.npy"
+
+    def __call__(self, corruption: str, severity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_severity(severity)
+        path = self.cache_path(corruption, severity)
+        if path is not None and path.is_file():
+            return torch.from_numpy(np.load(path)).to(self.device), self.split.labels
+        began = time.perf_counter()
+        parts = []
+        for start in range(0, len(self.split), self.batch_size):
+            batch = self.split.images[start : start + self.batch_size].to(self.device)
+            indices = torch.arange(start, start + len(batch), device=self.device)
+            parts.append(corrupt(batch, corruption, severity, self.seed, indices=indices))
+        images = torch.cat(parts)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds += time.perf_counter() - began
+        self.images += len(images)
+        if path is not None:
+            _save_npy_atomic(path, images.cpu().numpy())
+        return images, self.split.labels
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    """Write to a temporary file next to ``path`` and rename: a killed run never leaves a truncated cache file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(suffix=".npy.tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            np.save(out, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def subset_view(view: CorruptionView, n: int | None) -> CorruptionView:
+    """Every view cut to ``n`` images by the rule of ``TensorSplit.subset`` (the same rows in every view)."""
+
+    def cut(corruption: str, severity: int) -> tuple[ImageSource, torch.Tensor]:
+        images, labels = view(corruption, severity)
+        order = subset_indices(len(labels), n)
+        if order is None:
+            return images, labels
+        return (images[order] if isinstance(images, torch.Tensor) else Subset(images, order.tolist())), labels[order]
+
+    return cut
+
+
+def in_memory(view: CorruptionView, workers: int = 0) -> CorruptionView:
+    """Decode a file-backed view once into a uint8 tensor, for evaluations that read the same view many times."""
+
+    def read(corruption: str, severity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = view(corruption, severity)
+        if not isinstance(images, torch.Tensor):
+            images = torch.cat(list(DataLoader(images, batch_size=64, num_workers=workers)))
+        return images, labels
+
+    return read

@@ -110,6 +110,12 @@ class _DecodedFolder(Dataset):
             return self.transform(image.convert("RGB")), self.split.labels[index]
 
 
+def decode_folder(split: FolderSplit, workers: int = 0) -> torch.Tensor:
+    """The whole split decoded as for evaluation (resize, center crop): uint8 N×C×H×W in file order."""
+    loader = DataLoader(_DecodedFolder(split, train=False), batch_size=64, num_workers=workers)
+    return torch.cat([images for images, _ in loader])
+
+
 class FolderLoader:
     """Decode a ``FolderSplit`` in workers (RandomResizedCrop for training, resize + center crop for eval)."""
 

@@ -10,6 +10,7 @@ import timm
 from torch import nn
 
 from repro.errors import UserError
+from repro.models import wide_resnet  # noqa: F401  (registers wrn28_10 with timm)
 from repro.norms import Normalizer, create_normalizer
 
 

@@ -48,6 +48,11 @@ def check_registries(suite: Suite, path: Path) -> None:
     if len(set(labels)) != len(labels):
         raise _fail(path, "normalizers", "two normalizers share a label; give them distinct `label`s")
     task_options = TASKS.get(suite.task).Options
+    try:
+        task_options.model_validate(suite.task_options)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise _fail(path, "task_options." + ".".join(map(str, first["loc"])), first["msg"]) from None
     for name, tier in suite.tiers.items():
         for spec in suite.normalizers:
             if spec.column in tier.normalizer_options:
@@ -72,11 +77,6 @@ def check_registries(suite: Suite, path: Path) -> None:
         except ValidationError as err:
             first = err.errors()[0]
             raise _fail(path, f"tiers.{name}", f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    try:
-        task_options.model_validate(suite.task_options)
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise _fail(path, "task_options." + ".".join(map(str, first["loc"])), first["msg"]) from None
     columns = {*setting_columns(suite), *TASKS.get(suite.task).extra_columns}
     for i, excluded in enumerate(suite.exclude):
         unknown = set(excluded) - columns - {"seed"}

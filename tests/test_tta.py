@@ -1,0 +1,143 @@
+"""The ``tta`` task and the on-the-fly corrupted view, on tiny generated datasets."""
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from repro.corruptions import corrupt
+from repro.data import TensorSplit
+from repro.data.corrupted import GeneratedView, subset_view
+from repro.errors import UserError
+from repro.results.records import iter_records
+from repro.suite import load_suite, run_suite
+
+SUITE = """
+name: {name}
+version: 1
+description: a tiny tta suite for tests
+citation: none
+task: tta
+dataset: {{name: {dataset}, train_subset: 64, test_subset: 24, generated: true}}
+backbones: [test_resnet]
+normalizers: [bn, {{name: gn, options: {{group_size: 8}}}}]
+seeds: [0]
+train: {{epochs: 1, batch_size: 32, lr: 0.05, eval_batch_size: 64}}
+task_options:
+  methods:
+    - name: source
+    - name: ptbn
+    - {{name: bn_adapt, label: bn_adapt_N8, options: {{pseudo_samples: 8}}}}
+    - {{name: tent, options: {{optimizer: adam, lr: 0.001}}, batch_sizes: [8]}}
+  corruptions: [gaussian_noise, contrast]
+  severities: [1, 5]
+  batch_sizes: [4, 8]
+  workers: 0
+{extra}
+tiers:
+  full: {{}}
+  smoke: {{}}
+"""
+
+
+def write_suite(directory: Path, name: str, dataset: str = "fashion_mnist", extra: str = "") -> Path:
+    directory.mkdir(exist_ok=True)
+    path = directory / f"{name}.yaml"
+    path.write_text(textwrap.dedent(SUITE.format(name=name, dataset=dataset, extra=extra)))
+    return path
+
+
+def run_rows(tmp_path: Path, name: str, **kwargs) -> list[dict]:
+    path = write_suite(tmp_path / "suites", name, **kwargs)
+    summary = run_suite(path, "smoke", device="cpu", results_dir=tmp_path / "results", progress=False,
+                        echo=lambda _: None)
+    records = iter_records(tmp_path / "results", name)
+    assert not summary.failed, [r["error"] for r in records]
+    return records
+
+
+def test_generated_view_is_corrupt_of_the_same_indices_whatever_the_batch(tmp_path):
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (10, 1, 28, 28), dtype=np.uint8))
+    split = TensorSplit(images, torch.arange(10))
+    expected = corrupt(images, "glass_blur", 3, seed=7, indices=torch.arange(10))
+    for batch_size in (1, 3, 16):
+        got, labels = GeneratedView(split, seed=7, batch_size=batch_size)("glass_blur", 3)
+        assert torch.equal(got, expected) and torch.equal(labels, split.labels)
+    cached = GeneratedView(split, seed=7, cache_dir=tmp_path)
+    assert torch.equal(cached("glass_blur", 3)[0], expected)
+    assert cached.images == 10 and len(list(tmp_path.rglob("glass_blur-3.npy"))) == 1
+    again = GeneratedView(split, seed=7, cache_dir=tmp_path)
+    assert torch.equal(again("glass_blur", 3)[0], expected) and again.images == 0  # read back, not recomputed
+    assert not torch.equal(GeneratedView(split, seed=8)("glass_blur", 3)[0], expected)
+
+
+def test_subset_view_keeps_the_same_rows_as_a_subset_split():
+    split = TensorSplit(torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8), torch.arange(20))
+    images, labels = subset_view(lambda *_: (split.images, split.labels), 7)("fog", 1)
+    assert torch.equal(images, split.subset(7).images) and torch.equal(labels, split.subset(7).labels)
+
+
+def test_rows_cover_methods_corruptions_severities_and_batch_sizes(tmp_path):
+    records = run_rows(tmp_path, "tta-rows")
+    assert len(records) == 2  # one run per model: methods and batch sizes are rows, not runs
+    for record in records:
+        rows = record["rows"]
+        cells = {(r["method"], r["corruption"], r["severity"], r["batch_size"]) for r in rows if "error" in r}
+        evaluations = {("source", 4), ("source", 8), ("ptbn", 4), ("ptbn", 8), ("bn_adapt_N8", 4),
+                       ("bn_adapt_N8", 8), ("tent", 8)}
+        views = {("clean", 0), ("gaussian_noise", 1), ("gaussian_noise", 5), ("contrast", 1), ("contrast", 5)}
+        assert cells == {(m, c, s, b) for m, b in evaluations for c, s in views}
+        assert all(r["n"] == 24 for r in rows if "error" in r)
+        summaries = [r for r in rows if r["corruption"] == "all"]
+        assert {(r["method"], r["batch_size"]) for r in summaries} == evaluations
+        assert all("mce" not in r and r["mean_error_s5"] >= 0 for r in summaries)  # no AlexNet errors for F-MNIST
+        if record["setting"]["normalizer"] == "gn":  # nothing to adapt: every method predicts as source
+            assert not any(r["adapted"] for r in rows)
+            by_view = {}
+            for r in rows:
+                if "error" in r:
+                    by_view.setdefault((r["corruption"], r["severity"]), set()).add(r["error"])
+            assert all(len(errors) == 1 for errors in by_view.values())
+        else:
+            assert all(r["adapted"] == (r["method"] != "source") for r in rows)
+        assert record["extra"]["corruption_images_per_s"] > 0
+
+
+def write_cifar10_c(root: Path, rows: int) -> None:
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("gaussian_noise", "contrast"):
+        np.save(root / f"{name}.npy", rng.integers(0, 256, (5 * rows, 32, 32, 3), dtype=np.uint8))
+    np.save(root / "labels.npy", rng.integers(0, 10, rows).astype(np.uint8))
+
+
+def test_released_and_generated_views_give_the_same_table_schema(tmp_path):
+    generated = run_rows(tmp_path, "tta-generated", dataset="cifar10")
+    write_cifar10_c(tmp_path / "CIFAR-10-C", rows=40)
+    released = run_rows(tmp_path, "tta-released", dataset="cifar10",
+                        extra=f"  data: released\n  released_root: {tmp_path / 'CIFAR-10-C'}")
+
+    def schema(records):
+        return sorted({(tuple(sorted(r)), r["method"], r["corruption"], r["severity"], r["batch_size"], r.get("n"))
+                       for record in records for r in record["rows"]}, key=str)
+
+    assert schema(generated) == schema(released)  # the released view is cut to the test split's 24 images
+
+
+def test_bad_task_options_are_one_line_user_errors(tmp_path):
+    with pytest.raises(UserError, match=r"task_options.*unknown adaptation method 'norm'; allowed: .*ptbn"):
+        load_suite(write_suite(tmp_path, "bad1", extra="  methods: [{name: norm}]"))
+    with pytest.raises(UserError, match=r"unknown corruption 'fogg'"):
+        load_suite(write_suite(tmp_path, "bad2", extra="  corruptions: [fogg]"))
+    with pytest.raises(UserError, match=r"tent.*optimizer"):
+        load_suite(write_suite(tmp_path, "bad3", extra="  methods: [{name: tent, options: {optimizer: lbfgs}}]"))
+    with pytest.raises(UserError, match="released_root"):
+        load_suite(write_suite(tmp_path, "bad4", extra="  data: released"))
+
+
+def test_released_data_needs_a_released_copy(tmp_path):
+    path = write_suite(tmp_path / "suites", "fm-released", extra="  data: released\n  released_root: x")
+    with pytest.raises(UserError, match=r"fashion_mnist.*allowed datasets: cifar10, cifar100, imagenet"):
+        run_suite(path, "smoke", device="cpu", results_dir=tmp_path, progress=False, echo=lambda _: None)
