@@ -228,6 +228,19 @@ def test_cbn_pairs_every_batchnorm_of_a_resnet_with_its_conv():
     assert {m.rho for m in deep_stem.modules() if isinstance(m, CrossIterationBatchNorm2d)} == {0.0}
 
 
+def test_cbn_pairs_depthwise_convs_and_keeps_fused_activations_in_mobilenetv2():
+    """Pairing follows the tensors, so a light family with depthwise convs and BatchNormAct2d works too."""
+    reference = build_model("mobilenetv2_050", "bn", num_classes=10, in_chans=1, small_input=True)
+    model = build_model("mobilenetv2_050", "cbn", num_classes=10, in_chans=1, small_input=True)
+    block = model.blocks[1][0]  # fused BatchNormAct2d becomes (CBN, drop, activation)
+    assert block.bn2[0].conv is block.conv_dw and block.conv_dw.groups == block.conv_dw.out_channels > 1
+    assert block.bn1[0].conv is block.conv_pw and block.bn3[0].conv is block.conv_pwl
+    layers = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
+    assert len(layers) == sum(isinstance(m, nn.BatchNorm2d) for m in reference.modules())
+    relu6 = sum(isinstance(m, nn.ReLU6) for m in model.modules())
+    assert relu6 == sum(isinstance(m, nn.ReLU6) for m in reference.modules()) > 0
+
+
 def test_cbn_refuses_a_batchnorm_without_a_conv_before_it():
     with pytest.raises(UserError, match=r"no nn\.Conv2d directly before BatchNorm 0"):
         create_normalizer("cbn").apply(nn.Sequential(nn.BatchNorm2d(3)))

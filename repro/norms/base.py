@@ -149,3 +149,40 @@ def channel_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     mean = x.mean((0, 2, 3))
     return mean, (x - mean.view(1, -1, 1, 1)).square().mean((0, 2, 3))
+
+
+def conv_feeding_each_batchnorm(model: nn.Module) -> dict[str, nn.Conv2d]:
+    """Map each BatchNorm2d's name to the conv whose output it normalizes, found by one small eval forward.
+
+    Tracing the tensors (not the module order) makes this independent of how a timm family names its layers.
+    A BatchNorm not fed directly by a conv (pre-activation layouts) is missing from the result.
+    """
+    outputs: dict[int, tuple[nn.Conv2d, torch.Tensor]] = {}
+    fed: dict[str, nn.Conv2d] = {}
+
+    def remember_output(conv: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        outputs[id(output)] = (conv, output)  # the tensor is kept alive so its id cannot be reused
+
+    def make_lookup(name: str):
+        def lookup(_bn: nn.Module, inputs: tuple) -> None:
+            conv, tensor = outputs.get(id(inputs[0]), (None, None))
+            if tensor is inputs[0]:
+                fed[name] = conv
+
+        return lookup
+
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        return {}
+    handles = [conv.register_forward_hook(remember_output) for conv in convs]
+    handles += [bn.register_forward_pre_hook(make_lookup(name)) for name, bn in batchnorm_modules(model)]
+    size = max(32, *getattr(model, "pretrained_cfg", {}).get("min_input_size", (0, 0, 0))[1:])
+    was_training = model.training
+    try:
+        model.eval()
+        model(convs[0].weight.new_zeros(1, convs[0].in_channels, size, size))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return fed

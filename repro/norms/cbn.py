@@ -24,7 +24,6 @@ Design decisions (see also the class docstrings):
 
 from __future__ import annotations
 
-import re
 from collections import deque
 from dataclasses import dataclass
 
@@ -37,6 +36,7 @@ from repro.norms.base import (
     Normalizer,
     batchnorm_modules,
     channel_mean_var,
+    conv_feeding_each_batchnorm,
     register_normalizer,
     replace_batchnorms,
     running_average_factor,
@@ -260,32 +260,10 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
                 f"burnin_iterations={self.burnin_iterations}, eps_inside_sqrt={self.eps_inside_sqrt}")
 
 
-def preceding_convolutions(model: nn.Module) -> dict[str, nn.Conv2d]:
-    """Map each BatchNorm's name to the conv that feeds it, by timm's ResNet naming.
-
-    ``…bnK`` pairs with its sibling ``…convK`` (stem ``bn1``↔``conv1``, block ``bn1..3``↔``conv1..3``); inside an
-    ``nn.Sequential`` (``downsample``) a BN pairs with the module just before it. A paired ``nn.Sequential``
-    (timm's deep stem) stands for its last module. BNs without a plain ``nn.Conv2d`` partner are left out.
-    """
-    pairs: dict[str, nn.Conv2d] = {}
-    for name, _ in batchnorm_modules(model):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        source: nn.Module | None = None
-        if isinstance(parent, nn.Sequential) and child.isdigit() and int(child) > 0:
-            source = parent[int(child) - 1]
-        elif match := re.fullmatch(r"bn(\d+)", child):
-            source = getattr(parent, f"conv{match.group(1)}", None)
-        if isinstance(source, nn.Sequential) and len(source) > 0:
-            source = source[-1]
-        if type(source) is nn.Conv2d:
-            pairs[name] = source
-    return pairs
-
-
 @register_normalizer("cbn")
 class CrossIterationBatchNorm(Normalizer):
-    """CBN in place of every BatchNorm of a timm ResNet, each paired with the conv before it.
+    """CBN in place of every BatchNorm, each paired with the conv whose output it normalizes (found by tracing a
+    forward pass, so timm ResNets and the MobileNet/EfficientNet families with depthwise convs both work).
 
     ``window`` k counts the current iteration (the official ``buffer_num=3`` is k = 4). The burn-in of plain BN is
     ``burnin_iterations`` optimizer steps, or ``burnin_epochs`` epochs converted with the trainer's optimizer steps
@@ -307,11 +285,12 @@ class CrossIterationBatchNorm(Normalizer):
                               "burnin_iterations": None if burnin_epochs is not None else burnin_iterations}
 
     def apply(self, model: nn.Module) -> nn.Module:
-        convs = preceding_convolutions(model)
+        convs = {name: conv for name, conv in conv_feeding_each_batchnorm(model).items() if type(conv) is nn.Conv2d}
         unpaired = [name for name, _ in batchnorm_modules(model) if name not in convs]
         if unpaired:
-            raise UserError(f"{self.name}: no nn.Conv2d directly before BatchNorm {', '.join(unpaired)}; "
-                            "CBN supports timm ResNet-style models")
+            shown = ", ".join(unpaired[:3]) + (f" and {len(unpaired) - 3} more" if len(unpaired) > 3 else "")
+            raise UserError(f"{self.name}: no nn.Conv2d directly before BatchNorm {shown}; CBN compensates "
+                            "statistics through the weights of the conv that feeds each BatchNorm")
 
         def make(name: str, bn: nn.BatchNorm2d) -> nn.Module:
             cbn = CrossIterationBatchNorm2d(bn.num_features, convs[name], affine=bn.affine,
