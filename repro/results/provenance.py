@@ -49,7 +49,8 @@ def device_name(device: torch.device) -> str:
 @functools.cache
 def environment() -> dict[str, Any]:
     """The parts of provenance shared by every run of one process."""
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    # results/ is what runs write, so changes there do not make the code that produced a record "dirty"
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)results")
     return {
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(status) if status is not None else None,
