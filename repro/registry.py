@@ -29,6 +29,15 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def register_named(self, name: str) -> Callable[[T], T]:
+        """``register`` for classes that also carry their registered name, as ``cls.name``."""
+
+        def decorator(cls: T) -> T:
+            cls.name = name  # type: ignore[attr-defined]
+            return self.register(name)(cls)
+
+        return decorator
+
     def get(self, name: str) -> T:
         try:
             return self._entries[name]

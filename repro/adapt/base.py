@@ -66,12 +66,7 @@ ADAPTATION_METHODS: Registry[type[AdaptationMethod]] = Registry("adaptation meth
 
 def register_method(name: str) -> Callable[[type[AdaptationMethod]], type[AdaptationMethod]]:
     """Class decorator: register an AdaptationMethod subclass under ``name``."""
-
-    def decorator(cls: type[AdaptationMethod]) -> type[AdaptationMethod]:
-        cls.name = name
-        return ADAPTATION_METHODS.register(name)(cls)
-
-    return decorator
+    return ADAPTATION_METHODS.register_named(name)
 
 
 def create_method(name: str, model: nn.Module, **options: Any) -> AdaptationMethod:

@@ -58,7 +58,6 @@ def register_normalizer(name: str) -> Callable[[type[Normalizer]], type[Normaliz
     """Class decorator: register a Normalizer subclass under ``name`` and record its options for run records."""
 
     def decorator(cls: type[Normalizer]) -> type[Normalizer]:
-        cls.name = name
         original_init = cls.__init__
 
         def __init__(self: Normalizer, *args: Any, **kwargs: Any) -> None:
@@ -70,7 +69,7 @@ def register_normalizer(name: str) -> Callable[[type[Normalizer]], type[Normaliz
         __init__.__signature__ = inspect.signature(original_init)  # type: ignore[attr-defined]
         __init__.__doc__ = original_init.__doc__
         cls.__init__ = __init__  # type: ignore[method-assign]
-        return NORMALIZERS.register(name)(cls)
+        return NORMALIZERS.register_named(name)(cls)
 
     return decorator
 

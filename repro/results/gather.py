@@ -32,8 +32,8 @@ class SuiteResults:
 
 def expansion_order(suite: Suite) -> dict[str, int]:
     """Each current run id's position in the suite's expansion (tables list settings in the suite's order)."""
-    ids = [run.run_id for tier in suite.tiers for run in expand(suite, tier)]
-    return {run_id: index for index, run_id in reversed(list(enumerate(ids)))}
+    runs = [run for tier in suite.tiers for run in expand(suite, tier)]  # ids differ across tiers (tier is config)
+    return {run.run_id: index for index, run in enumerate(runs)}
 
 
 def load_results(results_dir: Path, name: str) -> SuiteResults:

@@ -114,11 +114,8 @@ TASKS: Registry[type[Task]] = Registry("task")
 
 
 def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
-    def decorator(cls: type[Task]) -> type[Task]:
-        cls.name = name
-        return TASKS.register(name)(cls)
-
-    return decorator
+    """Class decorator: register a Task subclass under ``name``."""
+    return TASKS.register_named(name)
 
 
 def build_run_model(run: RunSpec, data: ImageDataset) -> torch.nn.Module:
