@@ -55,8 +55,10 @@ def _cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     from repro.train.distributed import init_data_parallel, under_torchrun
 
     started = int(os.environ["WORLD_SIZE"]) if under_torchrun() else 1
-    if args.nproc < 1 or (started > 1 and started != args.nproc):
-        raise UserError(f"--nproc {args.nproc}: must be at least 1 and match the {started} processes torchrun started")
+    if args.nproc < 1:
+        raise UserError(f"--nproc {args.nproc}: must be at least 1")
+    if started > 1 and started != args.nproc:
+        raise UserError(f"--nproc {args.nproc}: torchrun started {started} processes; pass --nproc {started}")
     device = resolve_device(args.device)
     data_parallel = None
     if args.nproc > 1:
