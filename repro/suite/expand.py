@@ -1,4 +1,8 @@
-"""Expanding a suite and a tier into runs, each identified by a hash of its resolved configuration."""
+"""Expanding a suite and a tier into runs, each identified by a hash of its resolved configuration.
+
+The configuration includes the suite's ``version``, so bumping it (as a suite must whenever its numbers change)
+gives every run a new id: records of the older version are never taken as complete or current.
+"""
 
 from __future__ import annotations
 
@@ -46,7 +50,8 @@ def expand(suite: Suite, tier: str) -> list[RunSpec]:
         spec.seeds or suite.seeds,
     ):
         config: dict[str, Any] = {
-            "suite": suite.name, "task": suite.task, "tier": tier, "dataset": dataset, "backbone": backbone,
+            "suite": suite.name, "suite_version": suite.version, "task": suite.task, "tier": tier,
+            "dataset": dataset, "backbone": backbone,
             "normalizer": {"name": normalizer.name, "label": normalizer.column,
                            "options": {**normalizer.options, **spec.normalizer_options.get(normalizer.column, {})}},
             "model": suite.model.model_dump(), "seed": seed, "train": dict(train), "task_options": dict(task_options),
