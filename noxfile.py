@@ -1,9 +1,15 @@
 """nox sessions for repro: tests, lint, and running / gathering / checking suites.
 
-Every session installs the package against ``requirements.lock`` (exact versions) into a virtualenv that
-can see system site-packages, so a machine that already has the multi-GB torch install reuses it, and
-reuses its environment between invocations. Tests and CI never touch the network: the Hugging Face hub
-is switched off for every session.
+Every session that needs torch installs the package against ``requirements.lock`` (exact versions) into a
+virtualenv that can see system site-packages, so a machine that already has the multi-GB torch install reuses
+it, and reuses its environment between invocations. ``lint`` installs ruff alone.
+
+Console scripts are never run by name: a system-wide ``pytest`` or ``repro`` script would win over the venv's
+when pip considered the package already installed (system site-packages), and its interpreter may lack torch.
+Every command runs as ``python -m ...`` with the session's own interpreter instead.
+
+Only ``tests`` switches the Hugging Face hub off; the main job and the suite sessions may download a dataset
+that is not on disk, and the loaders say so when they do.
 """
 
 from __future__ import annotations
@@ -17,27 +23,43 @@ nox.options.default_venv_backend = "virtualenv"
 nox.options.reuse_venv = "yes"
 nox.options.sessions = ["lint", "tests"]
 
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 SHARED_VENV = {"venv_params": ["--system-site-packages"], "reuse_venv": True}
+# Fails unless the session's interpreter itself imports torch and this checkout's repro: the check that would
+# have caught a foreign pytest script running the tests.
+ENVIRONMENT_CHECK = """
+import pathlib, sys, torch, repro
+venv = pathlib.Path(sys.prefix).resolve()
+source = pathlib.Path(repro.__file__).resolve()
+assert sys.prefix != sys.base_prefix, f"not a virtualenv: {sys.prefix}"
+assert source.is_relative_to(pathlib.Path.cwd().resolve()), f"repro imported from {source}, not this checkout"
+print(f"environment: {sys.executable} (venv {venv}), torch {torch.__version__}, repro from {source.parent}")
+"""
 
 
 def _install(session: nox.Session, extra: str = "test") -> None:
-    session.env.update(OFFLINE)
+    session.env["PYTHONUNBUFFERED"] = "1"
     session.run_install("python", "-m", "pip", "install", "-q", "-c", "requirements.lock", "-e", f".[{extra}]")
+
+
+def _repro(session: nox.Session, *args: str) -> None:
+    session.run("python", "-m", "repro", *args)
 
 
 @nox.session(**SHARED_VENV)
 def tests(session: nox.Session) -> None:
-    """pytest on CPU (pass pytest arguments after --)."""
+    """pytest on CPU, offline (pass pytest arguments after --)."""
     _install(session)
-    session.run("pytest", *session.posargs)
+    session.env.update(OFFLINE)
+    session.run("python", "-c", ENVIRONMENT_CHECK)
+    session.run("python", "-m", "pytest", *session.posargs)
 
 
-@nox.session(**SHARED_VENV)
+@nox.session(reuse_venv=True)
 def lint(session: nox.Session) -> None:
-    """ruff over the package, tests and this file."""
-    _install(session)
-    session.run("ruff", "check", "repro", "tests", "benchmarks", "noxfile.py")
+    """ruff over the package, tests and this file (installs ruff alone, at the locked version)."""
+    session.run_install("python", "-m", "pip", "install", "-q", "-c", "requirements.lock", "ruff")
+    session.run("python", "-m", "ruff", "check", "repro", "tests", "benchmarks", "noxfile.py")
 
 
 @nox.session(**SHARED_VENV, default=False)
@@ -48,21 +70,21 @@ def suite(session: nox.Session) -> None:
     name, *rest = session.posargs
     tier = rest.pop(0) if rest and not rest[0].startswith("-") else "smoke"
     _install(session)
-    session.run("repro", "run", name, "--tier", tier, *rest)
+    _repro(session, "run", name, "--tier", tier, *rest)
 
 
 @nox.session(**SHARED_VENV, default=False)
 def gather(session: nox.Session) -> None:
     """All run records under results/ -> tables, plots and results/README.md."""
     _install(session)
-    session.run("repro", "gather", *session.posargs)
+    _repro(session, "gather", *session.posargs)
 
 
 @nox.session(**SHARED_VENV, default=False)
 def check(session: nox.Session) -> None:
     """Compare results/ with the suites' references; fails when a check fails."""
     _install(session)
-    session.run("repro", "check", *session.posargs)
+    _repro(session, "check", *session.posargs)
 
 
 @nox.session(**SHARED_VENV, default=False)
@@ -71,9 +93,9 @@ def reproduce(session: nox.Session) -> None:
     _install(session)
     names = session.posargs or sorted(path.stem for path in Path("suites").glob("*.yaml"))
     for name in names:
-        session.run("repro", "run", name, "--tier", "smoke", "--no-progress")
-    session.run("repro", "gather", *names)
-    session.run("repro", "check", *names)
+        _repro(session, "run", name, "--tier", "smoke", "--no-progress")
+    _repro(session, "gather", *names)
+    _repro(session, "check", *names)
 
 
 if __name__ == "__main__":

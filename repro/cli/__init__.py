@@ -1,4 +1,4 @@
-"""Command line: ``repro run | gather | check | list``.
+"""Command line: ``repro run | gather | check | list | campaign | unpack | bundle``.
 
 User errors (a bad suite file, a missing dataset, a bad flag) print one line and exit with status 2.
 """
@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="run again even when a complete record exists")
     run.add_argument("--data-dir", type=Path, default=None, help="folder holding local dataset copies")
     run.add_argument("--no-progress", action="store_true", help="no per-epoch progress bars")
+    run.add_argument("--checkpoint-every", default="10m",
+                     help="save a resumable training state this often (default 10m); an interrupted run resumes it")
     run.add_argument("--nproc", type=int, default=1,
                      help="data-parallel processes on this machine, started with torchrun (one per GPU; gloo on CPU)")
 
@@ -39,7 +41,41 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("suites", nargs="*", help="suite names or files (default: every suite with records)")
 
     sub.add_parser("list", help="the suites, their tiers and how many runs each expands to")
+
+    campaign = sub.add_parser("campaign", help="spend a time budget on the pending runs of several suites")
+    campaign.add_argument("suites", nargs="*", help="suite names or files (default: every suite whose data is here)")
+    campaign.add_argument("--tier", default="full", help="tier to run (default full)")
+    campaign.add_argument("--budget", default="9m", help="time budget, e.g. 90s, 9m, 1h30m (default 9m)")
+    campaign.add_argument("--results", type=Path, default=Path("results"))
+    campaign.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    campaign.add_argument("--data-dir", type=Path, default=None, help="folder holding local dataset copies")
+    campaign.add_argument("--archive", type=Path, default=None,
+                          help="tar.gz of records, tables, checks, plots and the log, refreshed after every run")
+    campaign.add_argument("--plan", action="store_true", help="print the pending runs and estimates; run nothing")
+    campaign.add_argument("--json", action="store_true", help="with --plan: one JSON object per suite")
+    campaign.add_argument("--plan-device", default=None, help="with --plan: device kind to estimate for "
+                          "(h200, cpu; default this machine's)")
+    campaign.add_argument("--progress", action="store_true", help="per-epoch progress bars")
+    campaign.add_argument("--checkpoint-every", default="10m", help="resumable training state interval (default "
+                          "10m); a run is also saved when the deadline stops it")
+
+    unpack = sub.add_parser("unpack", help="merge a campaign archive's records into a results folder")
+    unpack.add_argument("archive", type=Path)
+    unpack.add_argument("--results", type=Path, default=Path("results"))
+
+    bundle = sub.add_parser("bundle", help="wheels, data and source commit for a GPU box that has only PyTorch")
+    bundle.add_argument("out", type=Path)
+    bundle.add_argument("--dataset", action="append", default=None,
+                        help="dataset whose files to include (default: fashion_mnist)")
+    bundle.add_argument("--data-dir", type=Path, default=None)
+    bundle.add_argument("--python-version", default="3.12", help="target CPython (default 3.12)")
+    bundle.add_argument("--platform", action="append", default=None,
+                        help="target platform tags (default: manylinux x86-64 tags)")
     return parser
+
+
+DEFAULT_PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
+                     "manylinux2014_x86_64"]
 
 
 def _launch_torchrun(nproc: int, argv: list[str]) -> int:
@@ -50,6 +86,7 @@ def _launch_torchrun(nproc: int, argv: list[str]) -> int:
 
 
 def _cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
+    from repro.execute.campaign import parse_duration
     from repro.suite import run_suite
     from repro.suite.runner import check_data_parallel, resolve_device
     from repro.train.distributed import init_data_parallel, under_torchrun
@@ -68,7 +105,8 @@ def _cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
         data_parallel = init_data_parallel(use_cuda=device.type == "cuda")
     try:
         summary = run_suite(args.suite, args.tier, device=args.device, results_dir=args.results, force=args.force,
-                            data_dir=args.data_dir, progress=not args.no_progress, data_parallel=data_parallel)
+                            data_dir=args.data_dir, progress=not args.no_progress, data_parallel=data_parallel,
+                            checkpoint_every_s=parse_duration(args.checkpoint_every, "--checkpoint-every"))
     finally:
         if data_parallel is not None:
             import torch.distributed as dist
@@ -120,11 +158,68 @@ def _cmd_list(_: argparse.Namespace) -> int:
     return 0
 
 
+def _campaign_suites(names: list[str]) -> list[str]:
+    from repro.suite import list_suite_files
+
+    return names or [path.stem for path in list_suite_files()]
+
+
+def _cmd_campaign(args: argparse.Namespace) -> int:
+    import json
+
+    from repro.execute.campaign import Campaign, parse_duration
+
+    campaign = Campaign(_campaign_suites(args.suites), args.tier, parse_duration(args.budget), args.results,
+                        device=args.device, data_dir=args.data_dir, archive=args.archive, progress=args.progress,
+                        checkpoint_every_s=parse_duration(args.checkpoint_every, "--checkpoint-every"))
+    if args.plan:
+        kind = args.plan_device or campaign.executor_kind
+        plans = [plan.as_dict(kind) for plan in campaign.plans(kind)]
+        if args.json:
+            print("\n".join(json.dumps(plan) for plan in plans))
+            return 0
+        for plan in plans:
+            state = f"  data not present: {plan['skipped'][:80]}" if plan["skipped"] else ""
+            print(f"{plan['suite']:<24} {plan['tier']:<6} {plan['pending_runs']:>4} pending "
+                  f"{plan['estimated_minutes']:>9.1f} min on {kind}  ({'; '.join(plan['estimate_basis'])}){state}")
+        total = sum(plan["estimated_minutes"] for plan in plans if not plan["skipped"])
+        print(f"total: {total:.1f} device-minutes on {kind} for the suites whose data is here")
+        return 0
+    summary = campaign.run()
+    print(f"campaign: {len(summary.ran)} ran ({summary.statuses}), {len(summary.not_started)} not started, "
+          f"{len(summary.stopped_at_deadline)} stopped at the deadline with a resumable checkpoint")
+    return 1 if summary.statuses.get("failed") else 0
+
+
+def _cmd_unpack(args: argparse.Namespace) -> int:
+    from repro.execute.archive import unpack
+
+    summary = unpack(args.archive, args.results)
+    for line in summary.refused:
+        print(f"refused {line}", file=sys.stderr)
+    print(f"{args.archive}: {len(summary.added)} records added, {len(summary.kept)} kept (complete already), "
+          f"{len(summary.refused)} refused -> {args.results}; run `repro gather` and `repro check` next")
+    return 1 if summary.refused else 0
+
+
+def _cmd_bundle(args: argparse.Namespace) -> int:
+    from repro.execute.bundle import write_bundle
+
+    source = write_bundle(args.out, datasets=args.dataset or ["fashion_mnist"], data_dir=args.data_dir,
+                          python_version=args.python_version, platforms=args.platform or DEFAULT_PLATFORMS,
+                          repo=Path(__file__).resolve().parents[2])
+    print(f"{args.out}: {len(source['wheels'])} wheels, {len(source['data'])} data files, "
+          f"{source['bytes'] / 2**20:.1f} MiB, commit {source['git_commit']}")
+    print(f"on the box: pip install --no-index --no-deps --target SITE {args.out}/wheels/*.whl; "
+          f"PYTHONPATH=SITE REPRO_SOURCE_FILE={args.out}/source.json python -m repro ... --data-dir {args.out}/data")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     commands = {"run": functools.partial(_cmd_run, argv=argv), "gather": _cmd_gather, "check": _cmd_check,
-                "list": _cmd_list}
+                "list": _cmd_list, "campaign": _cmd_campaign, "unpack": _cmd_unpack, "bundle": _cmd_bundle}
     try:
         return commands[args.command](args)
     except UserError as err:

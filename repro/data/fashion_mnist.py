@@ -20,7 +20,7 @@ CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shi
 MEAN, STD = (0.2860,), (0.3530,)
 
 
-def _find(directory: Path, stem: str) -> Path | None:
+def find_idx_file(directory: Path, stem: str) -> Path | None:
     for name in (stem + ".gz", stem):
         if (directory / name).is_file():
             return directory / name
@@ -28,14 +28,14 @@ def _find(directory: Path, stem: str) -> Path | None:
 
 
 def has_idx_files(directory: Path) -> bool:
-    return all(_find(directory, stem) for pair in FILES.values() for stem in pair)
+    return all(find_idx_file(directory, stem) for pair in FILES.values() for stem in pair)
 
 
 def _load_idx_dir(directory: Path) -> tuple[TensorSplit, TensorSplit]:
     splits = []
     for images_stem, labels_stem in FILES.values():
-        images = read_idx(_find(directory, images_stem))[:, None]
-        labels = read_idx(_find(directory, labels_stem)).long()
+        images = read_idx(find_idx_file(directory, images_stem))[:, None]
+        labels = read_idx(find_idx_file(directory, labels_stem)).long()
         splits.append(TensorSplit(images.contiguous(), labels))
     return splits[0], splits[1]
 

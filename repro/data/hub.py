@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 
 from repro.data.base import TensorSplit
@@ -13,9 +16,17 @@ def load_hub_split(path: str, split: str, image_column: str, label_column: str, 
 
     ``path`` is a hub id (``zalando-datasets/fashion_mnist``) or a local directory of parquet files laid out
     as on the hub; both go through the same ``datasets.load_dataset`` call, which is how the tests exercise
-    this code without a network.
+    this code without a network. Reaching the hub is announced on stderr: it is the one step that may download.
     """
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("loading from the Hugging Face hub needs the `datasets` package: "
+                          "pip install 'datasets' (or pass --data-dir to a local copy)") from None
+
+    if not Path(path).exists():
+        pinned = f" at revision {revision}" if revision else ""
+        print(f"repro: loading {path} ({split}){pinned} from the Hugging Face hub", file=sys.stderr)
 
     dataset = datasets.load_dataset(path, split=split, revision=revision)
     dataset = dataset.select_columns([image_column, label_column]).with_format("torch")

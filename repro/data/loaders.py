@@ -66,6 +66,13 @@ class DeviceLoader:
             p = self.crop_padding
             self.padded = torch.nn.functional.pad(self.images, (p, p, p, p))
 
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """The generator state that decides the next epochs' order and augmentation (for resuming)."""
+        return {"augment": self.generator.get_state()}
+
+    def set_rng_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["augment"])
+
     def __len__(self) -> int:
         n = len(self.labels)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
@@ -134,6 +141,14 @@ class FolderLoader:
         self.flip = flip and train
         self.normalize = PixelNormalizer(mean, std, device, channels_last)
         self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """Order and flips resume exactly; the workers' random crops do not (they are seeded when started)."""
+        return {"augment": self.generator.get_state(), "order": self.loader.generator.get_state()}
+
+    def set_rng_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["augment"])
+        self.loader.generator.set_state(state["order"])
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -55,6 +55,13 @@ class BatchRenorm2d(nn.BatchNorm2d):
     def advance_schedule(self) -> None:
         self.steps_done += 1
 
+    def training_state(self) -> dict[str, int]:
+        """The schedule's position, which a resumed run continues from (``repro.train.resume``)."""
+        return {"steps_done": self.steps_done}
+
+    def load_training_state(self, state: dict[str, int]) -> None:
+        self.steps_done = state["steps_done"]
+
     def clipping_limits(self) -> tuple[float, float]:
         """The current (r_max, d_max) of the schedule."""
         since_warmup = self.steps_done - self.warmup_steps

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -133,6 +134,25 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         self._weight_version_this_iteration = -1
         self._windows: list[deque[_PastIteration]] = []
         self._conv_call: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, output) of the conv's last call
+
+    def training_state(self) -> dict[str, Any]:
+        """Iteration count and the stored past iterations, which a resumed run continues from."""
+        windows = [[{"mean": past.mean, "mean_square": past.mean_square,
+                     "taylor": None if past.taylor is None else dict(vars(past.taylor))} for past in window]
+                   for window in self._windows]
+        return {"iterations_done": self.iterations_done, "windows": windows}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        self.iterations_done = state["iterations_done"]
+        self._micro_batch = 0
+        device = self.conv.weight.device
+        self._windows = [
+            deque((_PastIteration(past["mean"].to(device), past["mean_square"].to(device),
+                                  None if past["taylor"] is None else
+                                  _TaylorTerms(**{k: v.to(device) for k, v in past["taylor"].items()}))
+                   for past in window), maxlen=self.window - 1)
+            for window in state["windows"]
+        ]
 
     def end_iteration(self) -> None:
         """Mark an optimizer step: counts towards the burn-in and restarts the micro-batch numbering."""

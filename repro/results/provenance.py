@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import json
+import os
 import platform
 import subprocess
 import sys
@@ -46,14 +48,24 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def source_version() -> dict[str, Any]:
+    """The commit this code came from: git where there is a checkout, else the ``source.json`` of the bundle
+    that brought it (``REPRO_SOURCE_FILE``), on a box the tree was copied to without ``.git``."""
+    commit = _git("rev-parse", "HEAD")
+    if commit is None and os.environ.get("REPRO_SOURCE_FILE"):
+        source = json.loads(Path(os.environ["REPRO_SOURCE_FILE"]).read_text())
+        return {"git_commit": source.get("git_commit"), "git_dirty": source.get("git_dirty"),
+                "source": "bundle"}
+    # results/ is what runs write, so changes there do not make the code that produced a record "dirty"
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)results")
+    return {"git_commit": commit, "git_dirty": bool(status) if status is not None else None, "source": "git"}
+
+
 @functools.cache
 def environment() -> dict[str, Any]:
     """The parts of provenance shared by every run of one process."""
-    # results/ is what runs write, so changes there do not make the code that produced a record "dirty"
-    status = _git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)results")
     return {
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(status) if status is not None else None,
+        **source_version(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "torch": torch.__version__,

@@ -94,61 +94,87 @@ def check_data_parallel(suite_ref: str | Path, tier: str, world_size: int) -> No
         DataParallel(0, world_size, torch.device("cpu")).check_batch_sizes(cfg, where=f"{path}: {run.label}")
 
 
+class RunExecutor:
+    """Runs single runs of any suite in this process and writes each one's record atomically.
+
+    ``run_suite`` walks one suite's runs in order with it; ``repro campaign`` picks runs across suites.
+    """
+
+    def __init__(self, ctx: RunContext, echo: Callable[[str], None] = print) -> None:
+        self.ctx = ctx
+        self.echo = echo
+        self._fingerprint = functools.cache(lambda key: ctx.dataset(dict(key)).fingerprint())
+        self._suite_sha: dict[Path, str] = {}
+
+    @property
+    def is_main(self) -> bool:
+        return self.ctx.data_parallel is None or self.ctx.data_parallel.is_main
+
+    def execute(self, suite: Suite, path: Path, run: RunSpec, prefix: str) -> str:
+        """Run ``run`` and write its record (rank 0 only); returns its status."""
+        ctx, data_parallel = self.ctx, self.ctx.data_parallel
+        task = TASKS.get(suite.task)()
+        started = _now()
+        if data_parallel is None:
+            outcome, error = _outcome_or_failure(task, run, ctx)
+        else:
+            outcome, error = task.run(run, ctx), None
+        if not self.is_main:
+            return outcome.status
+        if outcome.status == "stopped":
+            self.echo(f"{prefix}: stopped at the deadline; its training state is saved and the next run resumes it")
+            return outcome.status
+        data = ctx.dataset(run.config["dataset"])
+        suite_sha = self._suite_sha.setdefault(path, file_sha256(path))
+        record = {
+            "schema": RECORD_SCHEMA, "suite": suite.name, "suite_version": suite.version, "run_id": run.run_id,
+            "status": outcome.status, "tier": run.tier, "setting": run.setting, "config": run.config,
+            "metrics": outcome.metrics, "curve": outcome.curve, "rows": outcome.rows,
+            "wall_time_s": outcome.wall_time_s, "peak_memory_mb": outcome.peak_memory_mb,
+            "images_per_s": outcome.images_per_s, "diverged_step": outcome.diverged_step, "extra": outcome.extra,
+            "error": error, "started_at": started, "finished_at": _now(),
+            "provenance": {
+                **provenance(ctx.device, self._fingerprint(tuple(sorted(run.config["dataset"].items()))),
+                             data.source, suite_sha),
+                "processes": 1 if data_parallel is None else data_parallel.world_size,
+            },
+        }
+        write_json_atomic(record_path(ctx.results_dir, suite.name, run.run_id), record)
+        if outcome.status == "failed":
+            self.echo(f"{prefix}: FAILED: {error.splitlines()[0]}")
+        elif outcome.status == "diverged":
+            self.echo(f"{prefix}: diverged at step {outcome.diverged_step}")
+        else:
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in outcome.metrics.items() if isinstance(v, float))
+            self.echo(f"{prefix}: ok in {outcome.wall_time_s:.1f}s: {shown}")
+        return outcome.status
+
+
 def run_suite(suite_ref: str | Path, tier: str, *, device: str = "auto", results_dir: Path = Path("results"),
               force: bool = False, data_dir: Path | None = None, progress: bool = True,
-              echo: Callable[[str], None] = print, data_parallel: DataParallel | None = None) -> SuiteRunSummary:
+              echo: Callable[[str], None] = print, data_parallel: DataParallel | None = None,
+              checkpoint_every_s: float | None = None) -> SuiteRunSummary:
     suite, path, runs = expand_tier(suite_ref, tier)
     torch_device = resolve_device(device) if data_parallel is None else data_parallel.device
     is_main = data_parallel is None or data_parallel.is_main
     if not is_main:
         echo, progress = (lambda _: None), False
-    suite_sha = file_sha256(path)
-    ctx = RunContext(torch_device, results_dir, data_dir, progress, data_parallel=data_parallel)
-    task = TASKS.get(suite.task)()
+    ctx = RunContext(torch_device, results_dir, data_dir, progress, data_parallel=data_parallel,
+                     checkpoint_every_s=checkpoint_every_s)
+    executor = RunExecutor(ctx, echo)
     summary = SuiteRunSummary(suite.name, tier)
-    fingerprint = functools.cache(lambda key: ctx.dataset(dict(key)).fingerprint())
     processes = "" if data_parallel is None else f" x {data_parallel.world_size} processes"
     echo(f"suite {suite.name} v{suite.version}, tier {tier}: {len(runs)} runs on {torch_device}{processes} "
          f"-> {results_dir}")
     complete = {run.run_id for run in runs
                 if not force and is_complete(read_record(record_path(results_dir, suite.name, run.run_id)))}
     for index, run in enumerate(runs, 1):
-        path_out = record_path(results_dir, suite.name, run.run_id)
         prefix = f"[{index}/{len(runs)}] {run.label}"
         if run.run_id in complete:
             summary.skipped.append(run.run_id)
-            echo(f"{prefix}: complete, skipped ({path_out.name})")
+            echo(f"{prefix}: complete, skipped ({run.run_id}.json)")
             continue
-        started = _now()
-        if data_parallel is None:
-            outcome, error = _outcome_or_failure(task, run, ctx)
-        else:
-            outcome, error = task.run(run, ctx), None
+        status = executor.execute(suite, path, run, prefix)
         summary.ran.append(run.run_id)
-        if not is_main:
-            continue
-        data = ctx.dataset(run.config["dataset"])
-        record = {
-            "schema": RECORD_SCHEMA, "suite": suite.name, "suite_version": suite.version, "run_id": run.run_id,
-            "status": outcome.status, "tier": tier, "setting": run.setting, "config": run.config,
-            "metrics": outcome.metrics, "curve": outcome.curve, "rows": outcome.rows,
-            "wall_time_s": outcome.wall_time_s, "peak_memory_mb": outcome.peak_memory_mb,
-            "images_per_s": outcome.images_per_s, "diverged_step": outcome.diverged_step, "extra": outcome.extra,
-            "error": error, "started_at": started, "finished_at": _now(),
-            "provenance": {
-                **provenance(torch_device, fingerprint(tuple(sorted(run.config["dataset"].items()))), data.source,
-                             suite_sha),
-                "processes": 1 if data_parallel is None else data_parallel.world_size,
-            },
-        }
-        write_json_atomic(path_out, record)
-        if outcome.status == "failed":
-            summary.failed.append(run.run_id)
-            echo(f"{prefix}: FAILED: {error.splitlines()[0]}")
-        elif outcome.status == "diverged":
-            summary.diverged.append(run.run_id)
-            echo(f"{prefix}: diverged at step {outcome.diverged_step}")
-        else:
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in outcome.metrics.items() if isinstance(v, float))
-            echo(f"{prefix}: ok in {outcome.wall_time_s:.1f}s: {shown}")
+        {"failed": summary.failed, "diverged": summary.diverged}.get(status, []).append(run.run_id)
     return summary

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from repro.execute.estimate import Workload
 from repro.models import build_model
 from repro.suite.tasks import RunContext, RunOutcome, RunSpec, Task, register_task
 from repro.train import seed_everything
@@ -84,6 +85,12 @@ class MemoryTask(Task):
 
     Options = MemoryOptions
     table_metrics = ("peak_memory_mb", "step_memory_mb", "step_time_ms", "images_per_s")
+
+    @classmethod
+    def workload(cls, config: dict[str, Any], model_cached: bool = False) -> Workload:
+        options = config["task_options"]
+        steps = options["steps"] + options["warmup"]
+        return Workload(train_images=steps * config["train"]["batch_size"], passes=steps)
 
     def run(self, run: RunSpec, ctx: RunContext) -> RunOutcome:
         start = time.perf_counter()

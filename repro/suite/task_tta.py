@@ -32,11 +32,14 @@ from repro.data.corrupted import (
 )
 from repro.data.loaders import decode_folder
 from repro.errors import UserError
+from repro.execute.estimate import Workload, split_sizes, training_workload
 from repro.suite.tasks import RunContext, RunOutcome, RunSpec, Task, build_run_model, register_task, train_or_load
 
 #: datasets whose released corrupted copy has a loader (CIFAR-10-C, CIFAR-100-C, ImageNet-C)
 RELEASED = ("cifar10", "cifar100", "imagenet")
 GROUP = ("method", "batch_size")
+#: methods that only normalize differently (no gradient step): a forward pass per image, for time estimates
+FORWARD_ONLY_METHODS = ("source", "ptbn", "bn_adapt")
 
 
 class MethodSpec(BaseModel):
@@ -165,6 +168,27 @@ class TTATask(Task):
     Options = TTAOptions
     extra_columns = ("method", "corruption", "severity", "batch_size")
     table_metrics = ("error", "mean_error", "mean_error_s5", "mce")
+
+    @classmethod
+    def workload(cls, config: dict[str, Any], model_cached: bool = False) -> Workload:
+        """Every view through every method × batch size; methods that take gradient steps also go backward."""
+        options = TTAOptions.model_validate(config["task_options"])
+        _, test_images = split_sizes(config["dataset"])
+        per_view = min(options.images or test_images, test_images)
+        views = len(options.corruptions) * len(options.severities) + options.clean
+        stepped = forward = passes = 0
+        for spec in options.methods:
+            for batch_size in spec.batch_sizes or options.batch_sizes:
+                images = views * per_view
+                if spec.name in FORWARD_ONLY_METHODS:
+                    forward += images
+                else:
+                    stepped += images
+                passes += views * -(-per_view // batch_size)
+        own = Workload(stepped, forward, passes)
+        if model_cached or config["model"]["pretrained"]:
+            return own
+        return own + training_workload(config)
 
     def run(self, run: RunSpec, ctx: RunContext) -> RunOutcome:
         options = TTAOptions.model_validate(run.config["task_options"])

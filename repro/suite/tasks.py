@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +22,12 @@ from pydantic import BaseModel, ConfigDict
 
 from repro.data import ImageDataset, load_dataset
 from repro.errors import UserError
+from repro.execute.estimate import Workload, training_workload
 from repro.models import build_model
 from repro.registry import Registry
 from repro.train import TrainConfig, TrainResult, seed_everything, train_and_evaluate
 from repro.train.distributed import DataParallel
+from repro.train.resume import ResumePolicy
 from repro.train.timing import measure_step_time
 
 
@@ -56,6 +59,11 @@ class RunContext:
     data_dir: Path | None = None
     progress: bool = True
     data_parallel: DataParallel | None = None
+    #: ``clock()`` value by which training stops, with a resumable checkpoint (a campaign's budget); None: never
+    deadline: float | None = None
+    clock: Callable[[], float] = time.monotonic
+    #: seconds between resumable training states (``repro.train.resume``); None: only at a deadline
+    checkpoint_every_s: float | None = None
     _datasets: dict[str, ImageDataset] = field(default_factory=dict)
 
     def dataset(self, spec: dict[str, Any]) -> ImageDataset:
@@ -75,6 +83,11 @@ class RunContext:
         checkpoint: ``qbn-fmnist`` converts the BN models ``fmnist-normalizers`` trained.
         """
         return self.results_dir / "checkpoints" / f"{model_key(run.config)}.pt"
+
+    def resume_policy(self, run: RunSpec) -> ResumePolicy:
+        """Training state of an unfinished run, next to the finished checkpoints and keyed the same way."""
+        path = self.results_dir / "checkpoints" / f"{model_key(run.config)}.resume.pt"
+        return ResumePolicy(path, self.checkpoint_every_s, self.deadline, self.clock)
 
 
 @dataclass
@@ -108,6 +121,15 @@ class Task:
 
     def run(self, run: RunSpec, ctx: RunContext) -> RunOutcome:
         raise NotImplementedError
+
+    @classmethod
+    def workload(cls, config: dict[str, Any], model_cached: bool = False) -> Workload:
+        """The images this run pushes through its model, for time estimates (``repro.execute.estimate``).
+
+        ``model_cached``: the trained model is already in the checkpoint cache (or trained earlier in the same
+        campaign), so a task that reuses it does not pay for training.
+        """
+        return Workload() if model_cached else training_workload(config)
 
 
 TASKS: Registry[type[Task]] = Registry("task")
@@ -175,7 +197,7 @@ def train_or_load(run: RunSpec, ctx: RunContext, *, save: bool = True) -> Traine
         return TrainedModel(model.to(ctx.device), data, "ok", saved["metrics"], from_checkpoint=True)
     cfg = TrainConfig.model_validate(run.config["train"])
     result = train_and_evaluate(model, data, cfg, device=ctx.device, seed=run.config["seed"], progress=ctx.progress,
-                                description=run.label)
+                                description=run.label, resume=ctx.resume_policy(run))
     if save and result.status == "ok":
         save_checkpoint(model, result.metrics, run, ctx)
     return TrainedModel(model, data, result.status, result.metrics, from_checkpoint=False, result=result)
@@ -228,7 +250,8 @@ class TrainTask(Task):
         model = build_run_model(run, data)
         cfg = TrainConfig.model_validate(run.config["train"])
         result = train_and_evaluate(model, data, cfg, device=ctx.device, seed=run.config["seed"], progress=ctx.progress,
-                                    description=run.label, data_parallel=data_parallel)
+                                    description=run.label, data_parallel=data_parallel,
+                                    resume=ctx.resume_policy(run))
         is_main = data_parallel is None or data_parallel.is_main
         if options.save_checkpoint and result.status == "ok" and is_main:
             save_checkpoint(model, result.metrics, run, ctx)

@@ -17,6 +17,13 @@ from tqdm.auto import tqdm
 
 from repro.data import ImageDataset, make_loader
 from repro.train.config import TrainConfig
+from repro.train.resume import (
+    ResumePolicy,
+    load_normalizer_states,
+    load_random_states,
+    normalizer_states,
+    random_states,
+)
 from repro.train.schedule import lr_multiplier
 
 if TYPE_CHECKING:
@@ -28,7 +35,7 @@ SYNC_EVERY = 20
 
 @dataclass
 class TrainResult:
-    status: str  # "ok" or "diverged"
+    status: str  # "ok", "diverged", or "stopped" (at a deadline, with a resumable state saved)
     metrics: dict[str, Any]
     curve: list[dict[str, float]]
     wall_time_s: float
@@ -129,11 +136,13 @@ def _gradient_sync(model: nn.Module, last_chunk: bool) -> contextlib.AbstractCon
 
 
 def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *, device: torch.device, seed: int,
-                       progress: bool = True, description: str = "", data_parallel: DataParallel | None = None
-                       ) -> TrainResult:
+                       progress: bool = True, description: str = "", data_parallel: DataParallel | None = None,
+                       resume: ResumePolicy | None = None) -> TrainResult:
     """Train ``model`` on ``data.train`` with ``cfg`` and evaluate on ``data.test`` after every epoch.
 
     A non-finite loss ends the run with status ``diverged`` and the step at which it happened.
+    With ``resume`` (one process only) the run continues from a saved state, saves its state at epoch ends
+    as the policy says, and stops with status ``stopped`` when another epoch would pass the deadline.
     With ``data_parallel`` (see ``repro.train.distributed``) this rank trains on its slice of every batch, losses
     and counts are summed over ranks (so every rank returns the same metrics), and only rank 0 shows progress.
     """
@@ -172,8 +181,23 @@ def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *
     train_time = 0.0
     trained_images = 0
     step = 0
+    start_epoch = 0
     start_wall = time.perf_counter()
-    for epoch in range(cfg.epochs):
+    if data_parallel is not None:
+        resume = None  # every rank would have to save and agree; data-parallel runs restart instead
+    saved = resume.load() if resume is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        train_loader.set_rng_state(saved["loader"])
+        mix_generator.set_state(saved["mixup"])
+        load_random_states(saved["random"], device)
+        load_normalizer_states(model, saved["normalizers"])
+        curve, step, start_epoch = saved["curve"], saved["step"], saved["epoch"]
+        train_time, trained_images = saved["train_time"], saved["trained_images"]
+        start_wall -= saved["wall_time_s"]
+    for epoch in range(start_epoch, cfg.epochs):
         model.train()
         synchronize(device)
         epoch_start = time.perf_counter()
@@ -225,6 +249,23 @@ def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *
                        f"test top-1 {test_top1:.2f}%, {seen / epoch_time:.0f} img/s")
         if not math.isfinite(test_loss):
             return _diverged(step, curve, start_wall, trained_images, train_time, device)
+        if resume is not None and epoch + 1 < cfg.epochs:
+            epoch_with_eval = time.perf_counter() - epoch_start
+            stop = resume.should_stop(epoch_with_eval)
+            if stop or resume.should_save():
+                resume.save({
+                    "epoch": epoch + 1, "step": step, "curve": curve, "train_time": train_time,
+                    "trained_images": trained_images, "wall_time_s": time.perf_counter() - start_wall,
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "loader": train_loader.rng_state(),
+                    "mixup": mix_generator.get_state(), "random": random_states(device),
+                    "normalizers": normalizer_states(model),
+                })
+            if stop:
+                return TrainResult("stopped", {}, curve, time.perf_counter() - start_wall,
+                                   trained_images / max(train_time, 1e-9), peak_memory_mb(device))
+    if resume is not None:
+        resume.discard()
 
     last = curve[-1]
     metrics = {

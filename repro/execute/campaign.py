@@ -1,0 +1,282 @@
+"""``repro campaign``: spend a time budget on the pending runs of several suites, in the order that checks the
+most references per minute, and leave an archive that is current after every completed run.
+
+Order, across suites:
+
+1. one seed (the tier's first) of every setting that some reference of the tier needs;
+2. the other seeds of those settings;
+3. runs that no reference needs.
+
+Within each phase, runs go by references served per estimated minute. Runs that reuse one trained model
+(``quantize`` and ``tta`` tasks, through the checkpoint cache) are kept together, and once the model exists
+their estimates drop its training. A run whose estimate does not fit in the time left is not started; later,
+shorter runs still may be. Training checks the deadline after every epoch and stops there with a resumable
+checkpoint (``repro.train.resume``), so the next campaign or ``repro run`` continues it; no record is written
+for an unfinished run. Only data already on disk is used: the hub is switched off.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from repro.errors import UserError
+from repro.execute.estimate import Estimate, Estimator, device_kind
+from repro.results.records import is_complete, read_record, record_path
+from repro.suite.expand import matches
+from repro.suite.schema import Suite
+
+#: a run starts only when its estimate times this still fits before the deadline
+SAFETY_FACTOR = 1.15
+#: what gather, check and the archive need at the end of a campaign
+CLOSING_RESERVE_S = 20.0
+
+
+def parse_duration(text: str, flag: str = "--budget") -> float:
+    """``9m``, ``90s``, ``1h30m`` or plain seconds, as seconds."""
+    parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", text)
+    if not text.strip() or parts is None or not any(parts.groups()):
+        raise UserError(f"{flag} {text!r}: allowed: a duration such as 90s, 9m, 1h30m, or seconds")
+    hours, minutes, seconds = (float(p) if p else 0.0 for p in parts.groups())
+    return 3600 * hours + 60 * minutes + seconds
+
+
+@dataclass
+class PlannedRun:
+    suite: Suite
+    path: Path
+    run: Any  # RunSpec
+    references: int
+    phase: int
+    model_key: str | None
+    estimate: Estimate | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.suite.name} {self.run.label}"
+
+
+@dataclass
+class SuitePlan:
+    suite: Suite
+    path: Path
+    tier: str
+    runs: list[PlannedRun]
+    complete: int
+    skipped_reason: str | None = None
+
+    def as_dict(self, device: str) -> dict[str, Any]:
+        bases = sorted({p.estimate.basis for p in self.runs if p.estimate})
+        return {
+            "suite": self.suite.name, "version": self.suite.version, "tier": self.tier, "device": device,
+            "pending_runs": len(self.runs), "complete_runs": self.complete,
+            "estimated_minutes": round(sum(p.estimate.seconds for p in self.runs if p.estimate) / 60, 2),
+            "estimate_basis": bases, "skipped": self.skipped_reason,
+        }
+
+
+def references_needing(suite: Suite, tier: str, setting: dict[str, Any]) -> int:
+    """How many of the tier's references use a run of ``setting``."""
+    count = 0
+    for reference in suite.references:
+        if tier not in reference.tiers:
+            continue
+        patterns = [reference.setting] if reference.kind == "absolute" else [reference.a, reference.b]
+        count += any(matches(setting, pattern) for pattern in patterns)
+    return count
+
+
+def plan_suite(suite_ref: str | Path, tier: str, results_dir: Path, estimator: Estimator,
+               cached_models: set[str]) -> SuitePlan:
+    """The suite's pending runs at ``tier`` with their phase, references and estimates (not yet ordered)."""
+    from repro.suite.runner import expand_tier
+    from repro.suite.tasks import TASKS, model_key
+
+    suite, path, runs = expand_tier(suite_ref, tier)
+    task = TASKS.get(suite.task)
+    seeds = list(dict.fromkeys(run.setting["seed"] for run in runs))
+    planned, complete = [], 0
+    for run in runs:
+        if is_complete(read_record(record_path(results_dir, suite.name, run.run_id))):
+            complete += 1
+            continue
+        references = references_needing(suite, tier, run.setting)
+        phase = 2 if not references else (0 if run.setting["seed"] == seeds[0] else 1)
+        reuses_model = suite.task in ("quantize", "tta") and not run.config["model"].get("pretrained")
+        key = model_key(run.config) if reuses_model else None
+        item = PlannedRun(suite, path, run, references, phase, key)
+        item.estimate = estimator.estimate(run.config, task.workload(run.config, key in cached_models))
+        planned.append(item)
+    return SuitePlan(suite, path, tier, planned, complete)
+
+
+def order_runs(plans: list[SuitePlan]) -> list[PlannedRun]:
+    """Phases first; within a phase, most references per estimated minute; runs sharing a model together."""
+    runs = [item for plan in plans for item in plan.runs]
+
+    def value(item: PlannedRun) -> float:
+        minutes = max(item.estimate.seconds / 60, 1e-3)
+        return item.references / minutes
+
+    runs.sort(key=lambda item: (item.phase, -value(item)))
+    ordered, placed = [], set()
+    for item in runs:
+        if id(item) in placed:
+            continue
+        group = [item] if item.model_key is None else [
+            other for other in runs if other.model_key == item.model_key and id(other) not in placed]
+        for member in group:
+            placed.add(id(member))
+            ordered.append(member)
+    return ordered
+
+
+def suite_data_present(suite_ref: str | Path, tier: str, ctx) -> str | None:
+    """None when the tier's dataset loads here; else why not (the loader's own message)."""
+    from repro.suite.runner import expand_tier
+
+    _, _, runs = expand_tier(suite_ref, tier)
+    try:
+        for spec in {repr(sorted(r.config["dataset"].items())): r.config["dataset"] for r in runs}.values():
+            ctx.dataset(spec)
+    except UserError as err:
+        return str(err)
+    return None
+
+
+@dataclass
+class CampaignSummary:
+    ran: list[str] = field(default_factory=list)
+    not_started: list[str] = field(default_factory=list)
+    stopped_at_deadline: list[str] = field(default_factory=list)
+    statuses: dict[str, int] = field(default_factory=dict)
+    archive: Path | None = None
+
+
+class Campaign:
+    """One budgeted campaign over several suites at one tier, on this process's device."""
+
+    def __init__(self, suites: list[str], tier: str, budget_s: float, results_dir: Path, *, device: str = "auto",
+                 data_dir: Path | None = None, archive: Path | None = None, progress: bool = False,
+                 echo: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
+                 checkpoint_every_s: float | None = None) -> None:
+        from repro.suite.runner import RunExecutor, resolve_device
+        from repro.suite.tasks import RunContext
+
+        # a campaign runs what is already here (a GPU window has no network): no dataset comes from the hub
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        self.suites, self.tier, self.results_dir = suites, tier, results_dir
+        self.clock = clock
+        self.deadline = clock() + budget_s
+        self.device = resolve_device(device)
+        # training stops early enough to leave time for gathering, checking and archiving
+        self.ctx = RunContext(self.device, results_dir, data_dir, progress, deadline=self.deadline - CLOSING_RESERVE_S,
+                              clock=clock, checkpoint_every_s=checkpoint_every_s)
+        self.archive = archive
+        self.log_path = results_dir / "campaign.log"
+        self._echo = echo
+        self.executor = RunExecutor(self.ctx, self.log)
+
+    def log(self, line: str) -> None:
+        stamped = f"{time.strftime('%H:%M:%S')} {line}"
+        self._echo(stamped)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("a") as out:
+            out.write(stamped + "\n")
+
+    def left(self) -> float:
+        return self.deadline - self.clock()
+
+    def plans(self, kind: str | None = None) -> list[SuitePlan]:
+        from repro.results.provenance import device_name
+
+        kind = kind or device_kind(device_name(self.device), self.device.type)
+        estimator = Estimator(self.results_dir, kind)
+        cached = {path.stem for path in (self.results_dir / "checkpoints").glob("*.pt")}
+        plans = []
+        for name in self.suites:
+            plan = plan_suite(name, self.tier, self.results_dir, estimator, cached)
+            plan.skipped_reason = suite_data_present(name, self.tier, self.ctx) if plan.runs else None
+            plans.append(plan)
+        return plans
+
+    def run(self) -> CampaignSummary:
+        from repro.suite.tasks import model_key
+
+        summary = CampaignSummary(archive=self.archive)
+        plans = self.plans()
+        for plan in plans:
+            if plan.skipped_reason:
+                self.log(f"{plan.suite.name}: skipped, data not present: {plan.skipped_reason}")
+        ready = [plan for plan in plans if not plan.skipped_reason]
+        ordered = order_runs(ready)
+        self.log(f"campaign {self.tier} on {self.device}: {len(ordered)} pending runs in "
+                 f"{', '.join(p.suite.name for p in ready) or 'no suite'}; {self.left() / 60:.1f} min budget")
+        trained: set[str] = set()
+        for index, item in enumerate(ordered, 1):
+            cached = item.model_key is not None and (
+                item.model_key in trained or (self.results_dir / "checkpoints" / f"{item.model_key}.pt").is_file())
+            estimate = self._estimate(item, cached)
+            needed = SAFETY_FACTOR * estimate.seconds + CLOSING_RESERVE_S
+            prefix = f"[{index}/{len(ordered)}] {item.label}"
+            if needed > self.left():
+                summary.not_started.append(item.run.run_id)
+                self.log(f"{prefix}: not started, needs ~{estimate.seconds / 60:.1f} min ({estimate.basis}), "
+                         f"{self.left() / 60:.1f} min left")
+                continue
+            self.log(f"{prefix}: start, ~{estimate.seconds / 60:.1f} min ({estimate.basis}), "
+                     f"{item.references} references")
+            status = self.executor.execute(item.suite, item.path, item.run, prefix)
+            if status == "stopped":
+                summary.stopped_at_deadline.append(item.run.run_id)
+                continue
+            summary.ran.append(item.run.run_id)
+            summary.statuses[status] = summary.statuses.get(status, 0) + 1
+            if item.model_key is not None:
+                trained.add(model_key(item.run.config))
+            self.refresh_archive(ready, final=False)
+        self.close(ready)
+        return summary
+
+    def _estimate(self, item: PlannedRun, model_trained: bool) -> Estimate:
+        """Estimated again before each start: the records written so far calibrate it to this device, under
+        whatever else shares it."""
+        from repro.suite.tasks import TASKS
+
+        estimator = Estimator(self.results_dir, self.executor_kind)
+        workload = TASKS.get(item.suite.task).workload(item.run.config, model_trained)
+        return estimator.estimate(item.run.config, workload)
+
+    @property
+    def executor_kind(self) -> str:
+        from repro.results.provenance import device_name
+
+        return device_kind(device_name(self.device), self.device.type)
+
+    def close(self, plans: list[SuitePlan]) -> None:
+        """Gather and check the campaign's suites, then write the final archive."""
+        from repro.results.gather import gather, run_checks
+
+        names = [plan.suite.name for plan in plans]
+        if names:
+            for results, _ in gather(self.results_dir, names):
+                self.log(f"gathered {results.name}: {results.frame['run_id'].nunique()} runs")
+            checks = run_checks(self.results_dir, names)
+            counts = {s: sum(r.status == s for r in checks) for s in sorted({r.status for r in checks})}
+            self.log("check: " + (", ".join(f"{n} {s}" for s, n in counts.items()) or "no references"))
+        self.refresh_archive(plans, final=True)
+
+    def refresh_archive(self, plans: list[SuitePlan], final: bool) -> None:
+        if self.archive is None:
+            return
+        from repro.execute.archive import pack
+
+        size = pack(self.results_dir, [plan.suite.name for plan in plans], self.archive, log=self.log_path)
+        if final:
+            self.log(f"archive {self.archive}: {size / 2**20:.2f} MiB")

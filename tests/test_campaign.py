@@ -1,0 +1,93 @@
+"""``repro campaign``: a budget that is kept, complete records only, resumption, and an archive that unpacks."""
+
+import json
+import tarfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from repro.cli import main
+from repro.execute.archive import unpack
+from repro.execute.campaign import Campaign, order_runs, parse_duration, plan_suite
+from repro.execute.estimate import Estimator
+from repro.results.records import is_complete, iter_records
+from tests.conftest import TINY_SUITE
+
+
+@pytest.fixture
+def campaign_suite(suites_dir: Path) -> str:
+    """tiny with eight seeds: sixteen runs of a few seconds each, more than a minute's budget holds."""
+    text = TINY_SUITE.format(name="tiny4").replace("seeds: [0]", "seeds: [0, 1, 2, 3, 4, 5, 6, 7]")
+    (suites_dir / "tiny4.yaml").write_text(textwrap.dedent(text).replace("epochs: 1", "epochs: 4"))
+    return "tiny4"
+
+
+def _records(results: Path) -> dict[str, dict]:
+    return {r["run_id"]: r for r in iter_records(results, "tiny4")}
+
+
+def test_campaign_keeps_its_budget_resumes_and_archives(campaign_suite: str, tmp_path: Path) -> None:
+    results, archive = tmp_path / "results", tmp_path / "window.tar.gz"
+    budget = 60.0
+    start = time.monotonic()
+    first = Campaign([campaign_suite], "smoke", budget, results, device="cpu", archive=archive).run()
+    assert time.monotonic() - start < budget
+    records = _records(results)
+    assert first.ran and set(first.ran) == set(records)
+    assert all(is_complete(r) for r in records.values())
+    assert not list(results.glob("runs/**/*.tmp")) and not list(results.glob("checkpoints/*.resume.pt"))
+
+    second = Campaign([campaign_suite], "smoke", 600.0, results, device="cpu").run()
+    print(f"first call ran {len(first.ran)} runs, the second {len(second.ran)}")
+    assert not set(second.ran) & set(first.ran)
+    assert second.ran, "the first call should not have had time for every run"
+    assert len(first.ran) + len(second.ran) == 16 and len(_records(results)) == 16
+
+    fresh = tmp_path / "fresh"
+    summary = unpack(archive, fresh)
+    assert not summary.refused
+    assert {k: json.dumps(v, sort_keys=True) for k, v in _records(fresh).items()} == {
+        k: json.dumps(records[k], sort_keys=True) for k in first.ran}
+
+
+def test_order_serves_one_seed_of_every_referenced_setting_first(campaign_suite: str, tmp_path: Path) -> None:
+    plan = plan_suite(campaign_suite, "smoke", tmp_path, Estimator(tmp_path, "cpu"), set())
+    ordered = order_runs([plan])
+    assert [item.run.setting["seed"] for item in ordered[:2]] == [0, 0]
+    assert [item.phase for item in ordered] == [0, 0] + [1] * 14
+    assert {item.run.setting["normalizer"] for item in ordered[:2]} == {"bn", "gn"}
+    assert all(item.references == 1 for item in ordered)
+
+
+def test_unpack_refuses_a_record_whose_id_disagrees_with_its_content(campaign_suite: str, tmp_path: Path) -> None:
+    record_dir = tmp_path / "results" / "runs" / "tiny4"
+    record_dir.mkdir(parents=True)
+    forged = {"run_id": "0123456789abcdef", "suite": "tiny4", "status": "ok", "schema": 1,
+              "config": {"seed": 0}, "metrics": {"top1": 99.0}}
+    (record_dir / "0123456789abcdef.json").write_text(json.dumps(forged))
+    with tarfile.open(tmp_path / "forged.tar.gz", "w:gz") as tar:
+        tar.add(record_dir / "0123456789abcdef.json", arcname="runs/tiny4/0123456789abcdef.json")
+        tar.add(record_dir / "0123456789abcdef.json", arcname="../escape.json")
+    summary = unpack(tmp_path / "forged.tar.gz", tmp_path / "fresh")
+    assert len(summary.refused) == 2 and not summary.added
+    assert not (tmp_path / "fresh" / "runs").exists() and not (tmp_path / "escape.json").exists()
+
+
+def test_plan_json_lists_pending_runs_and_minutes(campaign_suite: str, capsys: pytest.CaptureFixture) -> None:
+    assert main(["campaign", campaign_suite, "--tier", "smoke", "--plan", "--json", "--plan-device", "h200"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip())
+    assert plan["suite"] == "tiny4" and plan["tier"] == "smoke" and plan["device"] == "h200"
+    assert plan["pending_runs"] == 16 and plan["estimated_minutes"] > 0
+    assert plan["estimate_basis"] == ["cost model (h200, uncalibrated)"]
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("9m", 540), ("90s", 90), ("1h30m", 5400), ("45", 45)])
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_bad_budget_is_one_line_and_exit_2(capsys: pytest.CaptureFixture) -> None:
+    assert main(["campaign", "--budget", "soon", "--plan"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
