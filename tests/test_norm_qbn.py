@@ -138,3 +138,13 @@ def test_bad_bit_widths_are_user_errors():
     with pytest.raises(UserError, match="multiplier_bits"):
         convert_to_qbn(nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)), [torch.zeros(1, 1, 2, 2)],
                        bits=8, multiplier_bits=40)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_quantized_layer_lives_on_the_batchnorms_device():
+    """A CUDA model converts to integer BN on CUDA (the first H200 window found the buffers left on the CPU)."""
+    bn = example_batchnorm().cuda()
+    qbn = QuantizedBatchNorm2d.from_batchnorm(bn, 0.05, 0.05, 8, 16)
+    assert qbn.multiplier.is_cuda and qbn.bias.is_cuda
+    assert qbn(torch.randn(2, 5, 4, 4, device="cuda")).is_cuda

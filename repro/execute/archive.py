@@ -56,6 +56,7 @@ def pack(results_dir: Path, suites: list[str], archive: Path, log: Path | None =
     handle, tmp = tempfile.mkstemp(prefix=f".{archive.name}.", dir=archive.parent)
     with os.fdopen(handle, "wb") as out:
         out.write(buffer.getvalue())
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the archive from the people it is for
     os.replace(tmp, archive)
     return buffer.tell()
 

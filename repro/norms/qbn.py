@@ -102,8 +102,8 @@ class QuantizedBatchNorm2d(nn.Module):
         else:
             raise UserError(f"qbn: no shift represents this BN with {multiplier_bits}-bit multipliers "
                             f"(largest a*s_x/s_y = {max(map(abs, ratio)):.3g})")
-        dtype = torch.int32 if accumulator_bits == 32 else torch.int64
-        return cls(torch.tensor(multipliers, dtype=dtype), torch.tensor(biases, dtype=dtype) + 2 ** (shift - 1),
+        integer = {"dtype": torch.int32 if accumulator_bits == 32 else torch.int64, "device": bn.running_mean.device}
+        return cls(torch.tensor(multipliers, **integer), torch.tensor(biases, **integer) + 2 ** (shift - 1),
                    shift, input_scale, output_scale, bits)
 
     @property

@@ -49,13 +49,13 @@ def device_name(device: torch.device) -> str:
 
 
 def source_version() -> dict[str, Any]:
-    """The commit this code came from: git where there is a checkout, else the ``source.json`` of the bundle
-    that brought it (``REPRO_SOURCE_FILE``), on a box the tree was copied to without ``.git``."""
-    commit = _git("rev-parse", "HEAD")
-    if commit is None and os.environ.get("REPRO_SOURCE_FILE"):
+    """The commit this code came from: the ``source.json`` of the bundle that brought it when
+    ``REPRO_SOURCE_FILE`` names one (a copied tree may carry no ``.git``, or a stale one), else git."""
+    if os.environ.get("REPRO_SOURCE_FILE"):
         source = json.loads(Path(os.environ["REPRO_SOURCE_FILE"]).read_text())
         return {"git_commit": source.get("git_commit"), "git_dirty": source.get("git_dirty"),
                 "source": "bundle"}
+    commit = _git("rev-parse", "HEAD")
     # results/ is what runs write, so changes there do not make the code that produced a record "dirty"
     status = _git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)results")
     return {"git_commit": commit, "git_dirty": bool(status) if status is not None else None, "source": "git"}
