@@ -49,6 +49,8 @@ class SuiteRunSummary:
     skipped: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     diverged: list[str] = field(default_factory=list)
+    #: runs handed to a cluster's scheduler (repro.execute.slurm)
+    submitted: list[str] = field(default_factory=list)
 
 
 def _now() -> str:

@@ -1,0 +1,39 @@
+"""What to run, independent of where: one tier of one suite with the options of ``repro run``."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class SuiteRequest:
+    """The options of ``repro run`` that decide what runs and how a run computes (not where it runs)."""
+
+    suite: str
+    tier: str = "smoke"
+    device: str = "auto"
+    results_dir: Path = Path("results")
+    data_dir: Path | None = None
+    force: bool = False
+    progress: bool = True
+    nproc: int = 1
+    run_ids: tuple[str, ...] | None = None
+
+    def run_command(self, suite_path: Path, run_id: str, python: str) -> list[str]:
+        """The ``repro run`` command line that runs ``run_id`` alone in a fresh process (a cluster job).
+
+        Paths are absolute because a job may start in another folder; ``--force`` is kept so a forced
+        resubmission reruns a run that has a complete record.
+        """
+        command = [*shlex.split(python), "-m", "repro", "run", str(suite_path.resolve()), "--tier", self.tier,
+                   "--run-id", run_id, "--device", self.device, "--results", str(self.results_dir.resolve()),
+                   "--no-progress"]
+        if self.data_dir is not None:
+            command += ["--data-dir", str(self.data_dir.resolve())]
+        if self.nproc > 1:
+            command += ["--nproc", str(self.nproc)]
+        if self.force:
+            command.append("--force")
+        return command
