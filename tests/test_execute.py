@@ -15,9 +15,9 @@ import pytest
 
 from repro.cli import main
 from repro.errors import UserError
+from repro.execute.base import SuiteRequest
 from repro.execute.jobs import new_entry, run_states
 from repro.execute.local import run_workers
-from repro.execute.request import SuiteRequest
 from repro.results.records import iter_records, write_json_atomic
 from repro.suite import run_suite
 from repro.suite.runner import expand_tier

@@ -68,14 +68,14 @@ def _add_executor_arguments(run: argparse.ArgumentParser) -> None:
 
 
 def _submit(args: argparse.Namespace, request) -> int:
-    from repro.execute.slurm import cluster_config, parse_sbatch_options, submit_suite
+    from repro.execute.slurm import SlurmExecutor, cluster_config, parse_sbatch_options
 
     cluster = cluster_config(args.cluster, {
         "partition": args.partition, "time": args.time, "gpus_per_node": args.gpus_per_node,
         "cpus_per_task": args.cpus_per_task, "mem_gb": args.mem,
         "sbatch_options": parse_sbatch_options(args.sbatch_option)})
-    summary = submit_suite(request, cluster, dry_run=args.dry_run, wait=args.wait,
-                           poll_s=1.0 if cluster.scheduler == "local" else 30.0)
+    poll_s = 1.0 if cluster.scheduler == "local" else 30.0
+    summary = SlurmExecutor(cluster, args.dry_run, args.wait, poll_s).run(request)
     if args.dry_run:
         return 0
     if not args.wait:
@@ -95,8 +95,8 @@ def _launch_torchrun(nproc: int, argv: list[str]) -> int:
 
 
 def _cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
-    from repro.execute.local import run_sequential, run_workers
-    from repro.execute.request import SuiteRequest
+    from repro.execute.base import SuiteRequest
+    from repro.execute.local import SequentialExecutor, WorkerExecutor
     from repro.suite.runner import check_data_parallel, resolve_device
     from repro.train.distributed import init_data_parallel, under_torchrun
 
@@ -126,8 +126,8 @@ def _cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
             return _launch_torchrun(args.nproc, argv)
         data_parallel = init_data_parallel(use_cuda=device.type == "cuda")
     try:
-        summary = (run_workers(request, args.workers) if args.workers > 1
-                   else run_sequential(request, data_parallel=data_parallel))
+        executor = WorkerExecutor(args.workers) if args.workers > 1 else SequentialExecutor(data_parallel)
+        summary = executor.run(request)
     finally:
         if data_parallel is not None:
             import torch.distributed as dist

@@ -13,10 +13,11 @@ import concurrent.futures
 import multiprocessing
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from repro.execute.request import SuiteRequest
+from repro.execute.base import SuiteRequest
 from repro.suite.runner import (
     RunRecorder,
     SuiteRunSummary,
@@ -28,12 +29,34 @@ from repro.suite.runner import (
     select_runs,
 )
 from repro.suite.tasks import RunContext, RunOutcome
+from repro.train.distributed import DataParallel
 
 _RECORDERS: dict[tuple[str, str], tuple[RunRecorder, dict]] = {}
 
 
-def run_sequential(request: SuiteRequest, echo: Callable[[str], None] = print, data_parallel=None) -> SuiteRunSummary:
-    """Today's loop: every pending run, one after another, in this process (or in step under torchrun)."""
+@dataclass(frozen=True)
+class SequentialExecutor:
+    """Today's loop: every pending run, one after another, in this process (in step with the other processes
+    under torchrun when ``data_parallel`` is set)."""
+
+    data_parallel: DataParallel | None = None
+
+    def run(self, request: SuiteRequest, echo: Callable[[str], None] = print) -> SuiteRunSummary:
+        return run_sequential(request, echo, self.data_parallel)
+
+
+@dataclass(frozen=True)
+class WorkerExecutor:
+    """``workers`` spawned processes, each running whole runs (see the module docstring)."""
+
+    workers: int
+
+    def run(self, request: SuiteRequest, echo: Callable[[str], None] = print) -> SuiteRunSummary:
+        return run_workers(request, self.workers, echo)
+
+
+def run_sequential(request: SuiteRequest, echo: Callable[[str], None] = print,
+                   data_parallel: DataParallel | None = None) -> SuiteRunSummary:
     return run_suite(request.suite, request.tier, device=request.device, results_dir=request.results_dir,
                      force=request.force, data_dir=request.data_dir, progress=request.progress, echo=echo,
                      data_parallel=data_parallel, run_ids=None if request.run_ids is None else list(request.run_ids))

@@ -17,6 +17,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,9 +25,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from repro.errors import UserError
+from repro.execute.base import SuiteRequest
 from repro.execute.job import RunJob
 from repro.execute.jobs import jobs_dir, log_path, new_entry, run_states
-from repro.execute.request import SuiteRequest
 from repro.suite.load import format_validation_error
 from repro.suite.runner import (
     SuiteRunSummary,
@@ -159,6 +160,20 @@ def _executor(cluster: ClusterConfig, folder: Path, gpus: int, job_name: str):
         raise UserError(f"--executor slurm: {err}") from None
     executor.update_parameters(**slurm_parameters(cluster, gpus, job_name))
     return executor
+
+
+@dataclass(frozen=True)
+class SlurmExecutor:
+    """Submit the pending runs as jobs (``cluster.scheduler``: Slurm, or submitit's local stand-in)."""
+
+    cluster: ClusterConfig
+    dry_run: bool = False
+    wait: bool = False
+    poll_s: float = 30.0
+
+    def run(self, request: SuiteRequest, echo: Callable[[str], None] = print) -> SuiteRunSummary:
+        return submit_suite(request, self.cluster, dry_run=self.dry_run, wait=self.wait, poll_s=self.poll_s,
+                            echo=echo)
 
 
 def submit_suite(request: SuiteRequest, cluster: ClusterConfig, *, dry_run: bool = False, wait: bool = False,

@@ -1,10 +1,15 @@
-"""What to run, independent of where: one tier of one suite with the options of ``repro run``."""
+"""The executor interface: what to run (a ``SuiteRequest``), independent of where an ``Executor`` runs it."""
 
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from repro.suite.runner import SuiteRunSummary
 
 
 @dataclass(frozen=True)
@@ -37,3 +42,13 @@ class SuiteRequest:
         if self.force:
             command.append("--force")
         return command
+
+
+class Executor(Protocol):
+    """Places a request's pending runs: in this process, on local workers, or as cluster jobs.
+
+    Every executor skips runs with a complete record (unless ``force``) and has each run's record written by
+    whoever ran it, through ``repro.suite.runner.RunRecorder``.
+    """
+
+    def run(self, request: SuiteRequest, echo: Callable[[str], None] = print) -> SuiteRunSummary: ...
