@@ -211,8 +211,9 @@ def test_without_submitit_the_error_names_the_extra(suites_dir: Path, tmp_path: 
 
     monkeypatch.setitem(sys.modules, "submitit", None)
     request = SuiteRequest("tiny", "smoke", "cpu", tmp_path / "results")
-    with pytest.raises(UserError, match=r"--executor slurm needs submitit: pip install 'repro\[slurm\]'"):
-        submit_suite(request, ClusterConfig(), echo=lambda _: None)
+    for dry_run in (True, False):
+        with pytest.raises(UserError, match=r"--executor slurm needs submitit: pip install 'repro\[slurm\]'"):
+            submit_suite(request, ClusterConfig(), dry_run=dry_run, echo=lambda _: None)
     assert not (tmp_path / "results" / "runs").exists()
 
 

@@ -141,6 +141,7 @@ def slurm_parameters(cluster: ClusterConfig, gpus: int, job_name: str) -> dict[s
 
 def sbatch_script(cluster: ClusterConfig, folder: Path, gpus: int, job_name: str, array_size: int | None) -> str:
     """The sbatch script submitit writes for an array of ``array_size`` runs (None: one job)."""
+    _import_submitit()
     from submitit.slurm.slurm import _make_sbatch_string
 
     command = f"{_python(cluster)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
