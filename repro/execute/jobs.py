@@ -81,12 +81,15 @@ def _slurm_states() -> dict[str, str]:
 
 
 def _local_state(job_id: str) -> str | None:
-    """submitit's local stand-in: the job is its controller process; running while that process lives."""
+    """submitit's local stand-in: the job is its controller process; running while that process lives (and is
+    still submitit's controller, not another process that got the id)."""
     try:
-        fields = Path(f"/proc/{int(job_id)}/stat").read_text().rsplit(")", 1)[1].split()
+        proc = Path(f"/proc/{int(job_id)}")
+        fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        command = (proc / "cmdline").read_bytes()
     except (OSError, ValueError, IndexError):
         return None
-    return None if fields[0] in ("Z", "X") else "running"
+    return None if fields[0] in ("Z", "X") or b"submitit.local._local" not in command else "running"
 
 
 def scheduler_states(entries: list[JobEntry]) -> dict[str, str]:
