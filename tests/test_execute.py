@@ -229,3 +229,40 @@ def test_executor_flags_that_do_not_go_together(suites_dir: Path, tmp_path: Path
     monkeypatch.setattr("repro.suite.runner.check_data_parallel", lambda *args: None)
     code = main(["run", "tiny", "--device", "cpu", "--results", str(tmp_path), *flags])
     assert code == 2 and message in capsys.readouterr().err
+
+
+def _fake_commands(bin_dir: Path, **scripts: str) -> None:
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        path = bin_dir / name
+        path.write_text(f"#!/bin/sh\n{body}\n")
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def test_slurm_submission_through_a_fake_sbatch_and_no_duplicate_on_resubmission(
+        suites_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """submitit's real Slurm path against fake sbatch/srun/squeue: one array of the 2 runs, job ids 4242_0 and
+    4242_1 in the job files; while squeue lists them, submitting again starts nothing."""
+    pytest.importorskip("submitit")
+    bin_dir = tmp_path / "bin"
+    _fake_commands(bin_dir, srun="exit 0", squeue="exit 0",
+                   sbatch=f'cp "$1" {tmp_path}/submitted-$$.sh; echo "Submitted batch job 4242"')
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    results = tmp_path / "results"
+    argv = ["run", "tiny", "--tier", "smoke", "--results", str(results), "--executor", "slurm", "--partition", "p1",
+            "--gpus-per-node", "2"]
+    assert main(argv) == 0
+    (script,) = tmp_path.glob("submitted-*.sh")
+    text = script.read_text()
+    assert "#SBATCH --array=0-1%" in text and "#SBATCH --partition=p1" in text and "#SBATCH --gpus-per-node=2" in text
+    _, _, runs = expand_tier("tiny", "smoke")
+    assert sorted(s.job_id for s in run_states("tiny", runs, results)) == ["4242_0", "4242_1"]
+    assert "2 submitted" in capsys.readouterr().out
+    _fake_commands(bin_dir, squeue="echo '4242_0 RUNNING'; echo '4242_1 PENDING'")
+    assert [s.state for s in run_states("tiny", runs, results)] == ["running", "queued"]
+    script.unlink()
+    assert main(argv) == 0
+    assert "0 submitted" in capsys.readouterr().out and not list(tmp_path.glob("submitted-*.sh"))
+    _fake_commands(bin_dir, squeue="echo '4242_1 PENDING'")
+    assert main(argv) == 0, "job 4242_0 ended without a record: it is submitted again, 4242_1 is not"
+    assert "1 submitted" in capsys.readouterr().out
