@@ -17,7 +17,7 @@ from typing import Any
 
 from repro.errors import UserError
 from repro.results.records import read_record, record_path, write_json_atomic
-from repro.suite.tasks import RunSpec
+from repro.tasks.base import RunSpec
 
 RUN_STATES = ("pending", "queued", "running", "ok", "failed", "diverged")
 #: squeue's job states, as this module names them; a job squeue no longer lists has ended

@@ -28,7 +28,7 @@ from repro.suite.runner import (
     run_suite,
     select_runs,
 )
-from repro.suite.tasks import RunContext, RunOutcome
+from repro.tasks.base import RunContext, RunOutcome
 from repro.train.distributed import DataParallel
 
 _RECORDERS: dict[tuple[str, str], tuple[RunRecorder, dict]] = {}

@@ -26,7 +26,7 @@ from repro.results.records import RECORD_SCHEMA, is_complete, read_record, recor
 from repro.suite.expand import expand
 from repro.suite.load import file_sha256, load_suite
 from repro.suite.schema import Suite
-from repro.suite.tasks import TASKS, RunContext, RunOutcome, RunSpec
+from repro.tasks.base import TASKS, RunContext, RunOutcome, RunSpec
 from repro.train.config import TrainConfig
 from repro.train.distributed import DataParallel
 
