@@ -75,8 +75,10 @@ def test_unpack_refuses_a_record_whose_id_disagrees_with_its_content(campaign_su
     assert not (tmp_path / "fresh" / "runs").exists() and not (tmp_path / "escape.json").exists()
 
 
-def test_plan_json_lists_pending_runs_and_minutes(campaign_suite: str, capsys: pytest.CaptureFixture) -> None:
-    assert main(["campaign", campaign_suite, "--tier", "smoke", "--plan", "--json", "--plan-device", "h200"]) == 0
+def test_plan_json_lists_pending_runs_and_minutes(campaign_suite: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    assert main(["campaign", campaign_suite, "--tier", "smoke", "--plan", "--json", "--plan-device", "h200",
+                 "--results", str(tmp_path)]) == 0
     plan = json.loads(capsys.readouterr().out.strip())
     assert plan["suite"] == "tiny4" and plan["tier"] == "smoke" and plan["device"] == "h200"
     assert plan["pending_runs"] == 16 and plan["estimated_minutes"] > 0

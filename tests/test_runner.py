@@ -15,7 +15,7 @@ from repro.data import load_dataset
 from repro.models import build_model
 from repro.results.records import iter_records, write_json_atomic
 from repro.suite import run_suite
-from repro.suite.tasks import TrainTask
+from repro.tasks.train import TrainTask
 from repro.train import TrainConfig, train_and_evaluate
 
 

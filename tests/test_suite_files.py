@@ -9,7 +9,7 @@ from repro.results.check import check
 from repro.results.tables import records_frame
 from repro.suite import expand, load_suite
 from repro.suite.schema import Suite
-from repro.suite.tasks import model_key
+from repro.tasks.base import model_key
 
 SUITES = Path(__file__).parents[1] / "suites"
 BASE = {

@@ -95,7 +95,7 @@ def plan_suite(suite_ref: str | Path, tier: str, results_dir: Path, estimator: E
                cached_models: set[str]) -> SuitePlan:
     """The suite's pending runs at ``tier`` with their phase, references and estimates (not yet ordered)."""
     from repro.suite.runner import expand_tier
-    from repro.suite.tasks import TASKS, model_key
+    from repro.tasks.base import TASKS, model_key
 
     suite, path, runs = expand_tier(suite_ref, tier)
     task = TASKS.get(suite.task)
@@ -165,8 +165,8 @@ class Campaign:
                  data_dir: Path | None = None, archive: Path | None = None, progress: bool = False,
                  echo: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
                  checkpoint_every_s: float | None = None) -> None:
-        from repro.suite.runner import RunExecutor, resolve_device
-        from repro.suite.tasks import RunContext
+        from repro.suite.runner import resolve_device
+        from repro.tasks import RunContext
 
         # a campaign runs what is already here (a GPU window has no network): no dataset comes from the hub
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -181,7 +181,6 @@ class Campaign:
         self.archive = archive
         self.log_path = results_dir / "campaign.log"
         self._echo = echo
-        self.executor = RunExecutor(self.ctx, self.log)
 
     def log(self, line: str) -> None:
         stamped = f"{time.strftime('%H:%M:%S')} {line}"
@@ -207,7 +206,8 @@ class Campaign:
         return plans
 
     def run(self) -> CampaignSummary:
-        from repro.suite.tasks import model_key
+        from repro.suite.runner import RunRecorder, SuiteRunSummary, report_outcome
+        from repro.tasks.base import model_key
 
         summary = CampaignSummary(archive=self.archive)
         plans = self.plans()
@@ -219,6 +219,7 @@ class Campaign:
         self.log(f"campaign {self.tier} on {self.device}: {len(ordered)} pending runs in "
                  f"{', '.join(p.suite.name for p in ready) or 'no suite'}; {self.left() / 60:.1f} min budget")
         trained: set[str] = set()
+        recorders = {}
         for index, item in enumerate(ordered, 1):
             cached = item.model_key is not None and (
                 item.model_key in trained or (self.results_dir / "checkpoints" / f"{item.model_key}.pt").is_file())
@@ -232,12 +233,15 @@ class Campaign:
                 continue
             self.log(f"{prefix}: start, ~{estimate.seconds / 60:.1f} min ({estimate.basis}), "
                      f"{item.references} references")
-            status = self.executor.execute(item.suite, item.path, item.run, prefix)
-            if status == "stopped":
+            if item.suite.name not in recorders:
+                recorders[item.suite.name] = RunRecorder(item.suite, item.path, self.tier, self.ctx)
+            outcome, error = recorders[item.suite.name].run(item.run)
+            report_outcome(SuiteRunSummary(item.suite.name, self.tier), item.run, prefix, outcome, error, self.log)
+            if outcome.status == "stopped":
                 summary.stopped_at_deadline.append(item.run.run_id)
                 continue
             summary.ran.append(item.run.run_id)
-            summary.statuses[status] = summary.statuses.get(status, 0) + 1
+            summary.statuses[outcome.status] = summary.statuses.get(outcome.status, 0) + 1
             if item.model_key is not None:
                 trained.add(model_key(item.run.config))
             self.refresh_archive(ready, final=False)
@@ -247,7 +251,7 @@ class Campaign:
     def _estimate(self, item: PlannedRun, model_trained: bool) -> Estimate:
         """Estimated again before each start: the records written so far calibrate it to this device, under
         whatever else shares it."""
-        from repro.suite.tasks import TASKS
+        from repro.tasks import TASKS
 
         estimator = Estimator(self.results_dir, self.executor_kind)
         workload = TASKS.get(item.suite.task).workload(item.run.config, model_trained)

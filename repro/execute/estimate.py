@@ -176,7 +176,7 @@ class Estimator:
 def _workload_of(config: dict[str, Any]) -> Workload | None:
     """The work a recorded run did, for calibration: with training, as the record's wall time includes it
     unless the model came from the checkpoint cache (then the calibration skips it)."""
-    from repro.suite.tasks import TASKS
+    from repro.tasks import TASKS
 
     if config.get("task", "train") not in TASKS:
         return None

@@ -18,8 +18,8 @@ from repro.results.tables import metric_columns, records_frame, select, summariz
 from repro.suite.expand import expand
 from repro.suite.load import load_suite, resolve_suite_path
 from repro.suite.schema import Suite
-from repro.suite.tasks import TASKS
 from repro.suite.validate import setting_columns
+from repro.tasks.base import TASKS
 
 
 @dataclass

@@ -1,11 +1,10 @@
 """Suites: pinned YAML files that expand into runs, and the runner that executes them."""
 
-from repro.suite import task_memory, task_quantize, task_tta  # noqa: F401  (registration side effect)
 from repro.suite.expand import expand
 from repro.suite.load import list_suite_files, load_suite, resolve_suite_path
 from repro.suite.runner import run_suite
 from repro.suite.schema import Suite
-from repro.suite.tasks import TASKS, RunContext, RunOutcome, RunSpec, Task, register_task
+from repro.tasks import TASKS, RunContext, RunOutcome, RunSpec, Task, register_task
 
 __all__ = [
     "TASKS",

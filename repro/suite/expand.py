@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from repro.errors import UserError
 from repro.suite.schema import Suite
-from repro.suite.tasks import TASKS, RunSpec
+from repro.tasks.base import TASKS, RunSpec
 from repro.train.config import TrainConfig
 
 _SECTIONS = {"train": "train", "task": "task_options", "model": "model"}

@@ -11,7 +11,7 @@ suite instead of being recorded as failed, since the other processes would wait 
 from __future__ import annotations
 
 import datetime
-import functools
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -26,7 +26,7 @@ from repro.results.records import RECORD_SCHEMA, is_complete, read_record, recor
 from repro.suite.expand import expand
 from repro.suite.load import file_sha256, load_suite
 from repro.suite.schema import Suite
-from repro.suite.tasks import TASKS, RunContext, RunOutcome, RunSpec
+from repro.tasks.base import TASKS, RunContext, RunOutcome, RunSpec
 from repro.train.config import TrainConfig
 from repro.train.distributed import DataParallel
 
@@ -49,6 +49,10 @@ class SuiteRunSummary:
     skipped: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     diverged: list[str] = field(default_factory=list)
+    #: runs stopped by a deadline with their training state saved (repro.train.resume)
+    stopped: list[str] = field(default_factory=list)
+    #: runs handed to a cluster's scheduler (repro.execute.slurm)
+    submitted: list[str] = field(default_factory=list)
 
 
 def _now() -> str:
@@ -94,87 +98,123 @@ def check_data_parallel(suite_ref: str | Path, tier: str, world_size: int) -> No
         DataParallel(0, world_size, torch.device("cpu")).check_batch_sizes(cfg, where=f"{path}: {run.label}")
 
 
-class RunExecutor:
-    """Runs single runs of any suite in this process and writes each one's record atomically.
+class RunRecorder:
+    """Runs one run of a suite and writes its record: the one step every executor calls.
 
-    ``run_suite`` walks one suite's runs in order with it; ``repro campaign`` picks runs across suites.
+    Whoever runs a run writes its record (atomically), so the record does not depend on where it ran: in this
+    process, in a worker process, or in a cluster job.
     """
 
-    def __init__(self, ctx: RunContext, echo: Callable[[str], None] = print) -> None:
-        self.ctx = ctx
-        self.echo = echo
-        self._fingerprint = functools.cache(lambda key: ctx.dataset(dict(key)).fingerprint())
-        self._suite_sha: dict[Path, str] = {}
+    def __init__(self, suite: Suite, suite_path: Path, tier: str, ctx: RunContext) -> None:
+        self.suite, self.tier, self.ctx = suite, tier, ctx
+        self.suite_sha = file_sha256(suite_path)
+        self.task = TASKS.get(suite.task)()
+        self._fingerprints: dict[str, str | None] = {}
 
-    @property
-    def is_main(self) -> bool:
-        return self.ctx.data_parallel is None or self.ctx.data_parallel.is_main
+    def _fingerprint(self, spec: dict) -> str | None:
+        key = repr(sorted(spec.items()))
+        if key not in self._fingerprints:
+            self._fingerprints[key] = self.ctx.dataset(spec).fingerprint()
+        return self._fingerprints[key]
 
-    def execute(self, suite: Suite, path: Path, run: RunSpec, prefix: str) -> str:
-        """Run ``run`` and write its record (rank 0 only); returns its status."""
+    def run(self, run: RunSpec) -> tuple[RunOutcome, str | None]:
+        """Run ``run`` and write its record (on rank 0 only when data-parallel); return outcome and error."""
         ctx, data_parallel = self.ctx, self.ctx.data_parallel
-        task = TASKS.get(suite.task)()
         started = _now()
         if data_parallel is None:
-            outcome, error = _outcome_or_failure(task, run, ctx)
+            outcome, error = _outcome_or_failure(self.task, run, ctx)
         else:
-            outcome, error = task.run(run, ctx), None
-        if not self.is_main:
-            return outcome.status
-        if outcome.status == "stopped":
-            self.echo(f"{prefix}: stopped at the deadline; its training state is saved and the next run resumes it")
-            return outcome.status
+            outcome, error = self.task.run(run, ctx), None
+        if (data_parallel is not None and not data_parallel.is_main) or outcome.status == "stopped":
+            return outcome, error  # a stopped run has saved its training state; its record comes when it ends
         data = ctx.dataset(run.config["dataset"])
-        suite_sha = self._suite_sha.setdefault(path, file_sha256(path))
         record = {
-            "schema": RECORD_SCHEMA, "suite": suite.name, "suite_version": suite.version, "run_id": run.run_id,
-            "status": outcome.status, "tier": run.tier, "setting": run.setting, "config": run.config,
-            "metrics": outcome.metrics, "curve": outcome.curve, "rows": outcome.rows,
+            "schema": RECORD_SCHEMA, "suite": self.suite.name, "suite_version": self.suite.version,
+            "run_id": run.run_id, "status": outcome.status, "tier": self.tier, "setting": run.setting,
+            "config": run.config, "metrics": outcome.metrics, "curve": outcome.curve, "rows": outcome.rows,
             "wall_time_s": outcome.wall_time_s, "peak_memory_mb": outcome.peak_memory_mb,
             "images_per_s": outcome.images_per_s, "diverged_step": outcome.diverged_step, "extra": outcome.extra,
             "error": error, "started_at": started, "finished_at": _now(),
             "provenance": {
-                **provenance(ctx.device, self._fingerprint(tuple(sorted(run.config["dataset"].items()))),
-                             data.source, suite_sha),
+                **provenance(ctx.device, self._fingerprint(run.config["dataset"]), data.source, self.suite_sha),
                 "processes": 1 if data_parallel is None else data_parallel.world_size,
+                **job_provenance(),
             },
         }
-        write_json_atomic(record_path(ctx.results_dir, suite.name, run.run_id), record)
-        if outcome.status == "failed":
-            self.echo(f"{prefix}: FAILED: {error.splitlines()[0]}")
-        elif outcome.status == "diverged":
-            self.echo(f"{prefix}: diverged at step {outcome.diverged_step}")
-        else:
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in outcome.metrics.items() if isinstance(v, float))
-            self.echo(f"{prefix}: ok in {outcome.wall_time_s:.1f}s: {shown}")
-        return outcome.status
+        write_json_atomic(record_path(ctx.results_dir, self.suite.name, run.run_id), record)
+        return outcome, error
+
+
+def job_provenance() -> dict[str, dict[str, str]]:
+    """The cluster job that ran this process (set by repro.execute's job wrapper), so a record names its log."""
+    job_id, log = os.environ.get("REPRO_JOB_ID"), os.environ.get("REPRO_JOB_LOG")
+    return {"job": {"id": job_id or "", "log": log or ""}} if job_id or log else {}
+
+
+def complete_run_ids(suite: Suite, runs: list[RunSpec], results_dir: Path, force: bool) -> set[str]:
+    """Runs whose record is complete (``ok`` or ``diverged``): skipped unless ``force``."""
+    if force:
+        return set()
+    return {run.run_id for run in runs if is_complete(read_record(record_path(results_dir, suite.name, run.run_id)))}
+
+
+def select_runs(runs: list[RunSpec], run_ids: list[str] | None, where: Path) -> list[RunSpec]:
+    """The runs named by ``--run-id`` (all when None), in expansion order."""
+    if run_ids is None:
+        return runs
+    known = {run.run_id for run in runs}
+    unknown = [run_id for run_id in run_ids if run_id not in known]
+    if unknown:
+        raise UserError(f"{where}: --run-id {unknown[0]}: no run of this tier has that id")
+    return [run for run in runs if run.run_id in run_ids]
+
+
+def report_outcome(summary: SuiteRunSummary, run: RunSpec, prefix: str, outcome: RunOutcome, error: str | None,
+                   echo: Callable[[str], None]) -> None:
+    """Add a finished run to the summary and print its one line."""
+    if outcome.status == "stopped":
+        summary.stopped.append(run.run_id)
+        echo(f"{prefix}: stopped at the deadline; its training state is saved and the next run resumes it")
+        return
+    summary.ran.append(run.run_id)
+    if outcome.status == "failed":
+        summary.failed.append(run.run_id)
+        echo(f"{prefix}: FAILED: {error.splitlines()[0] if error else ''}")
+    elif outcome.status == "diverged":
+        summary.diverged.append(run.run_id)
+        echo(f"{prefix}: diverged at step {outcome.diverged_step}")
+    else:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in outcome.metrics.items() if isinstance(v, float))
+        echo(f"{prefix}: ok in {outcome.wall_time_s:.1f}s: {shown}")
 
 
 def run_suite(suite_ref: str | Path, tier: str, *, device: str = "auto", results_dir: Path = Path("results"),
               force: bool = False, data_dir: Path | None = None, progress: bool = True,
               echo: Callable[[str], None] = print, data_parallel: DataParallel | None = None,
-              checkpoint_every_s: float | None = None) -> SuiteRunSummary:
+              run_ids: list[str] | None = None, checkpoint_every_s: float | None = None) -> SuiteRunSummary:
     suite, path, runs = expand_tier(suite_ref, tier)
+    runs = select_runs(runs, run_ids, path)
     torch_device = resolve_device(device) if data_parallel is None else data_parallel.device
     is_main = data_parallel is None or data_parallel.is_main
     if not is_main:
         echo, progress = (lambda _: None), False
     ctx = RunContext(torch_device, results_dir, data_dir, progress, data_parallel=data_parallel,
                      checkpoint_every_s=checkpoint_every_s)
-    executor = RunExecutor(ctx, echo)
+    recorder = RunRecorder(suite, path, tier, ctx)
     summary = SuiteRunSummary(suite.name, tier)
     processes = "" if data_parallel is None else f" x {data_parallel.world_size} processes"
     echo(f"suite {suite.name} v{suite.version}, tier {tier}: {len(runs)} runs on {torch_device}{processes} "
          f"-> {results_dir}")
-    complete = {run.run_id for run in runs
-                if not force and is_complete(read_record(record_path(results_dir, suite.name, run.run_id)))}
+    complete = complete_run_ids(suite, runs, results_dir, force)
     for index, run in enumerate(runs, 1):
         prefix = f"[{index}/{len(runs)}] {run.label}"
         if run.run_id in complete:
             summary.skipped.append(run.run_id)
             echo(f"{prefix}: complete, skipped ({run.run_id}.json)")
             continue
-        status = executor.execute(suite, path, run, prefix)
-        summary.ran.append(run.run_id)
-        {"failed": summary.failed, "diverged": summary.diverged}.get(status, []).append(run.run_id)
+        outcome, error = recorder.run(run)
+        if is_main:
+            report_outcome(summary, run, prefix, outcome, error, echo)
+        else:
+            summary.ran.append(run.run_id)
     return summary

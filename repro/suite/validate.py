@@ -11,7 +11,7 @@ from repro.data import DATASETS
 from repro.errors import UserError
 from repro.norms import NORMALIZERS, create_normalizer
 from repro.suite.schema import Suite
-from repro.suite.tasks import TASKS
+from repro.tasks.base import TASKS
 from repro.train.config import TrainConfig
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from repro.data import make_loader
 from repro.errors import UserError
 from repro.norms.qbn import convert_to_qbn, float_operations_in_integer_path, measure_qbn
-from repro.suite.tasks import RunContext, RunOutcome, RunSpec, Task, register_task, train_or_load
+from repro.tasks.base import RunContext, RunOutcome, RunSpec, Task, register_task, train_or_load
 
 
 class QuantizeOptions(BaseModel):

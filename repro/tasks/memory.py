@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from repro.execute.estimate import Workload
 from repro.models import build_model
-from repro.suite.tasks import RunContext, RunOutcome, RunSpec, Task, register_task
+from repro.tasks.base import RunContext, RunOutcome, RunSpec, Task, register_task
 from repro.train import seed_everything
 from repro.train.timing import measure_step_time
 
@@ -64,7 +64,7 @@ def measure_training_step(config: dict[str, Any], device: str, threads: int) -> 
     return dataclasses.asdict(timing)
 
 
-_CHILD = ("import json, sys; from repro.suite.task_memory import measure_training_step; "
+_CHILD = ("import json, sys; from repro.tasks.memory import measure_training_step; "
           "print(json.dumps(measure_training_step(*json.loads(sys.argv[1]))))")
 
 

@@ -1,14 +1,12 @@
-"""What a run does: one registry of tasks. ``train`` trains and evaluates one configuration.
+"""What a run does: one registry of tasks, the run's spec and context, and the trained-model cache tasks share.
 
-Other tasks (test-time adaptation, quantization, memory measurement) register here the same way: a class with
-an ``Options`` model (validated from the suite's ``task_options``) and a ``run`` method returning the fields
+A task (``train``, ``tta``, ``quantize``, ``memory``: one module each in this package) registers here: a class
+with an ``Options`` model (validated from the suite's ``task_options``) and a ``run`` method returning the fields
 of the run record.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import hashlib
 import json
 import time
@@ -21,14 +19,12 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from repro.data import ImageDataset, load_dataset
-from repro.errors import UserError
 from repro.execute.estimate import Workload, training_workload
 from repro.models import build_model
 from repro.registry import Registry
 from repro.train import TrainConfig, TrainResult, seed_everything, train_and_evaluate
 from repro.train.distributed import DataParallel
 from repro.train.resume import ResumePolicy
-from repro.train.timing import measure_step_time
 
 
 @dataclass
@@ -201,61 +197,3 @@ def train_or_load(run: RunSpec, ctx: RunContext, *, save: bool = True) -> Traine
     if save and result.status == "ok":
         save_checkpoint(model, result.metrics, run, ctx)
     return TrainedModel(model, data, result.status, result.metrics, from_checkpoint=False, result=result)
-
-
-def step_time_against_bn(run: RunSpec, model: torch.nn.Module, data: ImageDataset, cfg: TrainConfig,
-                         device: torch.device) -> dict[str, float]:
-    """Median time of a training step on one micro-batch: the trained model (a copy, past any burn-in, so CBN
-    times its cross-iteration path) and a freshly built BN model of the same backbone.
-
-    On CPU the process's CPU time is used: on a shared machine it is far steadier than wall time.
-    """
-    shape = {"batch_size": cfg.micro_batch or cfg.batch_size, "image_size": data.train.image_size,
-             "in_chans": data.in_chans, "num_classes": data.num_classes, "device": device}
-    bn_twin = build_model(run.config["backbone"], "bn", num_classes=data.num_classes, in_chans=data.in_chans,
-                          small_input=run.config["model"]["small_input"])
-    timings = [measure_step_time(m, **shape) for m in (copy.deepcopy(model), bn_twin)]
-    step_ms, bn_step_ms = (t.median_ms if device.type == "cuda" else t.median_cpu_ms for t in timings)
-    return {"micro_step_ms": step_ms, "bn_micro_step_ms": bn_step_ms, "step_time_vs_bn": step_ms / bn_step_ms}
-
-
-class TrainOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    save_checkpoint: bool = False
-    sync_batchnorm: bool = False
-    #: also time the trained model's step next to a BN twin's, back to back on this machine (normalizer cost)
-    step_time_vs_bn: bool = False
-
-
-@register_task("train")
-class TrainTask(Task):
-    """Train from scratch and evaluate top-1 and loss on the test split after every epoch.
-
-    Under ``repro run --nproc N`` each process trains on its slice of every batch (see repro.train.distributed),
-    optionally with synchronized BatchNorm; only rank 0 saves the checkpoint.
-    """
-
-    Options = TrainOptions
-    table_metrics = ("top1", "best_top1", "loss", "step_time_ms", "step_time_vs_bn", "images_per_s", "peak_memory_mb")
-
-    def run(self, run: RunSpec, ctx: RunContext) -> RunOutcome:
-        options = TrainOptions.model_validate(run.config["task_options"])
-        data_parallel = ctx.data_parallel
-        if options.sync_batchnorm:
-            if data_parallel is None:
-                raise UserError(f"suite {run.suite}: task_options.sync_batchnorm needs data-parallel processes "
-                                "(repro run --nproc N)")
-            data_parallel = dataclasses.replace(data_parallel, sync_batchnorm=True)
-        data = ctx.dataset(run.config["dataset"])
-        model = build_run_model(run, data)
-        cfg = TrainConfig.model_validate(run.config["train"])
-        result = train_and_evaluate(model, data, cfg, device=ctx.device, seed=run.config["seed"], progress=ctx.progress,
-                                    description=run.label, data_parallel=data_parallel,
-                                    resume=ctx.resume_policy(run))
-        is_main = data_parallel is None or data_parallel.is_main
-        if options.save_checkpoint and result.status == "ok" and is_main:
-            save_checkpoint(model, result.metrics, run, ctx)
-        if options.step_time_vs_bn and result.status == "ok" and is_main:
-            result.metrics.update(step_time_against_bn(run, model, data, cfg, ctx.device))
-        return RunOutcome(result.status, result.metrics, result.wall_time_s, result.images_per_s,
-                          result.peak_memory_mb, result.curve, diverged_step=result.diverged_step, extra=result.extra)

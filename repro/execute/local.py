@@ -1,0 +1,127 @@
+"""Local executors: the sequential loop of ``repro run``, and ``--workers K`` processes running runs at once.
+
+Workers are spawned processes. Each is pinned to one GPU (``CUDA_VISIBLE_DEVICES``, round-robin over the visible
+ones) or shares the one device; small models at 28 px leave a large GPU mostly idle, so several runs fill it.
+A worker runs a run exactly as the sequential loop does (``RunRecorder``) and writes its record, so run ids and
+records are the same. On CPU the workers split the parent's threads; numbers equal a sequential run at the same
+per-process thread count.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from repro.execute.base import SuiteRequest
+from repro.suite.runner import (
+    RunRecorder,
+    SuiteRunSummary,
+    complete_run_ids,
+    expand_tier,
+    report_outcome,
+    resolve_device,
+    run_suite,
+    select_runs,
+)
+from repro.tasks.base import RunContext, RunOutcome
+from repro.train.distributed import DataParallel
+
+_RECORDERS: dict[tuple[str, str], tuple[RunRecorder, dict]] = {}
+
+
+@dataclass(frozen=True)
+class SequentialExecutor:
+    """Today's loop: every pending run, one after another, in this process (in step with the other processes
+    under torchrun when ``data_parallel`` is set)."""
+
+    data_parallel: DataParallel | None = None
+
+    def run(self, request: SuiteRequest, echo: Callable[[str], None] = print) -> SuiteRunSummary:
+        return run_sequential(request, echo, self.data_parallel)
+
+
+@dataclass(frozen=True)
+class WorkerExecutor:
+    """``workers`` spawned processes, each running whole runs (see the module docstring)."""
+
+    workers: int
+
+    def run(self, request: SuiteRequest, echo: Callable[[str], None] = print) -> SuiteRunSummary:
+        return run_workers(request, self.workers, echo)
+
+
+def run_sequential(request: SuiteRequest, echo: Callable[[str], None] = print,
+                   data_parallel: DataParallel | None = None) -> SuiteRunSummary:
+    return run_suite(request.suite, request.tier, device=request.device, results_dir=request.results_dir,
+                     force=request.force, data_dir=request.data_dir, progress=request.progress, echo=echo,
+                     data_parallel=data_parallel, run_ids=None if request.run_ids is None else list(request.run_ids),
+                     checkpoint_every_s=request.checkpoint_every_s)
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` entries."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [entry for entry in listed.split(",") if entry.strip()]
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
+def _start_worker(counter, gpus: list[str], threads: int) -> None:
+    """Pin this worker to its GPU before CUDA starts, and give it its share of the CPU threads."""
+    with counter.get_lock():
+        index = counter.value
+        counter.value += 1
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+    torch.set_num_threads(threads)
+
+
+def _run_in_worker(request: SuiteRequest, run_id: str) -> tuple[str, RunOutcome, str | None]:
+    key = (request.suite, request.tier)
+    if key not in _RECORDERS:
+        suite, path, runs = expand_tier(request.suite, request.tier)
+        ctx = RunContext(resolve_device(request.device), request.results_dir, request.data_dir, progress=False,
+                         checkpoint_every_s=request.checkpoint_every_s)
+        _RECORDERS[key] = RunRecorder(suite, path, request.tier, ctx), {run.run_id: run for run in runs}
+    recorder, runs_by_id = _RECORDERS[key]
+    outcome, error = recorder.run(runs_by_id[run_id])
+    return run_id, outcome, error
+
+
+def run_workers(request: SuiteRequest, workers: int, echo: Callable[[str], None] = print) -> SuiteRunSummary:
+    """Run the pending runs on ``workers`` spawned processes (one process per run, so ``request.nproc`` is 1);
+    records as the sequential loop writes them."""
+    suite, path, runs = expand_tier(request.suite, request.tier)
+    runs = select_runs(runs, None if request.run_ids is None else list(request.run_ids), path)
+    device = resolve_device(request.device)
+    gpus = visible_gpus() if device.type == "cuda" else []
+    summary = SuiteRunSummary(suite.name, request.tier)
+    complete = complete_run_ids(suite, runs, request.results_dir, request.force)
+    pending = [run for run in runs if run.run_id not in complete]
+    summary.skipped.extend(run.run_id for run in runs if run.run_id in complete)
+    placement = f"{len(gpus)} GPUs" if gpus else str(device)
+    echo(f"suite {suite.name} v{suite.version}, tier {request.tier}: {len(runs)} runs ({len(complete)} complete) "
+         f"on {workers} workers, {placement} -> {request.results_dir}")
+    if not pending:
+        return summary
+    threads = max(1, torch.get_num_threads() // workers)
+    context = multiprocessing.get_context("spawn")
+    counter = context.Value("i", 0)
+    by_id = {run.run_id: run for run in pending}
+    with concurrent.futures.ProcessPoolExecutor(min(workers, len(pending)), mp_context=context,
+                                                initializer=_start_worker, initargs=(counter, gpus, threads)) as pool:
+        futures = [pool.submit(_run_in_worker, request, run.run_id) for run in pending]
+        try:
+            for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+                run_id, outcome, error = future.result()
+                run = by_id[run_id]
+                report_outcome(summary, run, f"[{done}/{len(pending)}] {run.label}", outcome, error, echo)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return summary

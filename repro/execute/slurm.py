@@ -1,0 +1,250 @@
+"""Slurm executor through submitit: one job per run, in job arrays with a concurrency limit.
+
+Each job runs ``repro run SUITE --run-id ID`` in a child process, with stdout and stderr appended to
+``RESULTS/jobs/<suite>/logs/<run_id>.log``; a run with ``--nproc N`` becomes one job with N GPUs, in which
+``repro run`` starts torchrun. On preemption or time-out submitit asks the job to checkpoint and requeues it
+(same job id); the run starts again and continues from its checkpoint when it saves one. Its record is written
+once, when the run ends, by the job that ran it.
+
+``scheduler: local`` in the cluster block swaps Slurm for submitit's local executor (each job a local process):
+the stand-in the tests use, and a way to try a cluster setup on a workstation. submitit is an optional extra
+(``pip install 'repro[slurm]'``), imported only here and only when jobs are submitted.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from repro.errors import UserError
+from repro.execute.base import SuiteRequest
+from repro.execute.job import RunJob
+from repro.execute.jobs import jobs_dir, log_path, new_entry, run_states
+from repro.suite.load import format_validation_error
+from repro.suite.runner import (
+    SuiteRunSummary,
+    check_data_parallel,
+    complete_run_ids,
+    expand_tier,
+    select_runs,
+)
+
+
+class ClusterConfig(BaseModel):
+    """The ``cluster:`` block of a user's file (not of a suite: suites stay portable across clusters)."""
+
+    model_config = ConfigDict(extra="forbid")
+    scheduler: Literal["slurm", "local"] = "slurm"
+    partition: str | None = None
+    #: minutes per job; a run that needs longer is requeued on time-out (up to max_requeues)
+    time: int = Field(1440, ge=1)
+    #: GPUs per job when a run uses one process; a run with --nproc N gets N
+    gpus_per_node: int = Field(1, ge=0)
+    cpus_per_task: int | None = Field(None, ge=1)
+    mem_gb: float | None = Field(None, gt=0)
+    #: at most this many array tasks run at once
+    array_parallelism: int = Field(64, ge=1)
+    #: false: one job per run instead of one array per submission
+    array: bool = True
+    max_requeues: int = Field(3, ge=0)
+    #: extra sbatch options, e.g. {account: mylab, qos: high, constraint: a100}
+    sbatch_options: dict[str, str | int | bool] = Field(default_factory=dict)
+    #: shell lines run in the job before repro (module load, source a venv)
+    setup: list[str] = Field(default_factory=list)
+    #: the Python that runs repro in the job (default: this one; the file system is shared)
+    python: str | None = None
+
+
+class _ClusterFile(BaseModel):
+    cluster: ClusterConfig
+
+
+def load_cluster_file(path: Path) -> ClusterConfig:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the cluster file ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(raw, dict) or "cluster" not in raw:
+        raise UserError(f"{path}: field cluster: required but missing (a mapping of partition, time, ...)")
+    try:
+        return _ClusterFile.model_validate({"cluster": raw["cluster"]}).cluster
+    except ValidationError as err:
+        raise UserError(format_validation_error(path, err, _ClusterFile)) from None
+
+
+def cluster_config(path: Path | None, overrides: dict[str, Any]) -> ClusterConfig:
+    """The cluster file's block (or the defaults) with the command line's flags on top."""
+    base = load_cluster_file(path) if path is not None else ClusterConfig()
+    given = {key: value for key, value in overrides.items() if value is not None and value != {}}
+    if "sbatch_options" in given:
+        given["sbatch_options"] = {**base.sbatch_options, **given["sbatch_options"]}
+    try:
+        return ClusterConfig.model_validate({**base.model_dump(), **given})
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise UserError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+
+
+def parse_sbatch_options(options: list[str]) -> dict[str, str | bool]:
+    """``--sbatch-option account=mylab`` (or a bare flag such as ``exclusive``) -> {"account": "mylab"}."""
+    parsed: dict[str, str | bool] = {}
+    for option in options:
+        key, sep, value = option.removeprefix("--").partition("=")
+        if not key:
+            raise UserError(f"--sbatch-option {option!r}: expected KEY=VALUE or KEY")
+        parsed[key] = value if sep else True
+    return parsed
+
+
+def _import_submitit():
+    try:
+        import submitit
+    except ImportError:
+        raise UserError("--executor slurm needs submitit: pip install 'repro[slurm]'") from None
+    return submitit
+
+
+def _python(cluster: ClusterConfig) -> str:
+    return cluster.python or shlex.quote(sys.executable)
+
+
+def slurm_parameters(cluster: ClusterConfig, gpus: int, job_name: str) -> dict[str, Any]:
+    """submitit's SlurmExecutor parameters (sbatch's names) for one job of a run."""
+    params: dict[str, Any] = {
+        "job_name": job_name, "time": cluster.time, "nodes": 1, "ntasks_per_node": 1,
+        "array_parallelism": cluster.array_parallelism, "stderr_to_stdout": True,
+    }
+    if gpus:
+        params["gpus_per_node"] = gpus
+    if cluster.partition:
+        params["partition"] = cluster.partition
+    if cluster.cpus_per_task:
+        params["cpus_per_task"] = cluster.cpus_per_task
+    if cluster.mem_gb:
+        params["mem"] = f"{cluster.mem_gb:g}GB"
+    if cluster.setup:
+        params["setup"] = list(cluster.setup)
+    if cluster.sbatch_options:
+        params["additional_parameters"] = dict(cluster.sbatch_options)
+    return params
+
+
+def sbatch_script(cluster: ClusterConfig, folder: Path, gpus: int, job_name: str, array_size: int | None) -> str:
+    """The sbatch script submitit writes for an array of ``array_size`` runs (None: one job)."""
+    _import_submitit()
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    command = f"{_python(cluster)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    return _make_sbatch_string(command=command, folder=folder, map_count=array_size,
+                               **slurm_parameters(cluster, gpus, job_name))
+
+
+def _executor(cluster: ClusterConfig, folder: Path, gpus: int, job_name: str):
+    submitit = _import_submitit()
+    if cluster.scheduler == "local":
+        executor = submitit.LocalExecutor(folder, max_num_timeout=cluster.max_requeues, python=_python(cluster))
+        executor.update_parameters(timeout_min=cluster.time, gpus_per_node=gpus, setup=list(cluster.setup))
+        return executor
+    try:
+        executor = submitit.SlurmExecutor(folder, max_num_timeout=cluster.max_requeues, python=_python(cluster))
+    except RuntimeError as err:
+        raise UserError(f"--executor slurm: {err}") from None
+    executor.update_parameters(**slurm_parameters(cluster, gpus, job_name))
+    return executor
+
+
+@dataclass(frozen=True)
+class SlurmExecutor:
+    """Submit the pending runs as jobs (``cluster.scheduler``: Slurm, or submitit's local stand-in)."""
+
+    cluster: ClusterConfig
+    dry_run: bool = False
+    wait: bool = False
+    poll_s: float = 30.0
+
+    def run(self, request: SuiteRequest, echo: Callable[[str], None] = print) -> SuiteRunSummary:
+        return submit_suite(request, self.cluster, dry_run=self.dry_run, wait=self.wait, poll_s=self.poll_s,
+                            echo=echo)
+
+
+def submit_suite(request: SuiteRequest, cluster: ClusterConfig, *, dry_run: bool = False, wait: bool = False,
+                 poll_s: float = 30.0, echo: Callable[[str], None] = print) -> SuiteRunSummary:
+    """Submit every run that has no complete record and no queued or running job; optionally wait for all."""
+    suite, path, runs = expand_tier(request.suite, request.tier)
+    runs = select_runs(runs, None if request.run_ids is None else list(request.run_ids), path)
+    if request.nproc > 1:
+        check_data_parallel(request.suite, request.tier, request.nproc)
+    summary = SuiteRunSummary(suite.name, request.tier)
+    complete = complete_run_ids(suite, runs, request.results_dir, request.force)
+    active = {state.run.run_id for state in run_states(suite.name, runs, request.results_dir)
+              if state.state in ("queued", "running")}
+    todo = [run for run in runs if run.run_id not in complete and run.run_id not in active]
+    summary.skipped.extend(run.run_id for run in runs if run.run_id in complete or run.run_id in active)
+    gpus = 0 if request.device == "cpu" else request.nproc if request.nproc > 1 else cluster.gpus_per_node
+    folder = (jobs_dir(request.results_dir, suite.name) / "submitit").resolve()
+    job_name = f"repro-{suite.name}"
+    commands = {run.run_id: request.run_command(path, run.run_id, _python(cluster)) for run in todo}
+    echo(f"suite {suite.name} v{suite.version}, tier {request.tier}: {len(runs)} runs, {len(complete)} complete, "
+         f"{len(active)} queued or running, {len(todo)} to submit ({cluster.scheduler}, {gpus} GPUs per job)")
+    if dry_run:
+        _print_dry_run(cluster, folder, gpus, job_name, todo, commands, echo)
+        return summary
+    if todo:
+        executor = _executor(cluster, folder, gpus, job_name)
+        log_of = {run.run_id: log_path(request.results_dir, suite.name, run.run_id).resolve() for run in todo}
+        jobs_of = [RunJob(commands[run.run_id], log_of[run.run_id]) for run in todo]
+        if cluster.array:
+            with executor.batch():
+                jobs = [executor.submit(job) for job in jobs_of]
+        else:
+            jobs = [executor.submit(job) for job in jobs_of]
+        for run, job in zip(todo, jobs, strict=True):
+            new_entry(run.run_id, str(job.job_id), cluster.scheduler, log_of[run.run_id],
+                      commands[run.run_id]).write(request.results_dir, suite.name)
+            summary.submitted.append(run.run_id)
+            echo(f"{run.label}: job {job.job_id}, log {log_of[run.run_id]}")
+    if wait:
+        wait_for_runs(suite.name, runs, request.results_dir, summary, poll_s=poll_s, echo=echo)
+    return summary
+
+
+def _print_dry_run(cluster: ClusterConfig, folder: Path, gpus: int, job_name: str, todo: list, commands: dict,
+                   echo: Callable[[str], None]) -> None:
+    if not todo:
+        echo("nothing to submit")
+        return
+    batches = [todo] if cluster.array else [[run] for run in todo]
+    for batch in batches:
+        size = len(batch) if len(batch) > 1 else None
+        echo(f"# --- sbatch script ({'array of ' + str(size) + ' runs' if size else 'one run'}) ---")
+        echo(sbatch_script(cluster, folder, gpus, job_name, size))
+        for index, run in enumerate(batch):
+            echo(f"# task {index}: {run.run_id} {run.label}\n#   {shlex.join(commands[run.run_id])}")
+
+
+def wait_for_runs(suite: str, runs: list, results_dir: Path, summary: SuiteRunSummary, *, poll_s: float,
+                  echo: Callable[[str], None]) -> None:
+    """Return when no run is queued or running; fill the summary from the records, like the local runner."""
+    while True:
+        states = run_states(suite, runs, results_dir)
+        if not any(state.state in ("queued", "running") for state in states):
+            break
+        time.sleep(poll_s)
+    for state in states:
+        if state.run.run_id in summary.submitted:
+            summary.ran.append(state.run.run_id)
+            if state.state in ("failed", "pending"):
+                summary.failed.append(state.run.run_id)
+                echo(f"{state.run.label}: FAILED (job {state.job_id}; log {state.log})")
+            elif state.state == "diverged":
+                summary.diverged.append(state.run.run_id)
