@@ -204,12 +204,13 @@ def _cmd_gather(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     from repro.results.check import report_frame
     from repro.results.gather import run_checks
+    from repro.results.tables import markdown
 
     results = run_checks(args.results, [Path(s).stem for s in args.suites] or None)
     if not results:
         print(f"no references to check in {args.results}")
         return 0
-    print(report_frame(results).to_markdown(index=False))
+    print(markdown(report_frame(results)))
     counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "not run")}
     print(f"\n{counts['pass']} passed, {counts['fail']} failed, {counts['not run']} not run")
     return 1 if counts["fail"] else 0

@@ -14,7 +14,7 @@ import pandas as pd
 from repro.errors import UserError
 from repro.results.check import CheckResult, check, report_frame
 from repro.results.records import iter_records
-from repro.results.tables import metric_columns, records_frame, select, summarize, to_markdown
+from repro.results.tables import markdown, metric_columns, records_frame, select, summarize, to_markdown
 from repro.suite.expand import expand
 from repro.suite.load import load_suite, resolve_suite_path
 from repro.suite.schema import Suite
@@ -125,7 +125,7 @@ def run_checks(results_dir: Path, names: list[str] | None = None) -> list[CheckR
     checks = results_dir / "checks"
     checks.mkdir(parents=True, exist_ok=True)
     for name, part in report_frame(out).groupby("suite") if out else []:
-        table = part.drop(columns="suite").to_markdown(index=False)
+        table = markdown(part.drop(columns="suite"))
         (checks / f"{name}.md").write_text(f"# {name}: check\n\n{table}\n")
     write_index(results_dir)
     return out

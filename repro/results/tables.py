@@ -7,6 +7,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from repro.errors import UserError
+
 RUN_FIELDS = ("wall_time_s", "images_per_s", "peak_memory_mb")
 
 
@@ -50,6 +52,15 @@ def _mean_std(mean: float, std: float) -> str:
     return f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
 
 
+def markdown(frame: pd.DataFrame) -> str:
+    """``frame`` as a markdown table; pandas draws those with the optional ``tabulate`` package."""
+    try:
+        return frame.to_markdown(index=False)
+    except ImportError:
+        raise UserError("markdown tables and check reports need the `tabulate` package: pip install tabulate "
+                        "(`repro bundle` includes it)") from None
+
+
 def to_markdown(summary: pd.DataFrame, setting_columns: list[str], metrics: list[str]) -> str:
     """A readable table: setting columns, then 'mean ± std' per metric, then n."""
     keys = ["tier", *[c for c in setting_columns if c in summary.columns]]
@@ -61,7 +72,7 @@ def to_markdown(summary: pd.DataFrame, setting_columns: list[str], metrics: list
     shown["n"] = summary["n"]
     if summary["n_diverged"].any():
         shown["diverged"] = summary["n_diverged"]
-    return shown.to_markdown(index=False)
+    return markdown(shown)
 
 
 def select(frame: pd.DataFrame, setting: dict[str, Any]) -> pd.DataFrame:
