@@ -5,7 +5,8 @@ Three bases, best first:
 1. ``measured``: complete records of the same configuration (any seed) on the same device kind; their mean
    wall time. The seed changes no shape, so it changes the time only by noise.
 2. ``cost model, calibrated``: the cost model below, scaled by the median ratio of measured to modelled time
-   over every record of this device kind in the results folder.
+   over the records of the same task on this device kind (a memory probe and a 30-epoch training run err
+   differently).
 3. ``cost model``: the images a run pushes through its model times the model's forward FLOPs (counted once per
    architecture by ``torch.utils.flop_counter`` on a one-image batch), over a per-device rate, plus a fixed
    cost per pass (kernel launches, Python): small models at 28 px are launch-bound, not FLOP-bound.
@@ -143,7 +144,7 @@ class Estimator:
 
         self.kind = kind
         self._measured: dict[str, list[float]] = {}
-        self._ratios: list[float] = []
+        self._ratios: dict[str, list[float]] = {}
         for record in iter_records(results_dir):
             if record.get("status") not in COMPLETE_STATUSES or record_device_kind(record) != kind:
                 continue
@@ -159,17 +160,18 @@ class Estimator:
                 except Exception:  # a backbone this version cannot build: no calibration from it
                     continue
                 if modelled > 0:
-                    self._ratios.append(wall / modelled)
+                    self._ratios.setdefault(config.get("task", "train"), []).append(wall / modelled)
 
     def estimate(self, config: dict[str, Any], workload: Workload) -> Estimate:
         measured = self._measured.get(seedless_key(config))
         if measured:
             return Estimate(statistics.fmean(measured), f"measured ({len(measured)} records on {self.kind})")
         seconds = modelled_seconds(config, workload, self.kind)
-        if self._ratios:
-            scale = statistics.median(self._ratios)
+        ratios = self._ratios.get(config.get("task", "train"))
+        if ratios:
+            scale = statistics.median(ratios)
             return Estimate(seconds * scale,
-                            f"cost model x {scale:.2f} (calibrated on {len(self._ratios)} {self.kind} records)")
+                            f"cost model x {scale:.2f} (calibrated on {len(ratios)} {self.kind} records)")
         return Estimate(seconds, f"cost model ({self.kind}, uncalibrated)")
 
 
