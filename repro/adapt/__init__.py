@@ -29,7 +29,7 @@ In every case the source running statistics are left as trained: read by ``sourc
 updated (a BN in train mode would overwrite them).
 """
 
-from repro.adapt import bn_adapt, ptbn, source, tent  # noqa: F401  (registration side effect)
+from repro.adapt import bn_adapt, eata, ptbn, rbn, sar, source, tbr, tent  # noqa: F401  (registration side effect)
 from repro.adapt.base import ADAPTATION_METHODS, AdaptationMethod, create_method, register_method
 
 __all__ = ["ADAPTATION_METHODS", "AdaptationMethod", "create_method", "register_method"]

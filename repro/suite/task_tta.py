@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from repro.adapt import ADAPTATION_METHODS, create_method
-from repro.adapt.evaluate import Evaluation, ResetPolicy, evaluate_views
+from repro.adapt.evaluate import Evaluation, Setting, evaluate_views, view_batches
 from repro.adapt.metrics import BENCHMARK_CORRUPTIONS, SEVERITIES, mce, mean_error
 from repro.corruptions import CORRUPTION_REGISTRY
 from repro.data import ImageDataset, TensorSplit, cache_root
@@ -37,6 +38,8 @@ from repro.suite.tasks import RunContext, RunOutcome, RunSpec, Task, build_run_m
 #: datasets whose released corrupted copy has a loader (CIFAR-10-C, CIFAR-100-C, ImageNet-C)
 RELEASED = ("cifar10", "cifar100", "imagenet")
 GROUP = ("method", "batch_size")
+CALIBRATION = ("ece", "nll", "brier")
+COSTS = ("forward_per_image", "backward_per_image", "ms_per_image", "clean_error_after")
 
 
 class MethodSpec(BaseModel):
@@ -47,7 +50,6 @@ class MethodSpec(BaseModel):
     label: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     batch_sizes: list[int] | None = Field(default=None, description="test batch sizes; None: the task's")
-    reset: ResetPolicy = Field(default="per_view", description="per_view: reset per corruption × severity")
 
     @property
     def column(self) -> str:
@@ -82,6 +84,10 @@ class TTAOptions(BaseModel):
     order_seed: int | None = Field(default=0, description="evaluation order; None keeps the file order")
     cache: bool = Field(default=False, description="keep generated views in $REPRO_CACHE_DIR/corrupted")
     workers: int = Field(default=4, ge=0, description="decoding workers for image folders")
+    setting: Setting = Field(default="episodic", description="episodic, continual, mixed or label_shift "
+                             "(repro.adapt.evaluate)")
+    clean_after_images: int = Field(default=2000, ge=0, description="clean images for the clean error of stateful "
+                                    "methods after each view (forgetting); 0: not measured")
 
     @field_validator("corruptions")
     @classmethod
@@ -134,6 +140,14 @@ def released_view(options: TTAOptions, data: ImageDataset, ctx: RunContext) -> C
     return in_memory(imagenet_c_view(root, classes=data.class_names or None), options.workers)
 
 
+def forgetting_set(clean: TensorSplit, images: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The first ``images`` clean test images, on which stateful methods are scored after each view."""
+    if images == 0:
+        return None
+    subset = clean.subset(min(images, len(clean.labels)))
+    return subset.images, subset.labels
+
+
 def summary_rows(rows: list[dict[str, Any]], dataset: str) -> list[dict[str, Any]]:
     """Per method and batch size: mean error over all cells, at severity 5, and mCE where AlexNet's errors apply.
 
@@ -141,14 +155,16 @@ def summary_rows(rows: list[dict[str, Any]], dataset: str) -> list[dict[str, Any
     average is the summary, as CIFAR-10-C and Fashion-MNIST-C have no reference model.
     """
     frame = pd.DataFrame(rows)
-    summaries = {"mean_error": mean_error(frame, group=GROUP)}
+    summaries = {f"mean_{metric}": mean_error(frame, group=GROUP, metric=metric) for metric in CALIBRATION}
+    summaries["mean_error"] = mean_error(frame, group=GROUP)
     if 5 in set(frame["severity"]):
         summaries["mean_error_s5"] = mean_error(frame, severities=(5,), group=GROUP)
     complete = set(BENCHMARK_CORRUPTIONS) <= set(frame["corruption"]) and set(SEVERITIES) <= set(frame["severity"])
     if dataset == "imagenet" and complete:
         summaries["mce"] = mce(frame, group=GROUP)
     adapted = frame.groupby(list(GROUP))["adapted"].all()
-    table = pd.DataFrame(summaries).join(adapted).reset_index()
+    costs = [c for c in COSTS if c in frame.columns]
+    table = pd.DataFrame(summaries).join(adapted).join(frame.groupby(list(GROUP))[costs].mean()).reset_index()
     return [{"corruption": "all", "severity": None, **row} for row in table.to_dict("records")]
 
 
@@ -156,15 +172,20 @@ def summary_rows(rows: list[dict[str, Any]], dataset: str) -> list[dict[str, Any
 class TTATask(Task):
     """Train (or load) one model, then evaluate adaptation methods × test batch sizes on corrupted views.
 
-    Rows: one per method × batch size × view (``corruption``, ``severity``, ``error`` in %, ``n``, ``adapted``),
-    the clean test set as corruption ``clean`` at severity 0, and a summary per method × batch size as
-    corruption ``all`` (``mean_error``, ``mean_error_s5``, ``mce``). Methods with nothing to adapt (a model
-    without BatchNorm) fall back to ``source`` with ``adapted`` False, as ``repro.adapt`` documents.
+    Rows: one per method × batch size × view (``corruption``, ``severity``, ``error`` in %, ``ece`` in %,
+    ``nll``, ``brier``, ``n``, ``adapted``, the cost ``forward_per_image``, ``backward_per_image``,
+    ``ms_per_image``, and for stateful methods ``clean_error_after``), the clean test set as corruption ``clean``
+    at severity 0, and a summary per method × batch size as corruption ``all`` (``mean_error``,
+    ``mean_error_s5``, ``mce``, ``mean_ece``, ``mean_nll``, ``mean_brier`` and the mean costs). Methods with
+    nothing to adapt (a model without BatchNorm) fall back to ``source`` with ``adapted`` False, as
+    ``repro.adapt`` documents. The record's ``extra`` names the protocol: setting, images per view, severity
+    order, and that the metric is an error (lower is better).
     """
 
     Options = TTAOptions
     extra_columns = ("method", "corruption", "severity", "batch_size")
-    table_metrics = ("error", "mean_error", "mean_error_s5", "mce")
+    table_metrics = ("error", "mean_error", "mean_error_s5", "mce", "ece", "mean_ece", "mean_nll", "mean_brier",
+                     "clean_error_after", "forward_per_image", "backward_per_image", "ms_per_image")
 
     def run(self, run: RunSpec, ctx: RunContext) -> RunOutcome:
         options = TTAOptions.model_validate(run.config["task_options"])
@@ -188,15 +209,23 @@ class TTATask(Task):
         else:
             cache = cache_root() / "corrupted" if options.cache else None
             view = generated = GeneratedView(clean, seed=options.corruption_seed, device=ctx.device, cache_dir=cache)
-        evaluations = [Evaluation(create_method(spec.name, model, **spec.options), batch_size, spec.column, spec.reset)
+        evaluations = [Evaluation(create_method(spec.name, model, **spec.options), batch_size, spec.column)
                        for spec in options.methods for batch_size in spec.batch_sizes or options.batch_sizes]
         common = {"mean": data.mean, "std": data.std, "device": ctx.device, "seed": options.order_seed}
+        for evaluation in evaluations:  # EATA's Fisher information, on clean images in batches of 64 (its code's)
+            batches = view_batches(clean.images, clean.labels, torch.arange(len(clean.labels)), 64,
+                                   device=torch.device(ctx.device), mean=data.mean, std=data.std)
+            evaluation.method.to(ctx.device).calibrate(images for images, _ in batches)
         rows = evaluate_views(evaluations, lambda *_: (clean.images, clean.labels), [("clean", 0)], **common
                               ) if options.clean else []
         views = [(c, s) for s in options.severities for c in options.corruptions]
-        corrupted = evaluate_views(evaluations, view, views, **common, workers=options.workers)
+        corrupted = evaluate_views(evaluations, view, views, **common, workers=options.workers,
+                                   setting=options.setting,
+                                   clean=forgetting_set(clean, options.clean_after_images))
         rows += corrupted + summary_rows(corrupted, data.name)
-        extra = {"evaluations": len(evaluations), "views": len(views)}
+        extra = {"evaluations": len(evaluations), "views": len(views), "setting": options.setting,
+                 "images_per_view": int(corrupted[0]["n"]), "severity_order": list(options.severities),
+                 "metric_direction": "error in % (lower is better), not accuracy"}
         if generated is not None and generated.seconds > 0:
             extra["corruption_images_per_s"] = generated.images / generated.seconds
         wall = time.perf_counter() - start
