@@ -53,6 +53,9 @@ class AdaptedBatchNorm(nn.Module):
     momentum-1 BN's running_var) or m (what a BN in train mode normalizes with), m = values per channel
     (n·H·W for a 2d BN). When m = 1 (a BatchNorm1d at batch size 1) a batch has no variance, and PyTorch's
     train-mode BN refuses it; this layer then uses the source statistics for that batch.
+
+    ``group_size`` set (by ``AdaptationMethod.grouped``) makes one forward hold several test batches of that
+    size, each normalized with its own statistics: the evaluator's one pass per view for stateless methods.
     """
 
     def __init__(self, layer: nn.modules.batchnorm._BatchNorm, pseudo_samples: float, unbiased: bool) -> None:
@@ -64,7 +67,7 @@ class AdaptedBatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
-        size = self.group_size or x.shape[0]
+        size = min(self.group_size or x.shape[0], x.shape[0])  # fewer images: the stream's last, partial batch
         if x.shape[0] % size:
             raise ValueError(f"{x.shape[0]} images do not split into groups of {size}")
         prior = source_weight(self.pseudo_samples, size)

@@ -165,7 +165,8 @@ def summary_rows(rows: list[dict[str, Any]], dataset: str) -> list[dict[str, Any
     adapted = frame.groupby(list(GROUP))["adapted"].all()
     costs = [c for c in COSTS if c in frame.columns]
     table = pd.DataFrame(summaries).join(adapted).join(frame.groupby(list(GROUP))[costs].mean()).reset_index()
-    return [{"corruption": "all", "severity": None, **row} for row in table.to_dict("records")]
+    setting = {"setting": frame["setting"].iloc[0]} if "setting" in frame.columns else {}
+    return [{"corruption": "all", "severity": None, **setting, **row} for row in table.to_dict("records")]
 
 
 @register_task("tta")
@@ -183,7 +184,7 @@ class TTATask(Task):
     """
 
     Options = TTAOptions
-    extra_columns = ("method", "corruption", "severity", "batch_size")
+    extra_columns = ("method", "setting", "corruption", "severity", "batch_size")
     table_metrics = ("error", "mean_error", "mean_error_s5", "mce", "ece", "mean_ece", "mean_nll", "mean_brier",
                      "clean_error_after", "forward_per_image", "backward_per_image", "ms_per_image")
 
