@@ -80,9 +80,13 @@ class AdaptedBatchNorm(nn.Module):
             return layer.act(layer.drop(normalized)) if isinstance(layer, BatchNormAct2d) else normalized
         groups = x.unflatten(0, (-1, size))  # G × size × C × ...
         mean, var = self.statistics(groups, prior)  # G × C each
+        scale = torch.rsqrt(var + layer.eps)
+        if layer.weight is not None:
+            scale = scale * layer.weight
+        shift = -mean * scale if layer.bias is None else layer.bias - mean * scale
         shape = (mean.shape[0], 1, -1) + (1,) * (x.ndim - 2)
-        normalized = (groups - mean.view(shape)) * torch.rsqrt(var.view(shape) + layer.eps)
-        return affine_and_activation(normalized.flatten(0, 1), layer)
+        normalized = torch.addcmul(shift.view(shape), groups, scale.view(shape)).flatten(0, 1)  # one pass over x
+        return layer.act(layer.drop(normalized)) if isinstance(layer, BatchNormAct2d) else normalized
 
     def statistics(self, groups: torch.Tensor, prior: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The mixed mean and variance per group and channel (G × C) of ``groups`` (G × n × C × ...)."""

@@ -37,12 +37,17 @@ from repro.adapt.metrics import error_row
 from repro.data.corrupted import CorruptionView, ImageSource
 from repro.data.loaders import PixelNormalizer
 from repro.errors import UserError
+from repro.train.loop import autocast
 
 ResetPolicy = Literal["per_view", "online"]
 Setting = Literal["episodic", "continual", "mixed", "label_shift"]
 SETTINGS: tuple[str, ...] = ("episodic", "continual", "mixed", "label_shift")
 #: Images per forward pass when batches are grouped (stateless methods).
 GROUPED_IMAGES = 512
+#: Batch statistics are grouped only below this test batch size: there the per-batch loop is bound by the
+#: per-call overhead (2x faster grouped at batch 1 on a CPU), above it the loop's fused BN kernels are faster
+#: than the grouped statistics (benchmarks/tta_eval.py).
+GROUPED_BELOW = 8
 
 
 def evaluation_order(n: int, seed: int | None) -> torch.Tensor:
@@ -83,11 +88,12 @@ def synchronize(device: torch.device) -> None:
 
 
 def evaluate_stream(method: AdaptationMethod, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
-                    frozen: bool = False) -> Stream:
+                    frozen: bool = False, amp: bool = False) -> Stream:
     """Softmax probabilities and labels of a stream of (normalized images, labels) batches, in stream order.
 
     Results stay on the device until the stream ends, so the loop never waits for it. ``frozen`` predicts
-    with the method's current state without adapting (``predict_frozen``).
+    with the method's current state without adapting (``predict_frozen``); ``amp`` runs the model under bf16
+    autocast on CUDA (as training does; probabilities are computed in float32).
     """
     device_probs, targets = [], []
     forward, backward = method.forward_images, method.backward_images
@@ -96,7 +102,9 @@ def evaluate_stream(method: AdaptationMethod, batches: Iterable[tuple[torch.Tens
     device = None
     for images, labels in batches:
         device = images.device
-        device_probs.append(predict(images).float().softmax(1))
+        with autocast(device, amp):
+            logits = predict(images)
+        device_probs.append(logits.float().softmax(1))
         targets.append(labels)
     if not device_probs:
         raise UserError("the test stream has no batches")
@@ -108,12 +116,14 @@ def evaluate_stream(method: AdaptationMethod, batches: Iterable[tuple[torch.Tens
 
 def view_batches(images: ImageSource, labels: torch.Tensor, order: torch.Tensor, batch_size: int, *,
                  device: torch.device, mean: tuple[float, ...], std: tuple[float, ...], workers: int = 0,
-                 group: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                 group: int = 1, channels_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Normalized batches of a view on ``device`` in ``order``; a Dataset view is decoded by DataLoader workers.
+
+    ``channels_last`` (CUDA only) gives channels-last batches, for models in that memory format.
 
     ``group`` > 1 yields up to ``group`` consecutive batches concatenated (the last partial batch alone).
     """
-    normalize = PixelNormalizer(mean, std, device, channels_last=False)
+    normalize = PixelNormalizer(mean, std, device, channels_last=channels_last and device.type == "cuda")
     labels = labels.to(device)
     chunks = grouped_chunks(order.to(device), batch_size, group)
     if isinstance(images, torch.Tensor):
@@ -154,8 +164,8 @@ class Evaluator:
     """Runs evaluations on views, reusing what cannot differ: ``source`` per view, grouped stateless batches."""
 
     def __init__(self, *, device: torch.device, mean: tuple[float, ...], std: tuple[float, ...], workers: int,
-                 grouped: bool, clean: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        self.device, self.mean, self.std, self.workers = device, mean, std, workers
+                 grouped: bool, clean: tuple[torch.Tensor, torch.Tensor] | None, amp: bool) -> None:
+        self.device, self.mean, self.std, self.workers, self.amp = device, mean, std, workers, amp
         self.grouped = grouped
         self.clean = clean
         self.shared: dict[tuple[str, int], Stream] = {}  # batch-size-free results, by (label, view number)
@@ -165,14 +175,15 @@ class Evaluator:
         method = evaluation.method
         if self.grouped and method.batch_independent and (evaluation.label, key[1]) in self.shared:
             return self.shared[evaluation.label, key[1]]
-        group = GROUPED_IMAGES // evaluation.batch_size if self.grouped and not method.stateful else 1
+        groupable = method.batch_independent or (not method.stateful and evaluation.batch_size < GROUPED_BELOW)
+        group = GROUPED_IMAGES // evaluation.batch_size if self.grouped and groupable else 1
         batches = view_batches(images, labels, order, evaluation.batch_size, device=self.device, mean=self.mean,
-                               std=self.std, workers=self.workers, group=max(group, 1))
+                               std=self.std, workers=self.workers, group=max(group, 1), channels_last=self.amp)
         if group > 1:
             with method.grouped(evaluation.batch_size):
-                result = evaluate_stream(method, batches)
+                result = evaluate_stream(method, batches, amp=self.amp)
         else:
-            result = evaluate_stream(method, batches)
+            result = evaluate_stream(method, batches, amp=self.amp)
         if method.batch_independent:
             self.shared[evaluation.label, key[1]] = result
         return result
@@ -183,8 +194,8 @@ class Evaluator:
             return {}
         images, labels = self.clean
         batches = view_batches(images, labels, torch.arange(len(labels)), evaluation.batch_size, device=self.device,
-                               mean=self.mean, std=self.std)
-        result = evaluate_stream(evaluation.method, batches, frozen=True)
+                               mean=self.mean, std=self.std, channels_last=self.amp)
+        result = evaluate_stream(evaluation.method, batches, frozen=True, amp=self.amp)
         return {"clean_error_after": 100.0 * (result.probs.argmax(1) != result.labels).float().mean().item()}
 
 
@@ -197,8 +208,8 @@ def row(evaluation: Evaluation, corruption: str, severity: int, result: Stream, 
 def evaluate_views(evaluations: Sequence[Evaluation], view: CorruptionView, views: Sequence[tuple[str, int]], *,
                    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device | str = "cpu",
                    seed: int | None = 0, workers: int = 0, setting: Setting = "episodic",
-                   clean: tuple[torch.Tensor, torch.Tensor] | None = None, grouped: bool = True
-                   ) -> list[dict[str, object]]:
+                   clean: tuple[torch.Tensor, torch.Tensor] | None = None, grouped: bool = True,
+                   amp: bool = False) -> list[dict[str, object]]:
     """Evaluate every evaluation on every (corruption, severity) view, in the given order; one row per pair.
 
     Each view is read once and fed to all evaluations (a generated view costs more than evaluating it), in
@@ -207,14 +218,17 @@ def evaluate_views(evaluations: Sequence[Evaluation], view: CorruptionView, view
     adaptation on); ``continual`` never resets; ``mixed`` evaluates one stream of all views. ``mean`` and
     ``std`` are per-channel, in [0, 1] units, as ``ImageDataset.mean/std``. With ``clean`` (uint8 images,
     labels), a stateful method's row also has ``clean_error_after``: its clean error after the view, predicted
-    without adapting further (the forgetting EATA measures).
+    without adapting further (the forgetting EATA measures). ``amp`` runs the models channels-last under bf16
+    autocast on CUDA, as training does (off by default: it changes the numbers slightly).
     """
     if setting not in SETTINGS:
         raise UserError(f"setting {setting!r}; allowed: {', '.join(SETTINGS)}")
     device = torch.device(device)
     for evaluation in evaluations:
         evaluation.method.to(device)
-    evaluator = Evaluator(device=device, mean=mean, std=std, workers=workers, grouped=grouped, clean=clean)
+        if amp and device.type == "cuda":
+            evaluation.method.model.to(memory_format=torch.channels_last)
+    evaluator = Evaluator(device=device, mean=mean, std=std, workers=workers, grouped=grouped, clean=clean, amp=amp)
     if setting == "mixed":
         return evaluate_mixed(evaluations, view, views, evaluator, seed)
     rows = []

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import nn
 
 from repro.adapt import ADAPTATION_METHODS, create_method
-from repro.adapt.evaluate import Evaluation, Setting, evaluate_views, view_batches
+from repro.adapt.evaluate import Evaluation, Setting, evaluate_views
 from repro.adapt.metrics import BENCHMARK_CORRUPTIONS, SEVERITIES, mce, mean_error
 from repro.corruptions import CORRUPTION_REGISTRY
 from repro.data import ImageDataset, TensorSplit, cache_root
@@ -31,7 +31,7 @@ from repro.data.corrupted import (
     in_memory,
     subset_view,
 )
-from repro.data.loaders import decode_folder
+from repro.data.loaders import PixelNormalizer, decode_folder
 from repro.errors import UserError
 from repro.suite.tasks import RunContext, RunOutcome, RunSpec, Task, build_run_model, register_task, train_or_load
 
@@ -86,6 +86,8 @@ class TTAOptions(BaseModel):
     workers: int = Field(default=4, ge=0, description="decoding workers for image folders")
     setting: Setting = Field(default="episodic", description="episodic, continual, mixed or label_shift "
                              "(repro.adapt.evaluate)")
+    amp: bool = Field(default=False, description="bf16 autocast and channels-last on CUDA, as training; off keeps "
+                      "float32 (ignored on CPU)")
     clean_after_images: int = Field(default=2000, ge=0, description="clean images for the clean error of stateful "
                                     "methods after each view (forgetting); 0: not measured")
 
@@ -212,11 +214,12 @@ class TTATask(Task):
             view = generated = GeneratedView(clean, seed=options.corruption_seed, device=ctx.device, cache_dir=cache)
         evaluations = [Evaluation(create_method(spec.name, model, **spec.options), batch_size, spec.column)
                        for spec in options.methods for batch_size in spec.batch_sizes or options.batch_sizes]
-        common = {"mean": data.mean, "std": data.std, "device": ctx.device, "seed": options.order_seed}
+        common = {"mean": data.mean, "std": data.std, "device": ctx.device, "seed": options.order_seed,
+                  "amp": options.amp}
+        normalize = PixelNormalizer(data.mean, data.std, torch.device(ctx.device), channels_last=False)
         for evaluation in evaluations:  # EATA's Fisher information, on clean images in batches of 64 (its code's)
-            batches = view_batches(clean.images, clean.labels, torch.arange(len(clean.labels)), 64,
-                                   device=torch.device(ctx.device), mean=data.mean, std=data.std)
-            evaluation.method.to(ctx.device).calibrate(images for images, _ in batches)
+            evaluation.method.to(ctx.device).calibrate(
+                normalize(clean.images[start : start + 64].to(ctx.device)) for start in range(0, len(clean.labels), 64))
         rows = evaluate_views(evaluations, lambda *_: (clean.images, clean.labels), [("clean", 0)], **common
                               ) if options.clean else []
         views = [(c, s) for s in options.severities for c in options.corruptions]
