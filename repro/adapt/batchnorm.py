@@ -89,7 +89,8 @@ class AdaptedBatchNorm(nn.Module):
         return layer.act(layer.drop(normalized)) if isinstance(layer, BatchNormAct2d) else normalized
 
     def statistics(self, groups: torch.Tensor, prior: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mixed mean and variance per group and channel (G × C) of ``groups`` (G × n × C × ...)."""
+        """The mixed mean and variance per group and channel (G × C) of ``groups`` (G × n × C × ...), in float32
+        (under bf16 autocast too)."""
         if prior > 0.0 and (self.layer.running_mean is None or self.layer.running_var is None):
             raise UserError(f"{type(self.layer).__name__} keeps no running statistics to fall back on or mix with: "
                             "needs N = 0 and more than one value per channel")
@@ -97,7 +98,7 @@ class AdaptedBatchNorm(nn.Module):
         if prior == 1.0:
             return self.layer.running_mean.expand(count, -1), self.layer.running_var.expand(count, -1)
         reduce = [1, *range(3, groups.ndim)]
-        batch_var, batch_mean = torch.var_mean(groups, dim=reduce, correction=1 if self.unbiased else 0)
+        batch_var, batch_mean = torch.var_mean(groups.float(), dim=reduce, correction=1 if self.unbiased else 0)
         if prior == 0.0:
             return batch_mean, batch_var
         mean = prior * self.layer.running_mean + (1 - prior) * batch_mean

@@ -38,7 +38,7 @@ class RobustBatchNorm(nn.Module):
         mean, var = self.global_mean, self.global_var
         if self.update:
             reduce = [0, *range(2, x.ndim)]
-            batch_var, batch_mean = torch.var_mean(x.detach(), dim=reduce, correction=0)
+            batch_var, batch_mean = torch.var_mean(x.detach().float(), dim=reduce, correction=0)
             mean = (1 - self.momentum) * mean + self.momentum * batch_mean
             var = (1 - self.momentum) * var + self.momentum * batch_var
             self.global_mean.copy_(mean)

@@ -37,7 +37,7 @@ class RenormalizedBatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         reduce = [0, *range(2, x.ndim)]
-        batch_var, batch_mean = torch.var_mean(x, dim=reduce, correction=0)
+        batch_var, batch_mean = torch.var_mean(x.float(), dim=reduce, correction=0)
         batch_std = torch.sqrt(batch_var + self.layer.eps)
         if not self.started:
             ema_mean, ema_std = batch_mean.detach(), batch_std.detach()
