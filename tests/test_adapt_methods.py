@@ -229,3 +229,23 @@ def test_tbr_renormalizes_with_the_averages_of_earlier_batches():
     mean, var = statistics(x)
     torch.testing.assert_close(tbr.predict(x), affine((x - per_channel(mean)) / torch.sqrt(per_channel(var) + EPS),
                                                       model), rtol=1e-5, atol=1e-6)
+
+
+def test_sar_adapts_groupnorm_and_layernorm_at_batch_size_one():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.LayerNorm(4), nn.Linear(4, CLASSES)).eval()
+    with torch.no_grad():
+        model[6].weight.mul_(6.0)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    sar = create_method("sar", model, lr=0.5, margin=0.9)
+    assert sar.adapted_layers == ["1", "5"]
+    before = [p.detach().clone() for p in sar.learned]
+    frozen = sar.predict_frozen(batch(1))
+    assert all(torch.equal(a, b) for a, b in zip(before, sar.learned, strict=True))  # predicting frozen: no step
+    with torch.no_grad():
+        torch.testing.assert_close(frozen, model(batch(1)))
+    for seed in range(4):
+        sar.predict(batch(1, seed))
+    assert any(not torch.equal(a, b) for a, b in zip(before, sar.learned, strict=True))
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())  # the caller's model is untouched
