@@ -8,7 +8,7 @@ import torch
 from test_adapt import CORRUPTIONS, MEAN, STD, bn_convnet, clean_images, recorded
 
 from repro.adapt import ADAPTATION_METHODS, create_method
-from repro.adapt.evaluate import Evaluation, evaluate_views
+from repro.adapt.evaluate import Evaluation, dirichlet_label_order, evaluate_views
 
 torch.set_num_threads(1)
 
@@ -117,3 +117,21 @@ def test_clean_error_after_adaptation_only_for_stateful_methods():
     rows = evaluate_views(evaluations, view, VIEWS[:2], mean=MEAN, std=STD, clean=(images, labels))
     assert ["clean_error_after" in r for r in rows] == [False, True, True] * 2
     assert all(0 <= r["clean_error_after"] <= 100 for r in rows if "clean_error_after" in r)
+
+
+def test_dirichlet_label_shift_is_a_permutation_correlated_by_gamma():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (2000,), generator=generator)
+    order = torch.randperm(2000, generator=generator)
+
+    def changes(gamma: float) -> int:
+        stream = dirichlet_label_order(order, labels, gamma, seed=3)
+        assert sorted(stream.tolist()) == list(range(2000))
+        assert torch.equal(stream, dirichlet_label_order(order, labels, gamma, seed=3))  # reproducible
+        seen = labels[stream].tolist()
+        return sum(a != b for a, b in itertools.pairwise(seen))
+
+    # γ → 0: each class falls whole into one slot, so the label changes at most once per class and once per slot
+    # boundary (≤ 2·10); large γ: each of the 10 slots holds a chunk of all 10 classes (≥ 9 changes per slot)
+    shuffled = sum(a != b for a, b in itertools.pairwise(labels[order].tolist()))
+    assert changes(1e-3) <= 2 * 10 and changes(1e3) >= 9 * 10 and changes(1e3) < shuffled

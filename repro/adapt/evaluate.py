@@ -15,7 +15,10 @@ Settings (the protocol choices that benchmarks leave implicit, named in every ro
 - ``continual``: reset once, then the views in sequence (severity-major) without reset, CoTTA's protocol;
 - ``mixed``: all views shuffled into one stream (reset once); each view's row is scored on its own images;
 - ``label_shift``: episodic, but each view is read class by class (classes in a shuffled order, the images of
-  a class in the shared order): imbalanced, time-correlated labels, SAR's "pure class order" stream.
+  a class in the shared order): imbalanced, time-correlated labels, SAR's "pure class order" stream. With
+  ``label_gamma`` γ, RoTTA's temporally correlated stream instead: the view is cut into as many time slots as
+  classes (at most 100), each class's images spread over the slots by Dirichlet(γ) proportions, and each slot
+  reads its classes' chunks in a random order (γ → 0: class order; large γ: close to the shuffled order).
 
 Methods whose prediction depends only on the current batch (``stateful`` False) run several batches in one
 forward with per-batch statistics (``AdaptationMethod.predict_groups``); ``source`` runs once per view and its
@@ -29,6 +32,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
@@ -64,6 +68,24 @@ def label_shift_order(order: torch.Tensor, labels: torch.Tensor, seed: int | Non
     rank = torch.empty(classes, dtype=torch.long)
     rank[evaluation_order(classes, seed)] = torch.arange(classes)
     return order[torch.sort(rank[labels[order].cpu()], stable=True).indices]
+
+
+def dirichlet_label_order(order: torch.Tensor, labels: torch.Tensor, gamma: float, seed: int | None
+                          ) -> torch.Tensor:
+    """``order`` regrouped into RoTTA's Dirichlet time slots (module docstring); the draws come from ``seed``
+    (0 when the order is the file order, so that the stream is still reproducible)."""
+    rng = np.random.default_rng(0 if seed is None else seed)
+    ordered = labels[order].cpu().numpy()
+    classes = int(ordered.max()) + 1
+    slots: list[list[np.ndarray]] = [[] for _ in range(min(classes, 100))]
+    proportions = rng.dirichlet([gamma] * len(slots), classes)
+    for label, share in zip(range(classes), proportions, strict=True):
+        members = np.flatnonzero(ordered == label)
+        cuts = (np.cumsum(share)[:-1] * len(members)).astype(int)
+        for slot, chunk in zip(slots, np.split(members, cuts), strict=True):
+            slot.append(chunk)
+    positions = [slot[i] for slot in slots for i in rng.permutation(len(slot))]
+    return order[torch.from_numpy(np.concatenate(positions)).long()]
 
 
 @dataclass
@@ -209,7 +231,7 @@ def evaluate_views(evaluations: Sequence[Evaluation], view: CorruptionView, view
                    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device | str = "cpu",
                    seed: int | None = 0, workers: int = 0, setting: Setting = "episodic",
                    clean: tuple[torch.Tensor, torch.Tensor] | None = None, grouped: bool = True,
-                   amp: bool = False) -> list[dict[str, object]]:
+                   amp: bool = False, label_gamma: float | None = None) -> list[dict[str, object]]:
     """Evaluate every evaluation on every (corruption, severity) view, in the given order; one row per pair.
 
     Each view is read once and fed to all evaluations (a generated view costs more than evaluating it), in
@@ -218,7 +240,8 @@ def evaluate_views(evaluations: Sequence[Evaluation], view: CorruptionView, view
     adaptation on); ``continual`` never resets; ``mixed`` evaluates one stream of all views. ``mean`` and
     ``std`` are per-channel, in [0, 1] units, as ``ImageDataset.mean/std``. With ``clean`` (uint8 images,
     labels), a stateful method's row also has ``clean_error_after``: its clean error after the view, predicted
-    without adapting further (the forgetting EATA measures). ``amp`` runs the models channels-last under bf16
+    without adapting further (the forgetting EATA measures). ``label_gamma`` makes ``label_shift`` RoTTA's
+    Dirichlet stream. ``amp`` runs the models channels-last under bf16
     autocast on CUDA, as training does (off by default: it changes the numbers slightly).
     """
     if setting not in SETTINGS:
@@ -236,7 +259,8 @@ def evaluate_views(evaluations: Sequence[Evaluation], view: CorruptionView, view
         images, labels = checked_view(view, corruption, severity)
         order = evaluation_order(len(labels), seed)
         if setting == "label_shift":
-            order = label_shift_order(order, labels, seed)
+            order = (label_shift_order(order, labels, seed) if label_gamma is None
+                     else dirichlet_label_order(order, labels, label_gamma, seed))
         for evaluation in evaluations:
             if evaluation.reset == "per_view" and setting != "continual":
                 evaluation.method.reset()

@@ -86,6 +86,8 @@ class TTAOptions(BaseModel):
     workers: int = Field(default=4, ge=0, description="decoding workers for image folders")
     setting: Setting = Field(default="episodic", description="episodic, continual, mixed or label_shift "
                              "(repro.adapt.evaluate)")
+    label_gamma: float | None = Field(default=None, gt=0, description="label_shift: RoTTA's Dirichlet γ for "
+                                      "time-correlated labels; None: pure class order (SAR's)")
     amp: bool = Field(default=False, description="bf16 autocast and channels-last on CUDA, as training; off keeps "
                       "float32 (ignored on CPU)")
     clean_after_images: int = Field(default=2000, ge=0, description="clean images for the clean error of stateful "
@@ -224,10 +226,11 @@ class TTATask(Task):
                               ) if options.clean else []
         views = [(c, s) for s in options.severities for c in options.corruptions]
         corrupted = evaluate_views(evaluations, view, views, **common, workers=options.workers,
-                                   setting=options.setting,
+                                   setting=options.setting, label_gamma=options.label_gamma,
                                    clean=forgetting_set(clean, options.clean_after_images))
         rows += corrupted + summary_rows(corrupted, data.name)
         extra = {"evaluations": len(evaluations), "views": len(views), "setting": options.setting,
+                 "label_gamma": options.label_gamma,
                  "images_per_view": int(corrupted[0]["n"]), "severity_order": list(options.severities),
                  "metric_direction": "error in % (lower is better), not accuracy"}
         if generated is not None and generated.seconds > 0:
