@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 import torch
-from test_adapt import CORRUPTIONS, MEAN, STD, bn_convnet, clean_images, recorded
+from test_adapt import CORRUPTIONS, MEAN, STD, bn_convnet, clean_images, logits_bn_net, recorded
 
 from repro.adapt import ADAPTATION_METHODS, create_method
 from repro.adapt.evaluate import Evaluation, dirichlet_label_order, evaluate_views
@@ -90,11 +90,13 @@ def test_mixed_is_one_stream_scored_per_view():
     assert [r["error"] for r in rows] != [r["error"] for r in per_view]
 
 
-@pytest.mark.parametrize(("name", "options"), [("source", {}), ("ptbn", {}), ("bn_adapt", {"pseudo_samples": 8}),
-                                               ("bn_adapt", {"pseudo_samples": 8, "unbiased": False})])
-def test_grouped_evaluation_equals_the_per_batch_loop(name, options):
+@pytest.mark.parametrize(("name", "options", "make_model"), [
+    ("source", {}, bn_convnet), ("ptbn", {}, bn_convnet), ("bn_adapt", {"pseudo_samples": 8}, bn_convnet),
+    ("bn_adapt", {"pseudo_samples": 8, "unbiased": False}, bn_convnet),
+    ("ptbn", {"adapt_1d": True}, logits_bn_net)])  # a BatchNorm1d on the logits: one value per image and channel
+def test_grouped_evaluation_equals_the_per_batch_loop(name, options, make_model):
     view, _, _ = make_view()
-    model = bn_convnet()
+    model = make_model()
 
     def rows(grouped: bool) -> list[dict]:
         evaluations = [Evaluation(create_method(name, model, **options), size, name) for size in (1, 4, 7, 50)]
