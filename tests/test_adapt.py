@@ -74,7 +74,7 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_registry_and_options():
-    assert set(ADAPTATION_METHODS.names()) == {"source", "ptbn", "bn_adapt", "tent"}
+    assert set(ADAPTATION_METHODS.names()) == {"source", "ptbn", "bn_adapt", "tent", "sar", "eata", "tbr", "rbn"}
     with pytest.raises(UserError, match="pseudo_samples"):
         create_method("bn_adapt", bn_convnet())
     with pytest.raises(UserError, match="bad options"):
@@ -362,7 +362,8 @@ def test_evaluation_order_is_shuffled_once_and_shared_across_methods():
     for key, name, seed in [("source", "source", 0), ("tent", "tent", 0), ("again", "source", 0),
                             ("other_seed", "source", 1), ("file_order", "source", None)]:
         method = recorded(name, bn_convnet(), lr=1e-2) if name == "tent" else recorded(name, bn_convnet())
-        evaluate_corruptions(method, view, ["a", "b"], [1, 2], mean=MEAN, std=STD, batch_size=batch_size, seed=seed)
+        evaluate_corruptions(method, view, ["a", "b"], [1, 2], mean=MEAN, std=STD, batch_size=batch_size, seed=seed,
+                             grouped=False)
         batches = order_seen(method)
         per_view = len(batches) // 4
         assert [len(b) for b in batches[:per_view]] == [16, 16, 16, 2]

@@ -1,12 +1,21 @@
 """Corruption metrics against hand computations with plain Python over the rows."""
 
+import math
 import random
 
 import pandas as pd
 import pytest
 import torch
 
-from repro.adapt.metrics import error_row, mce, mean_error, relative_mce
+from repro.adapt.metrics import (
+    brier_score,
+    error_row,
+    expected_calibration_error,
+    mce,
+    mean_error,
+    negative_log_likelihood,
+    relative_mce,
+)
 from repro.errors import UserError
 
 torch.set_num_threads(1)
@@ -37,11 +46,50 @@ def cell(rows, method, corruption, severity, batch_size=64):
 
 
 def test_error_row_counts_wrong_predictions():
-    row = error_row("ptbn", "fog", 3, 2, torch.tensor([0, 1, 2, 3, 4]), torch.tensor([0, 1, 0, 0, 4]), True)
-    assert row == {"method": "ptbn", "corruption": "fog", "severity": 3, "batch_size": 2, "error": 100 * 2 / 5,
-                   "n": 5, "adapted": True}
+    probs = torch.eye(5)[[0, 1, 2, 3, 4]]
+    row = error_row("ptbn", "fog", 3, 2, probs, torch.tensor([0, 1, 0, 0, 4]), True)
+    assert {k: row[k] for k in ("method", "corruption", "severity", "batch_size", "error", "n", "adapted")} == {
+        "method": "ptbn", "corruption": "fog", "severity": 3, "batch_size": 2, "error": 100 * 2 / 5, "n": 5,
+        "adapted": True}
     with pytest.raises(UserError):
-        error_row("ptbn", "fog", 3, 2, torch.tensor([]), torch.tensor([]), True)
+        error_row("ptbn", "fog", 3, 2, torch.zeros(0, 5), torch.tensor([], dtype=torch.long), True)
+
+
+# Five images, three classes: top-1 confidences 0.9, 0.8, 0.55, 0.5, 0.35 (bins of width 1/15: 0.9 falls in
+# (13/15, 14/15], 0.8 in (11/15, 12/15], 0.55 in (8/15, 9/15], 0.5 in (7/15, 8/15], 0.35 in (5/15, 6/15]).
+CALIBRATION_PROBS = torch.tensor([
+    [0.9, 0.05, 0.05],   # label 0: right
+    [0.1, 0.8, 0.1],     # label 0: wrong
+    [0.2, 0.25, 0.55],   # label 2: right
+    [0.5, 0.3, 0.2],     # label 1: wrong
+    [0.35, 0.33, 0.32],  # label 0: right
+])
+CALIBRATION_LABELS = torch.tensor([0, 0, 2, 1, 0])
+
+
+def test_expected_calibration_error_by_hand():
+    # every image alone in its bin: ECE = mean |correct − confidence|
+    gaps = [abs(1 - 0.9), abs(0 - 0.8), abs(1 - 0.55), abs(0 - 0.5), abs(1 - 0.35)]
+    assert expected_calibration_error(CALIBRATION_PROBS, CALIBRATION_LABELS) == pytest.approx(100 * sum(gaps) / 5)
+    # two bins, (0, 0.5] and (0.5, 1]: {0.5, 0.35} with accuracy 1/2, {0.9, 0.8, 0.55} with accuracy 2/3
+    low = abs(0.5 - (0.5 + 0.35) / 2)
+    high = abs(2 / 3 - (0.9 + 0.8 + 0.55) / 3)
+    expected = 100 * (2 / 5 * low + 3 / 5 * high)
+    assert expected_calibration_error(CALIBRATION_PROBS, CALIBRATION_LABELS, bins=2) == pytest.approx(expected)
+    perfect = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert expected_calibration_error(perfect, torch.tensor([0, 1])) == 0.0
+
+
+def test_nll_and_brier_by_hand():
+    picked = [0.9, 0.1, 0.55, 0.3, 0.35]
+    assert negative_log_likelihood(CALIBRATION_PROBS, CALIBRATION_LABELS) == pytest.approx(
+        -sum(math.log(p) for p in picked) / 5)
+    brier = 0.0
+    for probs, label in zip(CALIBRATION_PROBS.tolist(), CALIBRATION_LABELS.tolist(), strict=True):
+        brier += sum((p - (k == label)) ** 2 for k, p in enumerate(probs))
+    assert brier_score(CALIBRATION_PROBS, CALIBRATION_LABELS) == pytest.approx(brier / 5)
+    row = error_row("source", "fog", 1, 8, CALIBRATION_PROBS, CALIBRATION_LABELS, False)
+    assert row["error"] == pytest.approx(40.0) and row["nll"] == pytest.approx(-sum(map(math.log, picked)) / 5)
 
 
 def test_mean_error_is_the_plain_average_over_cells():

@@ -105,6 +105,22 @@ def test_rows_cover_methods_corruptions_severities_and_batch_sizes(tmp_path):
         assert record["extra"]["corruption_images_per_s"] > 0
 
 
+def test_records_name_the_protocol_and_rows_carry_calibration_and_cost(tmp_path):
+    records = run_rows(tmp_path, "tta-continual", extra="  setting: continual\n  clean_after_images: 8")
+    for record in records:
+        assert {k: record["extra"][k] for k in ("setting", "images_per_view", "severity_order")} == {
+            "setting": "continual", "images_per_view": 24, "severity_order": [1, 5]}
+        assert "lower is better" in record["extra"]["metric_direction"]
+        corrupted = [r for r in record["rows"] if r["corruption"] not in ("clean", "all")]
+        assert all(r["setting"] == "continual" and 0 <= r["ece"] <= 100 and r["nll"] >= 0 and 0 <= r["brier"] <= 2
+                   for r in corrupted)
+        stateful = [r for r in corrupted if r["method"] == "tent"]
+        assert all("clean_error_after" in r and r["backward_per_image"] == (1.0 if r["adapted"] else 0.0)
+                   for r in stateful)
+        summaries = [r for r in record["rows"] if r["corruption"] == "all"]
+        assert all({"mean_ece", "mean_nll", "mean_brier", "ms_per_image"} <= set(r) for r in summaries)
+
+
 def write_cifar10_c(root: Path, rows: int) -> None:
     root.mkdir(parents=True)
     rng = np.random.default_rng(0)

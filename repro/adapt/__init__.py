@@ -1,10 +1,13 @@
 """Test-time adaptation methods behind one registry and one interface.
 
 ``create_method(name, model, **options)`` wraps a trained model; ``method.predict(batch)`` returns logits for
-one normalized test batch (adapting as it goes), ``method.reset()`` restores the state right after wrapping.
-The caller decides the reset policy (per corruption × severity, or never = online); tent's ``episodic``
-option resets before every batch. ``repro.adapt.evaluate`` runs a method over corruption × severity views
-and returns tidy rows; ``repro.adapt.metrics`` summarizes them (mean error, mCE, relative mCE).
+one normalized test batch (adapting as it goes), ``method.predict_frozen(batch)`` without adapting,
+``method.reset()`` restores the state right after wrapping. The caller decides the reset policy (the settings
+of ``repro.adapt.evaluate``: episodic, continual, mixed, label_shift); the ``episodic`` option of tent, SAR
+and EATA resets before every batch. ``repro.adapt.evaluate`` runs methods over corruption × severity views
+and returns tidy rows (error, ECE, NLL, Brier, cost); ``repro.adapt.metrics`` summarizes them (mean error,
+mCE, relative mCE). The methods: ``source``, ``ptbn``, ``bn_adapt``, ``tent``, ``sar``, ``eata`` (entropy
+minimization of norm affine parameters, see their modules), ``tbr`` and ``rbn`` (test statistics with memory).
 
 What each method does, per normalizer:
 
@@ -23,13 +26,15 @@ What each method does, per normalizer:
     it, ptbn/bn_adapt use batch/mixed statistics there and tent uses batch statistics but has no γ/β to step.
 (3) No BN: instead of raising, the method falls back to ``source`` so a sweep over normalizers × methods runs
     through; the fallback is recorded (``method.adapts`` is False, and so is the ``adapted`` column of the
-    result rows). GroupNorm's γ/β are not adapted by tent.
+    result rows). GroupNorm's γ/β are not adapted by tent; SAR adapts them (and LayerNorm's), EATA with
+    ``norm_layers="all"``. ``tbr`` and ``rbn`` treat BN layers as ``ptbn`` does in this table and fall back
+    the same way.
 
 In every case the source running statistics are left as trained: read by ``source`` and ``bn_adapt``, never
 updated (a BN in train mode would overwrite them).
 """
 
-from repro.adapt import bn_adapt, ptbn, source, tent  # noqa: F401  (registration side effect)
+from repro.adapt import bn_adapt, eata, ptbn, rbn, sar, source, tbr, tent  # noqa: F401  (registration side effect)
 from repro.adapt.base import ADAPTATION_METHODS, AdaptationMethod, create_method, register_method
 
 __all__ = ["ADAPTATION_METHODS", "AdaptationMethod", "create_method", "register_method"]

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar, Self
 
 import torch
 from torch import nn
 
+from repro.adapt.batchnorm import AdaptedBatchNorm
 from repro.errors import UserError
 from repro.registry import Registry
 
@@ -29,11 +31,19 @@ class AdaptationMethod:
     """
 
     name: ClassVar[str] = ""
+    #: True when a prediction depends on the batches seen before (a learned update or running statistics), so
+    #: the reset policy matters; False when each batch's prediction depends on that batch alone.
+    stateful: ClassVar[bool] = False
+    #: True when a prediction does not depend on the other images of its batch either (``source``): the
+    #: evaluator then predicts a view once for every test batch size.
+    batch_independent: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.adapted_layers = self._convert(self.model)
         self._initial_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.forward_images = 0  # images through a forward pass of the model, for the adaptation cost
+        self.backward_images = 0  # images through a backward pass
 
     def _convert(self, model: nn.Module) -> list[str]:
         """Change the private copy in place; return the names of the layers changed."""
@@ -47,6 +57,39 @@ class AdaptationMethod:
     @torch.no_grad()
     def predict(self, batch: torch.Tensor) -> torch.Tensor:
         """Logits for one normalized batch, already on the model's device."""
+        return self._forward(batch)
+
+    @torch.no_grad()
+    def predict_frozen(self, batch: torch.Tensor) -> torch.Tensor:
+        """Logits from the current state without adapting further (e.g. clean accuracy after adaptation).
+
+        Normalization still reads the batch as ``predict`` does (ptbn and tent use its statistics); only the
+        updates (a gradient step, running statistics) are skipped.
+        """
+        return self._forward(batch)
+
+    @contextmanager
+    def grouped(self, batch_size: int) -> Iterator[None]:
+        """Inside, ``predict`` takes several test batches of ``batch_size`` at once, each normalized with its own
+        statistics, as if predicted one after the other (only for methods that are not ``stateful``)."""
+        if self.stateful:
+            raise TypeError(f"{self.name}: a stateful method cannot predict batches in groups")
+        layers = [m for m in self.model.modules() if isinstance(m, AdaptedBatchNorm)]
+        for layer in layers:
+            layer.group_size = batch_size
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.group_size = None
+
+    def calibrate(self, batches: Iterable[torch.Tensor]) -> None:
+        """Prepare on clean normalized batches before the test streams (EATA's Fisher); nothing by default."""
+
+    def _forward(self, batch: torch.Tensor, backward: bool = False) -> torch.Tensor:
+        """One forward pass of the private model, counted (with its backward pass when ``backward``)."""
+        self.forward_images += len(batch)
+        self.backward_images += len(batch) if backward else 0
         return self.model(batch)
 
     def reset(self) -> None:

@@ -18,6 +18,8 @@ source running statistics (they are read, for N > 0, and otherwise left as train
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +53,9 @@ class AdaptedBatchNorm(nn.Module):
     momentum-1 BN's running_var) or m (what a BN in train mode normalizes with), m = values per channel
     (n·H·W for a 2d BN). When m = 1 (a BatchNorm1d at batch size 1) a batch has no variance, and PyTorch's
     train-mode BN refuses it; this layer then uses the source statistics for that batch.
+
+    ``group_size`` set (by ``AdaptationMethod.grouped``) makes one forward hold several test batches of that
+    size, each normalized with its own statistics: the evaluator's one pass per view for stateless methods.
     """
 
     def __init__(self, layer: nn.modules.batchnorm._BatchNorm, pseudo_samples: float, unbiased: bool) -> None:
@@ -58,35 +63,42 @@ class AdaptedBatchNorm(nn.Module):
         self.layer = layer
         self.pseudo_samples = pseudo_samples
         self.unbiased = unbiased
+        self.group_size: int | None = None  # set: the batch holds independent test batches of this size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
-        prior = source_weight(self.pseudo_samples, x.shape[0])
-        if x.numel() == x.shape[1]:
+        size = min(self.group_size or x.shape[0], x.shape[0])  # fewer images: the stream's last, partial batch
+        if x.shape[0] % size:
+            raise ValueError(f"{x.shape[0]} images do not split into groups of {size}")
+        prior = source_weight(self.pseudo_samples, size)
+        if x.numel() == x.shape[1] * x.shape[0] // size:  # one value per channel and group: no batch variance
             prior = 1.0
-        if prior == 0.0 and not self.unbiased:
+        if prior == 0.0 and not self.unbiased and size == x.shape[0]:
             # Exactly a BN forward in train mode (differentiable through the batch statistics, as tent needs),
             # without running buffers so nothing is updated.
             normalized = F.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
-        else:
-            mean, var = self.statistics(x, prior)
-            shape = (1, -1) + (1,) * (x.ndim - 2)
-            normalized = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + layer.eps)
-            if layer.weight is not None:
-                normalized = normalized * layer.weight.view(shape) + layer.bias.view(shape)
-        if isinstance(layer, BatchNormAct2d):
-            normalized = layer.act(layer.drop(normalized))
-        return normalized
+            return layer.act(layer.drop(normalized)) if isinstance(layer, BatchNormAct2d) else normalized
+        groups = x.unflatten(0, (-1, size))  # G × size × C × ...
+        mean, var = self.statistics(groups, prior)  # G × C each
+        scale = torch.rsqrt(var + layer.eps)
+        if layer.weight is not None:
+            scale = scale * layer.weight
+        shift = -mean * scale if layer.bias is None else layer.bias - mean * scale
+        shape = (mean.shape[0], 1, -1) + (1,) * (x.ndim - 2)
+        normalized = torch.addcmul(shift.view(shape), groups, scale.view(shape)).flatten(0, 1)  # one pass over x
+        return layer.act(layer.drop(normalized)) if isinstance(layer, BatchNormAct2d) else normalized
 
-    def statistics(self, x: torch.Tensor, prior: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mixed mean and variance per channel."""
+    def statistics(self, groups: torch.Tensor, prior: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mixed mean and variance per group and channel (G × C) of ``groups`` (G × n × C × ...), in float32
+        (under bf16 autocast too)."""
         if prior > 0.0 and (self.layer.running_mean is None or self.layer.running_var is None):
             raise UserError(f"{type(self.layer).__name__} keeps no running statistics to fall back on or mix with: "
                             "needs N = 0 and more than one value per channel")
+        count = groups.shape[0]
         if prior == 1.0:
-            return self.layer.running_mean, self.layer.running_var
-        reduce = [0, *range(2, x.ndim)]
-        batch_var, batch_mean = torch.var_mean(x, dim=reduce, correction=1 if self.unbiased else 0)
+            return self.layer.running_mean.expand(count, -1), self.layer.running_var.expand(count, -1)
+        reduce = [1, *range(3, groups.ndim)]
+        batch_var, batch_mean = torch.var_mean(groups.float(), dim=reduce, correction=1 if self.unbiased else 0)
         if prior == 0.0:
             return batch_mean, batch_var
         mean = prior * self.layer.running_mean + (1 - prior) * batch_mean
@@ -98,7 +110,13 @@ class AdaptedBatchNorm(nn.Module):
 
 
 def adapt_batchnorms(model: nn.Module, *, pseudo_samples: float, unbiased: bool, adapt_1d: bool) -> list[str]:
-    """Replace the BN layers of ``model`` (in place) by ``AdaptedBatchNorm``; returns the replaced layers' names.
+    """Replace the BN layers of ``model`` (in place) by ``AdaptedBatchNorm``; returns the replaced layers' names."""
+    return replace_batchnorms(model, lambda layer: AdaptedBatchNorm(layer, pseudo_samples, unbiased), adapt_1d)
+
+
+def replace_batchnorms(model: nn.Module, replacement: Callable[[nn.modules.batchnorm._BatchNorm], nn.Module],
+                       adapt_1d: bool) -> list[str]:
+    """Replace every BN layer of ``model`` (in place) by ``replacement(layer)``; returns the replaced layers' names.
 
     A model whose normalizer says it keeps batch statistics but that has no BN-type layer at all is an error:
     its statistics live in a layer this code does not know, and falling back to ``source`` would hide that.
@@ -109,5 +127,33 @@ def adapt_batchnorms(model: nn.Module, *, pseudo_samples: float, unbiased: bool,
                         "(or subclass) whose statistics test-time adaptation could replace")
     layers = find_batchnorms(model, adapt_1d)
     for name, layer in layers:
-        set_submodule(model, name, AdaptedBatchNorm(layer, pseudo_samples, unbiased))
+        set_submodule(model, name, replacement(layer))
     return [name for name, _ in layers]
+
+
+def affine_and_activation(normalized: torch.Tensor, layer: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    """``layer``'s affine parameters on a normalized input, then (BatchNormAct2d) its drop and activation."""
+    if layer.weight is not None:
+        shape = (1, -1) + (1,) * (normalized.ndim - 2)
+        normalized = normalized * layer.weight.view(shape) + layer.bias.view(shape)
+    if isinstance(layer, BatchNormAct2d):
+        normalized = layer.act(layer.drop(normalized))
+    return normalized
+
+
+def channel_view(statistic: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-channel vector shaped to broadcast over ``x`` (N × C × ...)."""
+    return statistic.view((1, -1) + (1,) * (x.ndim - 2))
+
+
+@contextmanager
+def statistics_frozen(model: nn.Module) -> Iterator[None]:
+    """Inside, every layer of ``model`` with an ``update`` flag (running test statistics) leaves them unchanged."""
+    layers = [m for m in model.modules() if hasattr(m, "update")]
+    for layer in layers:
+        layer.update = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.update = True

@@ -8,6 +8,8 @@ default) so a DataFrame of many runs aggregates in one call.
   and Fashion-MNIST-C, which have no reference model); with ``severities=(5,)`` it is the number TENT and
   RobustBench report.
 - ``mce`` / ``relative_mce``: ImageNet-C's AlexNet-normalized corruption errors (Hendrycks & Dietterich 2019).
+- ``expected_calibration_error``, ``negative_log_likelihood``, ``brier_score``: calibration of the predicted
+  probabilities, which Nado et al. 2020 report next to the error for prediction-time BN; every row has them.
 """
 
 from __future__ import annotations
@@ -47,41 +49,74 @@ GROUP: tuple[str, ...] = ("method", "batch_size")
 Rows = Iterable[Mapping[str, object]] | pd.DataFrame
 
 
-def error_row(method: str, corruption: str, severity: int, batch_size: int, predictions: torch.Tensor,
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """ECE in percent: Σ_m |B_m|/n · |accuracy(B_m) − confidence(B_m)| over equal-width confidence bins.
+
+    Guo et al. 2017 (arXiv 1706.04599, Eq. 3): the top-1 confidence max_k p_k of each image falls in one of
+    ``bins`` intervals ((0, 1/M], (1/M, 2/M], …, ((M−1)/M, 1]); empty bins contribute nothing.
+    """
+    probs, labels = probs.double(), labels.to(probs.device)
+    confidence, predicted = probs.max(1)
+    correct = (predicted == labels).double()
+    index = (confidence * bins).ceil().long().clamp(1, bins) - 1  # (lo, hi] intervals
+    count = torch.zeros(bins, dtype=torch.float64, device=probs.device).index_add_(0, index, torch.ones_like(correct))
+    gap = torch.zeros_like(count).index_add_(0, index, correct - confidence)
+    return 100.0 * gap.abs().sum().item() / len(labels)
+
+
+def negative_log_likelihood(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean −log p_y (nats); a probability that underflowed to 0 counts as the smallest positive float32."""
+    picked = probs.double().gather(1, labels.to(probs.device).view(-1, 1)).squeeze(1)
+    return -picked.clamp_min(torch.finfo(torch.float32).tiny).log().mean().item()
+
+
+def brier_score(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over images of Σ_k (p_k − 1[k = y])² (Brier 1950; the multi-class form Ovadia et al. 2019 report)."""
+    target = torch.nn.functional.one_hot(labels.to(probs.device), probs.shape[1]).double()
+    return (probs.double() - target).square().sum(1).mean().item()
+
+
+def error_row(method: str, corruption: str, severity: int, batch_size: int, probs: torch.Tensor,
               labels: torch.Tensor, adapted: bool) -> dict[str, object]:
-    """One tidy result row: top-1 error (%) of predicted classes against labels.
+    """One tidy result row: top-1 error (%), ECE (%), NLL and Brier score of predicted probabilities (n × classes).
 
     ``adapted`` is False when the method predicted as the source model does (it found nothing to adapt).
     """
     n = len(labels)
     if n == 0:
         raise UserError(f"{corruption} severity {severity}: no images to evaluate")
-    wrong = (predictions != labels).sum().item()
+    wrong = (probs.argmax(1) != labels.to(probs.device)).sum().item()
     return {"method": method, "corruption": corruption, "severity": severity, "batch_size": batch_size,
-            "error": 100.0 * wrong / n, "n": n, "adapted": adapted}
+            "error": 100.0 * wrong / n, "ece": expected_calibration_error(probs, labels),
+            "nll": negative_log_likelihood(probs, labels), "brier": brier_score(probs, labels), "n": n,
+            "adapted": adapted}
 
 
-def cell_errors(rows: Rows, group: Sequence[str] = GROUP) -> pd.Series:
-    """Error (%) indexed by (*group, corruption, severity); a cell given twice is an error, not averaged."""
+def cell_errors(rows: Rows, group: Sequence[str] = GROUP, metric: str = "error") -> pd.Series:
+    """``metric`` (error in % by default) indexed by (*group, corruption, severity); a cell given twice is an error."""
     frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
     keys = [*group, "corruption", "severity"]
-    missing = [k for k in [*keys, "error"] if k not in frame.columns]
+    missing = [k for k in [*keys, metric] if k not in frame.columns]
     if missing:
         raise UserError(f"result rows lack the columns {missing}")
     duplicated = frame[frame.duplicated(keys, keep=False)]
     if len(duplicated):
         raise UserError(f"result rows repeat cells: {duplicated[keys].drop_duplicates().to_dict('records')[:3]}")
-    return frame.set_index(keys)["error"]
+    return frame.set_index(keys)[metric]
 
 
-def mean_error(rows: Rows, severities: Sequence[int] | None = None, group: Sequence[str] = GROUP) -> pd.Series:
-    """Plain mean error (%) over all corruption × severity cells (only ``severities`` when given)."""
-    errors = cell_errors(rows, group)
+def mean_error(rows: Rows, severities: Sequence[int] | None = None, group: Sequence[str] = GROUP,
+               metric: str = "error") -> pd.Series:
+    """Plain mean error (%) over all corruption × severity cells (only ``severities`` when given).
+
+    Another per-cell ``metric`` (``ece``, ``nll``, ``brier``) is averaged the same way, named ``mean_<metric>``.
+    """
+    errors = cell_errors(rows, group, metric)
     if severities is not None:
         errors = errors[errors.index.get_level_values("severity").isin(severities)]
         if errors.empty:
             raise UserError(f"no result rows at severities {list(severities)}")
-    return errors.groupby(level=list(group)).mean().rename("mean_error")
+    return errors.groupby(level=list(group)).mean().rename(f"mean_{metric}")
 
 
 def corruption_errors(rows: Rows, corruptions: Sequence[str], group: Sequence[str] = GROUP) -> pd.DataFrame:

@@ -6,3 +6,5 @@ from repro.adapt.base import AdaptationMethod, register_method
 @register_method("source")
 class Source(AdaptationMethod):
     """No adaptation: the baseline every other method is compared with."""
+
+    batch_independent = True

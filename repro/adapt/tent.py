@@ -27,16 +27,12 @@ from typing import Literal
 import torch
 from torch import nn
 
+from repro.adapt.affine import softmax_entropy
 from repro.adapt.base import AdaptationMethod, register_method
 from repro.adapt.batchnorm import AdaptedBatchNorm, adapt_batchnorms
 from repro.errors import UserError
 
 OPTIMIZERS = ("sgd", "adam")
-
-
-def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy of the softmax of each row, in nats."""
-    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
 
 
 @register_method("tent")
@@ -54,6 +50,8 @@ class Tent(AdaptationMethod):
             per corruption × severity (the official example) or never (online).
         adapt_1d: also adapt ``BatchNorm1d`` layers; off by default as in the official code.
     """
+
+    stateful = True
 
     def __init__(self, model: nn.Module, *, optimizer: Literal["sgd", "adam"] = "sgd", lr: float = 0.00025,
                  momentum: float = 0.9, nesterov: bool = True, betas: tuple[float, float] = (0.9, 0.999),
@@ -102,7 +100,7 @@ class Tent(AdaptationMethod):
         if self.optimizer is None:
             return super().predict(batch)
         with torch.enable_grad():
-            logits = self.model(batch)
+            logits = self._forward(batch, backward=True)
             softmax_entropy(logits).mean().backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

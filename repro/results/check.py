@@ -25,6 +25,7 @@ class CheckResult:
     status: str  # "pass", "fail" or "not run"
     n: int
     detail: str
+    se: float | None = None  # standard error: of the paired per-seed differences (relative), of the runs (absolute)
 
 
 def _values(frame: pd.DataFrame, setting: dict, metric: str, diverged_as: float | None = None
@@ -41,6 +42,30 @@ def _values(frame: pd.DataFrame, setting: dict, metric: str, diverged_as: float 
     return values.dropna(), runs, rows.loc[is_diverged, "run_id"].nunique()
 
 
+def _per_seed(frame: pd.DataFrame, setting: dict, metric: str, diverged_as: float | None) -> pd.Series:
+    """The metric's mean per seed for a setting (diverged runs as ``_values`` counts them)."""
+    rows = select(frame, setting)
+    if metric not in rows.columns or "seed" not in rows.columns:
+        return pd.Series(dtype=float)
+    values = pd.to_numeric(rows[metric], errors="coerce")
+    if diverged_as is not None:
+        values = values.mask(rows["status"] == "diverged", diverged_as)
+    return values.groupby(rows["seed"]).mean().dropna()
+
+
+def paired_differences(frame: pd.DataFrame, ref: RelativeReference) -> pd.Series:
+    """a − b per seed that both settings ran (in % of b for a percent claim): the claim's paired sample."""
+    a = _per_seed(frame, ref.a, ref.metric, ref.diverged_as)
+    b = _per_seed(frame, ref.b, ref.metric, ref.diverged_as)
+    a, b = a.align(b, join="inner")
+    return 100 * (a - b) / b if ref.percent else a - b
+
+
+def standard_error(values: pd.Series) -> float:
+    """std (n − 1) / sqrt(n); NaN below two values."""
+    return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) >= 2 else math.nan
+
+
 def _absolute(suite: str, tier: str, ref: AbsoluteReference, frame: pd.DataFrame) -> CheckResult:
     values, runs, diverged = _values(frame, ref.setting, ref.metric)
     tolerance = f"±{ref.tolerance:g}"
@@ -53,8 +78,10 @@ def _absolute(suite: str, tier: str, ref: AbsoluteReference, frame: pd.DataFrame
     mean = float(values.mean())
     delta = mean - ref.value
     status = "pass" if abs(delta) <= ref.tolerance + 1e-9 else "fail"
+    se = standard_error(values)
+    detail = ref.source if math.isnan(se) else f"{ref.source} (reproduced {mean:.2f} ± {se:.2f} SE, n {len(values)})"
     return CheckResult(suite, tier, ref.id, "absolute", ref.metric, mean, ref.value, delta, tolerance, status, runs,
-                       ref.source)
+                       detail, None if math.isnan(se) else se)
 
 
 def _relative(suite: str, tier: str, ref: RelativeReference, frame: pd.DataFrame) -> CheckResult:
@@ -72,13 +99,22 @@ def _relative(suite: str, tier: str, ref: RelativeReference, frame: pd.DataFrame
     difference = float(a.mean() - b.mean())
     if ref.percent:
         difference = 100 * difference / float(b.mean())
-    ok = (ref.min is None or difference >= ref.min - 1e-9) and (ref.max is None or difference <= ref.max + 1e-9)
+    pairs = paired_differences(frame, ref)
+    se = standard_error(pairs)
+    margin = 0.0 if ref.sigmas is None else ref.sigmas * se
+    if ref.sigmas is not None and not math.isnan(se):
+        difference = float(pairs.mean())
+    ok = not math.isnan(margin) and (ref.min is None or difference - margin >= ref.min - 1e-9) and (
+        ref.max is None or difference + margin <= ref.max + 1e-9)
     counted = "left out" if ref.diverged_as is None else f"counted as {ref.diverged_as:g}"
     note = f"; {div_a + div_b} diverged runs {counted}" if div_a + div_b else ""
     unit = " in % of b" if ref.percent else ""
-    detail = f"{ref.claim} (a {a.mean():.2f} − b {b.mean():.2f}{unit}{note})"
+    paired = f"; paired over {len(pairs)} seeds {pairs.mean():.2f} ± {se:.2f} SE" if len(pairs) >= 2 else ""
+    if ref.sigmas is not None:
+        paired += f"; must hold at ± {ref.sigmas:g} SE" + ("" if len(pairs) >= 2 else ", which needs 2+ paired seeds")
+    detail = f"{ref.claim} (a {a.mean():.2f} − b {b.mean():.2f}{unit}{note}{paired})"
     return CheckResult(suite, tier, ref.id, "relative", ref.metric, difference, None, None, bounds,
-                       "pass" if ok else "fail", n, detail)
+                       "pass" if ok else "fail", n, detail, None if math.isnan(se) else se)
 
 
 def check(suite: Suite, frame: pd.DataFrame) -> list[CheckResult]:
@@ -102,5 +138,5 @@ def report_frame(results: list[CheckResult]) -> pd.DataFrame:
     return pd.DataFrame([{
         "suite": r.suite, "tier": r.tier, "reference": r.reference, "kind": r.kind, "metric": r.metric,
         "reproduced": _fmt(r.reproduced), "reported": _fmt(r.reported), "delta": _fmt(r.delta),
-        "tolerance": r.tolerance, "n": r.n, "status": r.status, "detail": r.detail,
+        "tolerance": r.tolerance, "n": r.n, "se": _fmt(r.se), "status": r.status, "detail": r.detail,
     } for r in results])

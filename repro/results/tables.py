@@ -39,17 +39,20 @@ def summarize(frame: pd.DataFrame, setting_columns: list[str]) -> pd.DataFrame:
     keys = ["tier", *[c for c in setting_columns if c in frame.columns]]
     metrics = metric_columns(frame, setting_columns)
     grouped = frame.groupby(keys, dropna=False, sort=False)
-    summary = grouped[metrics].agg(["mean", "std"])
+    summary = grouped[metrics].agg(["mean", "std", "count"])
+    for metric in metrics:  # the standard error of the mean over seeds, next to the std
+        summary[metric, "se"] = summary[metric, "std"] / summary[metric, "count"] ** 0.5
+    summary = summary.drop(columns=[(metric, "count") for metric in metrics])
     summary.columns = [f"{metric}_{stat}" for metric, stat in summary.columns]
     summary["n"] = grouped["run_id"].nunique()
     summary["n_diverged"] = grouped["status"].agg(lambda s: int((s == "diverged").sum()))
     return summary.reset_index()
 
 
-def _mean_std(mean: float, std: float) -> str:
+def _mean_std(mean: float, std: float, se: float) -> str:
     if pd.isna(mean):
         return "—"
-    return f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
+    return f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} ± {std:.2f} (SE {se:.2f})"
 
 
 def markdown(frame: pd.DataFrame) -> str:
@@ -62,13 +65,13 @@ def markdown(frame: pd.DataFrame) -> str:
 
 
 def to_markdown(summary: pd.DataFrame, setting_columns: list[str], metrics: list[str]) -> str:
-    """A readable table: setting columns, then 'mean ± std' per metric, then n."""
+    """A readable table: setting columns, then 'mean ± std (SE)' per metric, then n."""
     keys = ["tier", *[c for c in setting_columns if c in summary.columns]]
     shown = pd.DataFrame({k: summary[k] for k in keys})
     for metric in metrics:
         if f"{metric}_mean" in summary:
-            shown[metric] = [_mean_std(m, s) for m, s in zip(summary[f"{metric}_mean"], summary[f"{metric}_std"],
-                                                             strict=True)]
+            shown[metric] = [_mean_std(*stats) for stats in zip(
+                summary[f"{metric}_mean"], summary[f"{metric}_std"], summary[f"{metric}_se"], strict=True)]
     shown["n"] = summary["n"]
     if summary["n_diverged"].any():
         shown["diverged"] = summary["n_diverged"]

@@ -92,6 +92,9 @@ class RelativeReference(_Strict):
         default=None, description="value a diverged run counts as (e.g. chance accuracy); None leaves it out")
     percent: bool = Field(
         default=False, description="compare 100 * (mean(a) - mean(b)) / mean(b), for claims like '20% less memory'")
+    sigmas: float | None = Field(
+        default=None, ge=0, description="pass only when the bounds hold at mean ± sigmas·SE of the paired per-seed "
+        "differences (needs 2+ seeds that both settings ran)")
     source: str
     tiers: list[str] = Field(default_factory=lambda: ["full"])
 

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from repro.adapt import ADAPTATION_METHODS, create_method
-from repro.adapt.evaluate import Evaluation, ResetPolicy, evaluate_views
+from repro.adapt.evaluate import Evaluation, Setting, evaluate_views
 from repro.adapt.metrics import BENCHMARK_CORRUPTIONS, SEVERITIES, mce, mean_error
 from repro.corruptions import CORRUPTION_REGISTRY
 from repro.data import ImageDataset, TensorSplit, cache_root
@@ -30,7 +31,7 @@ from repro.data.corrupted import (
     in_memory,
     subset_view,
 )
-from repro.data.loaders import decode_folder
+from repro.data.loaders import PixelNormalizer, decode_folder
 from repro.errors import UserError
 from repro.execute.estimate import Workload, split_sizes, training_workload
 from repro.tasks.base import RunContext, RunOutcome, RunSpec, Task, build_run_model, register_task, train_or_load
@@ -39,7 +40,9 @@ from repro.tasks.base import RunContext, RunOutcome, RunSpec, Task, build_run_mo
 RELEASED = ("cifar10", "cifar100", "imagenet")
 GROUP = ("method", "batch_size")
 #: methods that only normalize differently (no gradient step): a forward pass per image, for time estimates
-FORWARD_ONLY_METHODS = ("source", "ptbn", "bn_adapt")
+FORWARD_ONLY_METHODS = ("source", "ptbn", "bn_adapt", "tbr", "rbn")
+CALIBRATION = ("ece", "nll", "brier")
+COSTS = ("forward_per_image", "backward_per_image", "ms_per_image", "clean_error_after")
 
 
 class MethodSpec(BaseModel):
@@ -50,7 +53,6 @@ class MethodSpec(BaseModel):
     label: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     batch_sizes: list[int] | None = Field(default=None, description="test batch sizes; None: the task's")
-    reset: ResetPolicy = Field(default="per_view", description="per_view: reset per corruption × severity")
 
     @property
     def column(self) -> str:
@@ -85,6 +87,14 @@ class TTAOptions(BaseModel):
     order_seed: int | None = Field(default=0, description="evaluation order; None keeps the file order")
     cache: bool = Field(default=False, description="keep generated views in $REPRO_CACHE_DIR/corrupted")
     workers: int = Field(default=4, ge=0, description="decoding workers for image folders")
+    setting: Setting = Field(default="episodic", description="episodic, continual, mixed or label_shift "
+                             "(repro.adapt.evaluate)")
+    label_gamma: float | None = Field(default=None, gt=0, description="label_shift: RoTTA's Dirichlet γ for "
+                                      "time-correlated labels; None: pure class order (SAR's)")
+    amp: bool = Field(default=False, description="bf16 autocast and channels-last on CUDA, as training; off keeps "
+                      "float32 (ignored on CPU)")
+    clean_after_images: int = Field(default=2000, ge=0, description="clean images for the clean error of stateful "
+                                    "methods after each view (forgetting); 0: not measured")
 
     @field_validator("corruptions")
     @classmethod
@@ -137,6 +147,14 @@ def released_view(options: TTAOptions, data: ImageDataset, ctx: RunContext) -> C
     return in_memory(imagenet_c_view(root, classes=data.class_names or None), options.workers)
 
 
+def forgetting_set(clean: TensorSplit, images: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The first ``images`` clean test images, on which stateful methods are scored after each view."""
+    if images == 0:
+        return None
+    subset = clean.subset(min(images, len(clean.labels)))
+    return subset.images, subset.labels
+
+
 def summary_rows(rows: list[dict[str, Any]], dataset: str) -> list[dict[str, Any]]:
     """Per method and batch size: mean error over all cells, at severity 5, and mCE where AlexNet's errors apply.
 
@@ -144,41 +162,51 @@ def summary_rows(rows: list[dict[str, Any]], dataset: str) -> list[dict[str, Any
     average is the summary, as CIFAR-10-C and Fashion-MNIST-C have no reference model.
     """
     frame = pd.DataFrame(rows)
-    summaries = {"mean_error": mean_error(frame, group=GROUP)}
+    summaries = {f"mean_{metric}": mean_error(frame, group=GROUP, metric=metric) for metric in CALIBRATION}
+    summaries["mean_error"] = mean_error(frame, group=GROUP)
     if 5 in set(frame["severity"]):
         summaries["mean_error_s5"] = mean_error(frame, severities=(5,), group=GROUP)
     complete = set(BENCHMARK_CORRUPTIONS) <= set(frame["corruption"]) and set(SEVERITIES) <= set(frame["severity"])
     if dataset == "imagenet" and complete:
         summaries["mce"] = mce(frame, group=GROUP)
     adapted = frame.groupby(list(GROUP))["adapted"].all()
-    table = pd.DataFrame(summaries).join(adapted).reset_index()
-    return [{"corruption": "all", "severity": None, **row} for row in table.to_dict("records")]
+    costs = [c for c in COSTS if c in frame.columns]
+    table = pd.DataFrame(summaries).join(adapted).join(frame.groupby(list(GROUP))[costs].mean()).reset_index()
+    setting = {"setting": frame["setting"].iloc[0]} if "setting" in frame.columns else {}
+    return [{"corruption": "all", "severity": None, **setting, **row} for row in table.to_dict("records")]
 
 
 @register_task("tta")
 class TTATask(Task):
     """Train (or load) one model, then evaluate adaptation methods × test batch sizes on corrupted views.
 
-    Rows: one per method × batch size × view (``corruption``, ``severity``, ``error`` in %, ``n``, ``adapted``),
-    the clean test set as corruption ``clean`` at severity 0, and a summary per method × batch size as
-    corruption ``all`` (``mean_error``, ``mean_error_s5``, ``mce``). Methods with nothing to adapt (a model
-    without BatchNorm) fall back to ``source`` with ``adapted`` False, as ``repro.adapt`` documents.
+    Rows: one per method × batch size × view (``corruption``, ``severity``, ``error`` in %, ``ece`` in %,
+    ``nll``, ``brier``, ``n``, ``adapted``, the cost ``forward_per_image``, ``backward_per_image``,
+    ``ms_per_image``, and for stateful methods ``clean_error_after``), the clean test set as corruption ``clean``
+    at severity 0, and a summary per method × batch size as corruption ``all`` (``mean_error``,
+    ``mean_error_s5``, ``mce``, ``mean_ece``, ``mean_nll``, ``mean_brier`` and the mean costs). Methods with
+    nothing to adapt (a model without BatchNorm) fall back to ``source`` with ``adapted`` False, as
+    ``repro.adapt`` documents. The record's ``extra`` names the protocol: setting, images per view, severity
+    order, and that the metric is an error (lower is better).
     """
 
     Options = TTAOptions
-    extra_columns = ("method", "corruption", "severity", "batch_size")
-    table_metrics = ("error", "mean_error", "mean_error_s5", "mce")
+    extra_columns = ("method", "setting", "corruption", "severity", "batch_size")
+    table_metrics = ("error", "mean_error", "mean_error_s5", "mce", "ece", "mean_ece", "mean_nll", "mean_brier",
+                     "clean_error_after", "forward_per_image", "backward_per_image", "ms_per_image")
 
     @classmethod
     def workload(cls, config: dict[str, Any], model_cached: bool = False) -> Workload:
-        """Every view through every method × batch size; methods that take gradient steps also go backward."""
+        """Every view through every method × batch size (``source`` once: its predictions ignore the batch);
+        methods that take gradient steps also go backward."""
         options = TTAOptions.model_validate(config["task_options"])
         _, test_images = split_sizes(config["dataset"])
         per_view = min(options.images or test_images, test_images)
         views = len(options.corruptions) * len(options.severities) + options.clean
         stepped = forward = passes = 0
         for spec in options.methods:
-            for batch_size in spec.batch_sizes or options.batch_sizes:
+            batch_sizes = spec.batch_sizes or options.batch_sizes
+            for batch_size in batch_sizes[:1] if spec.name == "source" else batch_sizes:
                 images = views * per_view
                 if spec.name in FORWARD_ONLY_METHODS:
                     forward += images
@@ -212,15 +240,25 @@ class TTATask(Task):
         else:
             cache = cache_root() / "corrupted" if options.cache else None
             view = generated = GeneratedView(clean, seed=options.corruption_seed, device=ctx.device, cache_dir=cache)
-        evaluations = [Evaluation(create_method(spec.name, model, **spec.options), batch_size, spec.column, spec.reset)
+        evaluations = [Evaluation(create_method(spec.name, model, **spec.options), batch_size, spec.column)
                        for spec in options.methods for batch_size in spec.batch_sizes or options.batch_sizes]
-        common = {"mean": data.mean, "std": data.std, "device": ctx.device, "seed": options.order_seed}
+        common = {"mean": data.mean, "std": data.std, "device": ctx.device, "seed": options.order_seed,
+                  "amp": options.amp}
+        normalize = PixelNormalizer(data.mean, data.std, torch.device(ctx.device), channels_last=False)
+        for evaluation in evaluations:  # EATA's Fisher information, on clean images in batches of 64 (its code's)
+            evaluation.method.to(ctx.device).calibrate(
+                normalize(clean.images[start : start + 64].to(ctx.device)) for start in range(0, len(clean.labels), 64))
         rows = evaluate_views(evaluations, lambda *_: (clean.images, clean.labels), [("clean", 0)], **common
                               ) if options.clean else []
         views = [(c, s) for s in options.severities for c in options.corruptions]
-        corrupted = evaluate_views(evaluations, view, views, **common, workers=options.workers)
+        corrupted = evaluate_views(evaluations, view, views, **common, workers=options.workers,
+                                   setting=options.setting, label_gamma=options.label_gamma,
+                                   clean=forgetting_set(clean, options.clean_after_images))
         rows += corrupted + summary_rows(corrupted, data.name)
-        extra = {"evaluations": len(evaluations), "views": len(views)}
+        extra = {"evaluations": len(evaluations), "views": len(views), "setting": options.setting,
+                 "label_gamma": options.label_gamma,
+                 "images_per_view": int(corrupted[0]["n"]), "severity_order": list(options.severities),
+                 "metric_direction": "error in % (lower is better), not accuracy"}
         if generated is not None and generated.seconds > 0:
             extra["corruption_images_per_s"] = generated.images / generated.seconds
         wall = time.perf_counter() - start
