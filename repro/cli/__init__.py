@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="compare results with the suites' references; exit 1 on a failed check")
     check.add_argument("--results", type=Path, default=Path("results"))
+    check.add_argument("--strict", action="store_true",
+                       help="also exit 1 when a reference is 'not run' or 'incomplete' (use in CI and campaigns)")
     check.add_argument("suites", nargs="*", help="suite names or files (default: every suite with records)")
 
     sub.add_parser("list", help="the suites, their tiers and how many runs each expands to")
@@ -85,7 +87,7 @@ def _cmd_gather(args: argparse.Namespace) -> int:
     from repro.results.gather import gather
 
     for results, paths in gather(args.results, [Path(s).stem for s in args.suites] or None):
-        stale = f" ({results.stale} stale records of an older recipe ignored)" if results.stale else ""
+        stale = f" ({results.stale} stale records of an older version or recipe ignored)" if results.stale else ""
         print(f"{results.name}: {results.frame['run_id'].nunique()} runs{stale}")
         print((paths[1]).read_text())
         for path in paths:
@@ -95,17 +97,21 @@ def _cmd_gather(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from repro.results.check import report_frame
-    from repro.results.gather import run_checks
+    from repro.results.check import STATUSES, failing, report_frame
+    from repro.results.gather import run_checks, stale_counts
 
-    results = run_checks(args.results, [Path(s).stem for s in args.suites] or None)
+    names = [Path(s).stem for s in args.suites] or None
+    results = run_checks(args.results, names)
+    for name, count in stale_counts(args.results, names).items():
+        print(f"{name}: {count} stale records (an older version or recipe) ignored")
     if not results:
         print(f"no references to check in {args.results}")
-        return 0
+        return 1 if args.strict else 0
     print(report_frame(results).to_markdown(index=False))
-    counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "not run")}
-    print(f"\n{counts['pass']} passed, {counts['fail']} failed, {counts['not run']} not run")
-    return 1 if counts["fail"] else 0
+    counts = {s: sum(r.status == s for r in results) for s in STATUSES}
+    print(f"\n{counts['pass']} passed, {counts['fail']} failed, {counts['not run']} not run, "
+          f"{counts['incomplete']} incomplete")
+    return 1 if failing(results, strict=args.strict) else 0
 
 
 def _cmd_list(_: argparse.Namespace) -> int:
@@ -130,3 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"repro: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        done = f": {_complete_runs(args)} runs complete; the same command resumes" if args.command == "run" else ""
+        print(f"interrupted{done}", file=sys.stderr)
+        return 130
+
+
+def _complete_runs(args: argparse.Namespace) -> int:
+    """Runs of the interrupted ``repro run`` whose record is complete (kept: a rerun skips them)."""
+    from repro.results.records import is_complete, read_record, record_path
+    from repro.suite.runner import expand_tier
+
+    suite, _, runs = expand_tier(args.suite, args.tier)
+    return sum(is_complete(read_record(record_path(args.results, suite.name, run.run_id), warn=False))
+               for run in runs)

@@ -22,7 +22,16 @@ import torch
 
 from repro.errors import UserError
 from repro.results.provenance import provenance
-from repro.results.records import RECORD_SCHEMA, is_complete, read_record, record_path, write_json_atomic
+from repro.results.records import (
+    RECORD_SCHEMA,
+    check_writable,
+    claim_run,
+    is_complete,
+    read_record,
+    record_path,
+    release_run,
+    write_json_atomic,
+)
 from repro.suite.expand import expand
 from repro.suite.load import file_sha256, load_suite
 from repro.suite.schema import Suite
@@ -103,7 +112,9 @@ def run_suite(suite_ref: str | Path, tier: str, *, device: str = "auto", results
     if not is_main:
         echo, progress = (lambda _: None), False
     suite_sha = file_sha256(path)
-    ctx = RunContext(torch_device, results_dir, data_dir, progress, data_parallel=data_parallel)
+    if is_main:
+        check_writable(results_dir / "runs" / suite.name, f"--results {results_dir}")
+    ctx = RunContext(torch_device, results_dir, data_dir, progress, data_parallel=data_parallel, retrain=force)
     task = TASKS.get(suite.task)()
     summary = SuiteRunSummary(suite.name, tier)
     fingerprint = functools.cache(lambda key: ctx.dataset(dict(key)).fingerprint())
@@ -119,11 +130,24 @@ def run_suite(suite_ref: str | Path, tier: str, *, device: str = "auto", results
             summary.skipped.append(run.run_id)
             echo(f"{prefix}: complete, skipped ({path_out.name})")
             continue
+        if data_parallel is None and not claim_run(path_out):  # one process per run and results folder
+            summary.skipped.append(run.run_id)
+            echo(f"{prefix}: being run by another process, skipped")
+            continue
+        if data_parallel is None and not force and is_complete(read_record(path_out)):
+            release_run(path_out)  # finished by another process since this one started
+            summary.skipped.append(run.run_id)
+            echo(f"{prefix}: completed by another process, skipped")
+            continue
         started = _now()
-        if data_parallel is None:
-            outcome, error = _outcome_or_failure(task, run, ctx)
-        else:
-            outcome, error = task.run(run, ctx), None
+        try:
+            if data_parallel is None:
+                outcome, error = _outcome_or_failure(task, run, ctx)
+            else:
+                outcome, error = task.run(run, ctx), None
+        except BaseException:
+            release_run(path_out)
+            raise
         summary.ran.append(run.run_id)
         if not is_main:
             continue
@@ -142,6 +166,7 @@ def run_suite(suite_ref: str | Path, tier: str, *, device: str = "auto", results
             },
         }
         write_json_atomic(path_out, record)
+        release_run(path_out)
         if outcome.status == "failed":
             summary.failed.append(run.run_id)
             echo(f"{prefix}: FAILED: {error.splitlines()[0]}")
