@@ -11,7 +11,6 @@ suite instead of being recorded as failed, since the other processes would wait 
 from __future__ import annotations
 
 import datetime
-import functools
 import time
 import traceback
 from collections.abc import Callable
@@ -117,7 +116,6 @@ def run_suite(suite_ref: str | Path, tier: str, *, device: str = "auto", results
     ctx = RunContext(torch_device, results_dir, data_dir, progress, data_parallel=data_parallel, retrain=force)
     task = TASKS.get(suite.task)()
     summary = SuiteRunSummary(suite.name, tier)
-    fingerprint = functools.cache(lambda key: ctx.dataset(dict(key)).fingerprint())
     processes = "" if data_parallel is None else f" x {data_parallel.world_size} processes"
     echo(f"suite {suite.name} v{suite.version}, tier {tier}: {len(runs)} runs on {torch_device}{processes} "
          f"-> {results_dir}")
@@ -160,7 +158,7 @@ def run_suite(suite_ref: str | Path, tier: str, *, device: str = "auto", results
             "images_per_s": outcome.images_per_s, "diverged_step": outcome.diverged_step, "extra": outcome.extra,
             "error": error, "started_at": started, "finished_at": _now(),
             "provenance": {
-                **provenance(torch_device, fingerprint(tuple(sorted(run.config["dataset"].items()))), data.source,
+                **provenance(torch_device, ctx.data_fingerprint(run.config["dataset"]), data.source,
                              suite_sha),
                 "processes": 1 if data_parallel is None else data_parallel.world_size,
             },
