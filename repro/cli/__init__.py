@@ -137,16 +137,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"repro: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        done = f": {_complete_runs(args)} runs complete; the same command resumes" if args.command == "run" else ""
-        print(f"interrupted{done}", file=sys.stderr)
+        print(_interrupted(args), file=sys.stderr)
         return 130
 
 
-def _complete_runs(args: argparse.Namespace) -> int:
-    """Runs of the interrupted ``repro run`` whose record is complete (kept: a rerun skips them)."""
+def _interrupted(args: argparse.Namespace) -> str:
+    """The one line Ctrl-C prints: for ``repro run``, how many of its runs have a complete record (kept: the
+    same command skips them)."""
+    if args.command != "run":
+        return "interrupted"
     from repro.results.records import is_complete, read_record, record_path
     from repro.suite.runner import expand_tier
 
-    suite, _, runs = expand_tier(args.suite, args.tier)
-    return sum(is_complete(read_record(record_path(args.results, suite.name, run.run_id), warn=False))
-               for run in runs)
+    try:
+        suite, _, runs = expand_tier(args.suite, args.tier)
+    except (UserError, KeyboardInterrupt):
+        return "interrupted; the same command resumes"
+    complete = sum(is_complete(read_record(record_path(args.results, suite.name, run.run_id), warn=False))
+                   for run in runs)
+    return f"interrupted: {complete} runs complete; the same command resumes"

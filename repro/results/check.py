@@ -86,7 +86,7 @@ def _unusable(side: _Side, metric: str) -> tuple[str, str] | None:
     if not side.has_metric:
         return "fail", f"no metric {metric!r} in the records"
     if side.values.empty:
-        return "fail", f"all {side.diverged} runs diverged"
+        return "fail", f"all {side.diverged} runs diverged" if side.diverged else "no record rows match the setting"
     return None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -64,22 +65,36 @@ def list_suite_files() -> list[Path]:
     return sorted(p for p in directory.glob("*.y*ml") if not p.name.startswith("_")) if directory.is_dir() else []
 
 
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The models an annotation holds: itself, or inside list[...], dict[..., ...], unions and Annotated."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in getattr(annotation, "__args__", ()) for model in _models_in(arg)]
+
+
+def _tagged(models: list[type[BaseModel]], tag: Any) -> type[BaseModel] | None:
+    """The member of a discriminated union whose literal tag (``kind: absolute``) is ``tag``."""
+    for model in models:
+        if any(tag in typing.get_args(field.annotation) for field in model.model_fields.values()
+               if typing.get_origin(field.annotation) is typing.Literal):
+            return model
+    return None
+
+
 def _fields_at(model: type[BaseModel], location: tuple[Any, ...]) -> list[str]:
     """The field names allowed at ``location`` inside ``model`` (for 'unknown key' messages)."""
-    current: Any = model
+    current, candidates = model, [model]
     for part in location[:-1]:
-        if isinstance(part, int) or not (isinstance(current, type) and issubclass(current, BaseModel)):
+        if isinstance(part, int):
             continue
-        field = current.model_fields.get(part)
-        if field is None:
-            continue  # a key of a dict of models (a tier's name): the model stays the same
-        annotation = field.annotation
-        for candidate in (annotation, *getattr(annotation, "__args__", ())):
-            for inner in (candidate, *getattr(candidate, "__args__", ())):
-                if isinstance(inner, type) and issubclass(inner, BaseModel):
-                    current = inner
-                    break
-    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
+        if part in current.model_fields:
+            candidates = _models_in(current.model_fields[part].annotation)
+            if not candidates:
+                return []
+            current = candidates[0]
+        else:  # a key of a dict of models (a tier's name), or a union's tag
+            current = _tagged(candidates, part) or current
+    return list(current.model_fields)
 
 
 def format_validation_error(path: Path, error: ValidationError, model: type[BaseModel] = Suite) -> str:
