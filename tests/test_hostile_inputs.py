@@ -99,6 +99,8 @@ CASES = {
                             "field task_options.save_checkpoint (task.save_checkpoint=maybe)"),
     "unknown key inside a tier": ("  smoke: {}", "  smoke: {epochz: 2}",
                                   "field tiers.smoke.epochz: unknown key; allowed: description, epochs,"),
+    "unknown key inside a reference": ("    min: -100", "    min: -100\n    maxx: 3",
+                                       "field references.0.relative.maxx: unknown key; allowed: kind, id, claim,"),
     "empty tier seeds": ("  smoke: {}", "  smoke: {seeds: []}", "field tiers.smoke.seeds"),
     "exclude matching nothing": ("tiers:", "exclude: [{normalizer: gn32}]\ntiers:",
                                  "field exclude.0: {'normalizer': 'gn32'} matches no setting"),
