@@ -132,7 +132,7 @@ def run_suite(suite_ref: str | Path, tier: str, *, device: str = "auto", results
             summary.skipped.append(run.run_id)
             echo(f"{prefix}: being run by another process, skipped")
             continue
-        if data_parallel is None and not force and is_complete(read_record(path_out)):
+        if data_parallel is None and not force and is_complete(read_record(path_out, warn=False)):
             release_run(path_out)  # finished by another process since this one started
             summary.skipped.append(run.run_id)
             echo(f"{prefix}: completed by another process, skipped")
