@@ -103,12 +103,14 @@ def test_interrupted_gather_leaves_the_old_table_whole(suites_dir: Path, tmp_pat
 
 # --- 2. identity: stale records and checkpoints -----------------------------------------------------------------
 
-def test_records_of_an_older_version_are_reported_stale_by_check(suites_dir: Path, tmp_path: Path,
-                                                                  capsys: pytest.CaptureFixture) -> None:
+def test_records_of_an_older_version_are_reported_stale_by_gather_and_check(suites_dir: Path, tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture) -> None:
     results = tmp_path / "results"
     _write_records(results, "smoke", {"bn": 90.0, "gn": 80.0})
     path = suites_dir / "tiny.yaml"
     path.write_text(path.read_text().replace("version: 1", "version: 2", 1))
+    assert main(["gather", "--results", str(results)]) == 0
+    assert "tiny: 0 runs (2 stale records" in capsys.readouterr().out
     assert main(["check", "--results", str(results), "tiny"]) == 0
     out = capsys.readouterr().out
     assert "tiny: 2 stale records" in out and "| not run" in out

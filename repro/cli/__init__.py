@@ -88,8 +88,10 @@ def _cmd_gather(args: argparse.Namespace) -> int:
 
     for results, paths in gather(args.results, [Path(s).stem for s in args.suites] or None):
         stale = f" ({results.stale} stale records of an older version or recipe ignored)" if results.stale else ""
-        print(f"{results.name}: {results.frame['run_id'].nunique()} runs{stale}")
-        print((paths[1]).read_text())
+        runs = results.frame["run_id"].nunique() if not results.frame.empty else 0
+        print(f"{results.name}: {runs} runs{stale}")
+        if paths:
+            print(paths[1].read_text())
         for path in paths:
             print(f"  wrote {path}")
     print(f"wrote {args.results / 'README.md'}")

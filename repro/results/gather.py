@@ -119,6 +119,7 @@ def gather(results_dir: Path, names: list[str] | None = None) -> list[tuple[Suit
     written = []
     for results in loaded:
         if results.frame.empty:
+            written.append((results, []))  # nothing current to tabulate; its stale records are still reported
             continue
         name = results.name
         columns = columns_of(results)
