@@ -108,9 +108,13 @@ def test_records_of_an_older_version_are_reported_stale_by_gather_and_check(suit
     results = tmp_path / "results"
     _write_records(results, "smoke", {"bn": 90.0, "gn": 80.0})
     path = suites_dir / "tiny.yaml"
+    assert main(["gather", "--results", str(results)]) == 0
+    table = (results / "tables" / "tiny.md").read_text()
     path.write_text(path.read_text().replace("version: 1", "version: 2", 1))
     assert main(["gather", "--results", str(results)]) == 0
     assert "tiny: 0 runs (2 stale records" in capsys.readouterr().out
+    assert " 90 |" in table and " 90 |" not in (results / "tables" / "tiny.md").read_text(), "no stale numbers"
+    assert not (results / "tables" / "tiny.csv").exists()
     assert main(["check", "--results", str(results), "tiny"]) == 0
     out = capsys.readouterr().out
     assert "tiny: 2 stale records" in out and "| not run" in out

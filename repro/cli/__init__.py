@@ -90,8 +90,7 @@ def _cmd_gather(args: argparse.Namespace) -> int:
         stale = f" ({results.stale} stale records of an older version or recipe ignored)" if results.stale else ""
         runs = results.frame["run_id"].nunique() if not results.frame.empty else 0
         print(f"{results.name}: {runs} runs{stale}")
-        if paths:
-            print(paths[1].read_text())
+        print(paths[-1 if results.frame.empty else 1].read_text())
         for path in paths:
             print(f"  wrote {path}")
     print(f"wrote {args.results / 'README.md'}")

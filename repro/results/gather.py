@@ -118,8 +118,14 @@ def gather(results_dir: Path, names: list[str] | None = None) -> list[tuple[Suit
     loaded = _load_all(results_dir, names)
     written = []
     for results in loaded:
-        if results.frame.empty:
-            written.append((results, []))  # nothing current to tabulate; its stale records are still reported
+        if results.frame.empty:  # nothing current: an older table must not stay to be read as current
+            for old in [tables / f"{results.name}.csv", tables / f"{results.name}.runs.csv",
+                        *tables.glob(f"{results.name}.*.png")]:
+                old.unlink(missing_ok=True)
+            note = tables / f"{results.name}.md"
+            write_text_atomic(note, f"# {results.name}\n\nNo records of the current suite version "
+                              f"({results.stale} stale records ignored).\n")
+            written.append((results, [note]))
             continue
         name = results.name
         columns = columns_of(results)
