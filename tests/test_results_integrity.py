@@ -152,6 +152,17 @@ def test_failed_runs_make_a_reference_incomplete_and_n_counts_used_runs(suites_d
     assert "2 failed of 3 runs" in result.detail
 
 
+def test_a_metric_no_record_has_fails_instead_of_staying_not_run(suites_dir: Path, tmp_path: Path) -> None:
+    from repro.results.gather import run_checks
+
+    path = suites_dir / "tiny.yaml"
+    path.write_text(path.read_text().replace("metric: top1", "metric: top_1", 1))
+    results = tmp_path / "results"
+    _write_records(results, "smoke", {"bn": 90.0, "gn": 80.0})
+    (result,) = run_checks(results, ["tiny"])
+    assert result.status == "fail" and "no metric 'top_1'" in result.detail
+
+
 @pytest.mark.parametrize("strict", [False, True])
 def test_strict_check_fails_when_a_reference_is_not_run(strict: bool, suites_dir: Path, tmp_path: Path) -> None:
     results = tmp_path / "results"
