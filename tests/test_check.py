@@ -5,6 +5,7 @@ import pytest
 
 from repro.results.check import check
 from repro.results.tables import records_frame, summarize
+from repro.suite.expand import expand
 from repro.suite.schema import Suite
 
 BASE = {
@@ -14,8 +15,12 @@ BASE = {
 }
 
 
+#: the run ids the suite expands to: check counts only records of the suite's current runs
+RUN_IDS = {(r.setting["normalizer"], r.setting["seed"]): r.run_id for r in expand(Suite.model_validate(BASE), "full")}
+
+
 def _record(normalizer: str, seed: int, top1: float | None, status: str = "ok") -> dict:
-    return {"suite": "t", "suite_version": 1, "tier": "full", "run_id": f"{normalizer}{seed}", "status": status,
+    return {"suite": "t", "suite_version": 1, "tier": "full", "run_id": RUN_IDS[normalizer, seed], "status": status,
             "setting": {"backbone": "resnet18", "normalizer": normalizer, "seed": seed},
             "metrics": {"top1": top1, "loss": 0.5}, "wall_time_s": 1.0, "images_per_s": 10.0, "peak_memory_mb": 1.0}
 

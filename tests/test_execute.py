@@ -18,7 +18,7 @@ from repro.errors import UserError
 from repro.execute.base import SuiteRequest
 from repro.execute.jobs import new_entry, run_states
 from repro.execute.local import run_workers
-from repro.results.records import iter_records, write_json_atomic
+from repro.results.records import RECORD_SCHEMA, iter_records, write_json_atomic
 from repro.suite import run_suite
 from repro.suite.runner import expand_tier
 
@@ -172,8 +172,11 @@ def test_run_states_from_records_job_files_and_squeue(suites_dir: Path, tmp_path
     jobs = {0: "7_0", 1: "7_1", 2: "8", 3: "9"}
     for index, job_id in jobs.items():
         new_entry(runs[index].run_id, job_id, "slurm", tmp_path / f"{index}.log", ["repro"]).write(results, "six")
-    write_json_atomic(results / "runs" / "six" / f"{runs[3].run_id}.json", {"status": "diverged"})
-    write_json_atomic(results / "runs" / "six" / f"{runs[4].run_id}.json", {"status": "ok"})
+    for run, status in ((runs[3], "diverged"), (runs[4], "ok")):
+        record = {"schema": RECORD_SCHEMA, "suite": "six", "suite_version": 1, "run_id": run.run_id, "status": status,
+                  "tier": "smoke",
+                  "setting": run.setting, "config": run.config, "metrics": {}}
+        write_json_atomic(results / "runs" / "six" / f"{run.run_id}.json", record)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     squeue = bin_dir / "squeue"

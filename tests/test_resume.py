@@ -74,3 +74,13 @@ def test_state_is_saved_at_the_interval(tmp_path: Path) -> None:
     assert result.status == "ok"
     assert saved_epochs == [1, 2]  # every epoch end but the last; the finished run deletes it
     assert not policy.path.exists()
+
+
+def test_an_unreadable_state_is_moved_aside_and_the_run_starts_over(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    state = tmp_path / "run.resume.pt"
+    state.write_bytes(b"not a torch file")
+    _, result = _train("bn", TrainConfig(epochs=1, batch_size=16, lr=0.05), ResumePolicy(state))
+    assert result.status == "ok" and len(result.curve) == 1
+    assert [p.name.split(".bad-")[0] for p in tmp_path.glob("*.bad-*")] == ["run.resume.pt"]
+    assert "run.resume.pt is unreadable" in capsys.readouterr().err

@@ -143,12 +143,17 @@ def test_released_and_generated_views_give_the_same_table_schema(tmp_path):
 
 
 def test_bad_task_options_are_one_line_user_errors(tmp_path):
+    def edited(name: str, old: str, new: str) -> Path:  # edit in place: a repeated key is an error of its own
+        path = write_suite(tmp_path, name)
+        path.write_text(path.read_text().replace(old, new, 1))
+        return path
+
     with pytest.raises(UserError, match=r"task_options.*unknown adaptation method 'norm'; allowed: .*ptbn"):
-        load_suite(write_suite(tmp_path, "bad1", extra="  methods: [{name: norm}]"))
+        load_suite(edited("bad1", "- name: source", "- name: norm"))
     with pytest.raises(UserError, match=r"unknown corruption 'fogg'"):
-        load_suite(write_suite(tmp_path, "bad2", extra="  corruptions: [fogg]"))
+        load_suite(edited("bad2", "corruptions: [gaussian_noise, contrast]", "corruptions: [fogg]"))
     with pytest.raises(UserError, match=r"tent.*optimizer"):
-        load_suite(write_suite(tmp_path, "bad3", extra="  methods: [{name: tent, options: {optimizer: lbfgs}}]"))
+        load_suite(edited("bad3", "optimizer: adam", "optimizer: lbfgs"))
     with pytest.raises(UserError, match="released_root"):
         load_suite(write_suite(tmp_path, "bad4", extra="  data: released"))
 

@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="compare results with the suites' references; exit 1 on a failed check")
     check.add_argument("--results", type=Path, default=Path("results"))
+    check.add_argument("--strict", action="store_true",
+                       help="also exit 1 when a reference is 'not run' or 'incomplete' (use in CI and campaigns)")
     check.add_argument("suites", nargs="*", help="suite names or files (default: every suite with records)")
 
     sub.add_parser("list", help="the suites, their tiers and how many runs each expands to")
@@ -192,9 +194,10 @@ def _cmd_gather(args: argparse.Namespace) -> int:
     from repro.results.gather import gather
 
     for results, paths in gather(args.results, [Path(s).stem for s in args.suites] or None):
-        stale = f" ({results.stale} stale records of an older recipe ignored)" if results.stale else ""
-        print(f"{results.name}: {results.frame['run_id'].nunique()} runs{stale}")
-        print((paths[1]).read_text())
+        stale = f" ({results.stale} stale records of an older version or recipe ignored)" if results.stale else ""
+        runs = results.frame["run_id"].nunique() if not results.frame.empty else 0
+        print(f"{results.name}: {runs} runs{stale}")
+        print(paths[-1 if results.frame.empty else 1].read_text())
         for path in paths:
             print(f"  wrote {path}")
     print(f"wrote {args.results / 'README.md'}")
@@ -202,18 +205,22 @@ def _cmd_gather(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from repro.results.check import report_frame
-    from repro.results.gather import run_checks
+    from repro.results.check import STATUSES, failing, report_frame
+    from repro.results.gather import run_checks, stale_counts
     from repro.results.tables import markdown
 
-    results = run_checks(args.results, [Path(s).stem for s in args.suites] or None)
+    names = [Path(s).stem for s in args.suites] or None
+    results = run_checks(args.results, names)
+    for name, count in stale_counts(args.results, names).items():
+        print(f"{name}: {count} stale records (an older version or recipe) ignored")
     if not results:
         print(f"no references to check in {args.results}")
-        return 0
+        return 1 if args.strict else 0
     print(markdown(report_frame(results)))
-    counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "not run")}
-    print(f"\n{counts['pass']} passed, {counts['fail']} failed, {counts['not run']} not run")
-    return 1 if counts["fail"] else 0
+    counts = {s: sum(r.status == s for r in results) for s in STATUSES}
+    print(f"\n{counts['pass']} passed, {counts['fail']} failed, {counts['not run']} not run, "
+          f"{counts['incomplete']} incomplete")
+    return 1 if failing(results, strict=args.strict) else 0
 
 
 def _cmd_list(_: argparse.Namespace) -> int:
@@ -238,6 +245,7 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
     import json
 
     from repro.execute.campaign import Campaign, parse_duration
+    from repro.results.check import failing
 
     campaign = Campaign(_campaign_suites(args.suites), args.tier, parse_duration(args.budget), args.results,
                         device=args.device, data_dir=args.data_dir, archive=args.archive, progress=args.progress,
@@ -258,7 +266,7 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
     summary = campaign.run()
     print(f"campaign: {len(summary.ran)} ran ({summary.statuses}), {len(summary.not_started)} not started, "
           f"{len(summary.stopped_at_deadline)} stopped at the deadline with a resumable checkpoint")
-    return 1 if summary.statuses.get("failed") else 0
+    return 1 if summary.statuses.get("failed") or failing(campaign.checks, strict=False) else 0
 
 
 def _cmd_unpack(args: argparse.Namespace) -> int:
@@ -296,3 +304,23 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"repro: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(_interrupted(args), file=sys.stderr)
+        return 130
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """The one line Ctrl-C prints: for ``repro run``, how many of its runs have a complete record (kept: the
+    same command skips them)."""
+    if args.command != "run":
+        return "interrupted"
+    from repro.results.records import is_complete, read_record, record_path
+    from repro.suite.runner import expand_tier
+
+    try:
+        suite, _, runs = expand_tier(args.suite, args.tier)
+    except (UserError, KeyboardInterrupt):
+        return "interrupted; the same command resumes"
+    complete = sum(is_complete(read_record(record_path(args.results, suite.name, run.run_id), warn=False))
+                   for run in runs)
+    return f"interrupted: {complete} runs complete; the same command resumes"

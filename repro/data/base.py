@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from repro.errors import UserError
 from repro.registry import Registry
 
 
@@ -89,9 +90,13 @@ def subset_indices(length: int, n: int | None, seed: int = 0) -> torch.Tensor | 
 
 def resolve_data_dir(data_dir: Path | None) -> Path | None:
     """The folder given on the command line, else ``REPRO_DATA_DIR``, else none."""
-    if data_dir is not None:
-        return data_dir
-    return Path(os.environ["REPRO_DATA_DIR"]) if os.environ.get("REPRO_DATA_DIR") else None
+    if data_dir is None and os.environ.get("REPRO_DATA_DIR"):
+        data_dir, flag = Path(os.environ["REPRO_DATA_DIR"]), "REPRO_DATA_DIR="
+    else:
+        flag = "--data-dir "
+    if data_dir is not None and not Path(data_dir).is_dir():  # never fall back to another copy in silence
+        raise UserError(f"{flag}{data_dir}: no such folder")
+    return data_dir
 
 
 @dataclass(frozen=True)

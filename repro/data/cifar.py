@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -25,13 +26,41 @@ _SPECS = {
 }
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles numpy arrays, lists, dicts, strings and numbers, and nothing else: a crafted batch file in
+    ``--data-dir`` cannot name a function to call."""
+
+    ALLOWED: ClassVar = frozenset({
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+    })
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, list[int]]:
+    try:
+        with open(path, "rb") as handle:
+            batch = _ArraysOnly(handle, encoding="bytes").load()
+        images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = [int(label) for label in batch[label_key]]
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise UserError(f"{path}: not a CIFAR python batch ({type(err).__name__}: {err})") from None
+    if len(labels) != len(images):
+        raise UserError(f"{path}: {len(images)} images but {len(labels)} labels (truncated or damaged)")
+    return images, labels
+
+
 def _read_batches(folder: Path, files: list[str], label_key: bytes) -> TensorSplit:
     images, labels = [], []
     for name in files:
-        with open(folder / name, "rb") as handle:
-            batch = pickle.load(handle, encoding="bytes")
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.extend(batch[label_key])
+        batch_images, batch_labels = _read_batch(folder / name, label_key)
+        images.append(batch_images)
+        labels.extend(batch_labels)
     return TensorSplit(torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64))
 
 

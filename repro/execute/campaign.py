@@ -181,6 +181,7 @@ class Campaign:
         self.archive = archive
         self.log_path = results_dir / "campaign.log"
         self._echo = echo
+        self.checks: list = []  # the closing check's results (repro.results.check.CheckResult)
 
     def log(self, line: str) -> None:
         stamped = f"{time.strftime('%H:%M:%S')} {line}"
@@ -235,7 +236,11 @@ class Campaign:
                      f"{item.references} references")
             if item.suite.name not in recorders:
                 recorders[item.suite.name] = RunRecorder(item.suite, item.path, self.tier, self.ctx)
-            outcome, error = recorders[item.suite.name].run(item.run)
+            result = recorders[item.suite.name].run(item.run)
+            if result is None:
+                self.log(f"{prefix}: being run, or completed, by another process; skipped")
+                continue
+            outcome, error = result
             report_outcome(SuiteRunSummary(item.suite.name, self.tier), item.run, prefix, outcome, error, self.log)
             if outcome.status == "stopped":
                 summary.stopped_at_deadline.append(item.run.run_id)
@@ -265,15 +270,17 @@ class Campaign:
 
     def close(self, plans: list[SuitePlan]) -> None:
         """Gather and check the campaign's suites, then write the final archive."""
+        from repro.results.check import STATUSES, failing
         from repro.results.gather import gather, run_checks
 
         names = [plan.suite.name for plan in plans]
         if names:
             for results, _ in gather(self.results_dir, names):
                 self.log(f"gathered {results.name}: {results.frame['run_id'].nunique()} runs")
-            checks = run_checks(self.results_dir, names)
-            counts = {s: sum(r.status == s for r in checks) for s in sorted({r.status for r in checks})}
-            self.log("check: " + (", ".join(f"{n} {s}" for s, n in counts.items()) or "no references"))
+            self.checks = run_checks(self.results_dir, names)
+            counts = {s: sum(r.status == s for r in self.checks) for s in STATUSES}
+            self.log("check: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"; strict: "
+                     f"{len(failing(self.checks, strict=True))} references not yet reproduced or failing")
         self.refresh_archive(plans, final=True)
 
     def refresh_archive(self, plans: list[SuitePlan], final: bool) -> None:

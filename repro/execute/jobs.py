@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import getpass
+import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,10 +57,10 @@ def new_entry(run_id: str, job_id: str, scheduler: str, log: Path, command: list
 
 
 def read_entry(results_dir: Path, suite: str, run_id: str) -> JobEntry | None:
-    data = read_record(job_file(results_dir, suite, run_id))
+    """The run's job file; None when there is none or it is not one (a job file is not a run record)."""
     try:
-        return JobEntry(**data) if data else None
-    except TypeError:
+        return JobEntry(**json.loads(job_file(results_dir, suite, run_id).read_bytes()))
+    except (OSError, ValueError, TypeError):
         return None
 
 

@@ -81,16 +81,15 @@ def _start_worker(counter, gpus: list[str], threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run_in_worker(request: SuiteRequest, run_id: str) -> tuple[str, RunOutcome, str | None]:
+def _run_in_worker(request: SuiteRequest, run_id: str) -> tuple[str, tuple[RunOutcome, str | None] | None]:
     key = (request.suite, request.tier)
     if key not in _RECORDERS:
         suite, path, runs = expand_tier(request.suite, request.tier)
         ctx = RunContext(resolve_device(request.device), request.results_dir, request.data_dir, progress=False,
-                         checkpoint_every_s=request.checkpoint_every_s)
+                         retrain=request.force, checkpoint_every_s=request.checkpoint_every_s)
         _RECORDERS[key] = RunRecorder(suite, path, request.tier, ctx), {run.run_id: run for run in runs}
     recorder, runs_by_id = _RECORDERS[key]
-    outcome, error = recorder.run(runs_by_id[run_id])
-    return run_id, outcome, error
+    return run_id, recorder.run(runs_by_id[run_id])
 
 
 def run_workers(request: SuiteRequest, workers: int, echo: Callable[[str], None] = print) -> SuiteRunSummary:
@@ -118,9 +117,13 @@ def run_workers(request: SuiteRequest, workers: int, echo: Callable[[str], None]
         futures = [pool.submit(_run_in_worker, request, run.run_id) for run in pending]
         try:
             for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
-                run_id, outcome, error = future.result()
-                run = by_id[run_id]
-                report_outcome(summary, run, f"[{done}/{len(pending)}] {run.label}", outcome, error, echo)
+                run_id, result = future.result()
+                run, prefix = by_id[run_id], f"[{done}/{len(pending)}] {by_id[run_id].label}"
+                if result is None:
+                    summary.skipped.append(run_id)
+                    echo(f"{prefix}: being run, or completed, by another process; skipped")
+                    continue
+                report_outcome(summary, run, prefix, *result, echo)
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise

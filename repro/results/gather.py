@@ -1,11 +1,15 @@
 """``repro gather`` and ``repro check`` over a results folder.
 
-Only records that belong to the current expansion of a suite file count (a changed recipe changes run ids),
-so an edited suite never mixes old and new numbers; records of suites with no file are tabulated as they are.
+Only records that belong to the current expansion of a suite file count (a changed recipe or version changes
+run ids), so an edited suite never mixes old and new numbers: the others are counted as stale. A suite that
+cannot be loaded stops gather and check with the suite's own error, before anything is written: a table is
+never guessed from records alone.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +17,7 @@ import pandas as pd
 
 from repro.errors import UserError
 from repro.results.check import CheckResult, check, report_frame
-from repro.results.records import iter_records
+from repro.results.records import iter_records, write_text_atomic
 from repro.results.tables import markdown, metric_columns, records_frame, select, summarize, to_markdown
 from repro.suite.expand import expand
 from repro.suite.load import load_suite, resolve_suite_path
@@ -25,7 +29,7 @@ from repro.tasks.base import TASKS
 @dataclass
 class SuiteResults:
     name: str
-    suite: Suite | None
+    suite: Suite
     frame: pd.DataFrame
     stale: int
 
@@ -36,17 +40,26 @@ def expansion_order(suite: Suite) -> dict[str, int]:
     return {run.run_id: index for index, run in enumerate(runs)}
 
 
+def _load_all(results_dir: Path, names: list[str] | None) -> list[SuiteResults]:
+    """Every suite's results, loaded before anything is written (a mistyped folder is an error, not created)."""
+    if not results_dir.is_dir():
+        raise UserError(f"--results {results_dir}: no such folder")
+    return [load_results(results_dir, name) for name in names or suite_names(results_dir)]
+
+
+def stale_counts(results_dir: Path, names: list[str] | None = None) -> dict[str, int]:
+    """Records per suite that belong to no current run (an older version or recipe): reported, never used."""
+    return {results.name: results.stale for results in _load_all(results_dir, names) if results.stale}
+
+
 def load_results(results_dir: Path, name: str) -> SuiteResults:
+    """The records of the suite's current runs, in its expansion order; raises the suite's own error when the
+    suite file is missing or invalid."""
+    suite, _ = load_suite(resolve_suite_path(name))
     records = iter_records(results_dir, name)
-    try:
-        suite, _ = load_suite(resolve_suite_path(name))
-    except UserError:
-        suite = None
-    stale = 0
-    if suite is not None:
-        order = expansion_order(suite)
-        stale = sum(r["run_id"] not in order for r in records)
-        records = sorted((r for r in records if r["run_id"] in order), key=lambda r: order[r["run_id"]])
+    order = expansion_order(suite)
+    stale = sum(r["run_id"] not in order for r in records)
+    records = sorted((r for r in records if r["run_id"] in order), key=lambda r: order[r["run_id"]])
     return SuiteResults(name, suite, records_frame(records), stale)
 
 
@@ -56,9 +69,7 @@ def suite_names(results_dir: Path) -> list[str]:
 
 
 def columns_of(results: SuiteResults) -> list[str]:
-    if results.suite is not None:
-        return [*setting_columns(results.suite), *TASKS.get(results.suite.task).extra_columns]
-    return [c for c in ("backbone", "normalizer") if c in results.frame.columns]
+    return [*setting_columns(results.suite), *TASKS.get(results.suite.task).extra_columns]
 
 
 def write_plots(results: SuiteResults, folder: Path) -> list[Path]:
@@ -68,10 +79,14 @@ def write_plots(results: SuiteResults, folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    for plot in results.suite.plots if results.suite else []:
+    for plot in results.suite.plots:
+        if plot.y not in results.frame:
+            print(f"repro: warning: {results.name}: plot {plot.name}: no metric {plot.y!r} in the records; "
+                  "not drawn", file=sys.stderr)
+            continue
         for tier, tier_frame in results.frame.groupby("tier"):
             frame = select(tier_frame, plot.where)
-            if frame.empty or plot.y not in frame or plot.x not in frame:
+            if frame.empty:
                 continue
             fig, ax = plt.subplots(figsize=(6, 4))
             for line, part in frame.groupby(plot.line):
@@ -87,46 +102,51 @@ def write_plots(results: SuiteResults, folder: Path) -> list[Path]:
             ax.grid(alpha=0.3)
             fig.tight_layout()
             path = folder / f"{results.name}.{plot.name}.{tier}.png"
-            fig.savefig(path, dpi=120)
+            partial = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+            fig.savefig(partial, dpi=120)
+            partial.replace(path)
             plt.close(fig)
             written.append(path)
     return written
 
 
 def gather(results_dir: Path, names: list[str] | None = None) -> list[tuple[SuiteResults, list[Path]]]:
-    """Write ``tables/<suite>.csv`` and ``.md`` (mean ± std over seeds, n), plots, and ``README.md``."""
+    """Write ``tables/<suite>.csv`` and ``.md`` (mean ± std over seeds, n), plots, and ``README.md``.
+
+    Every suite is loaded before anything is written, and each file is replaced atomically."""
     tables = results_dir / "tables"
-    tables.mkdir(parents=True, exist_ok=True)
+    loaded = _load_all(results_dir, names)
     written = []
-    for name in names or suite_names(results_dir):
-        results = load_results(results_dir, name)
-        if results.frame.empty:
+    for results in loaded:
+        if results.frame.empty:  # nothing current: an older table must not stay to be read as current
+            for old in [tables / f"{results.name}.csv", tables / f"{results.name}.runs.csv",
+                        *tables.glob(f"{results.name}.*.png")]:
+                old.unlink(missing_ok=True)
+            note = tables / f"{results.name}.md"
+            write_text_atomic(note, f"# {results.name}\n\nNo records of the current suite version "
+                              f"({results.stale} stale records ignored).\n")
+            written.append((results, [note]))
             continue
+        name = results.name
         columns = columns_of(results)
         summary = summarize(results.frame, columns)
-        summary.to_csv(tables / f"{name}.csv", index=False, float_format="%.4f")
+        write_text_atomic(tables / f"{name}.csv", summary.to_csv(index=False, float_format="%.4f"))
         metrics = metric_columns(results.frame, columns)
-        if results.suite is not None and TASKS.get(results.suite.task).table_metrics:
+        if TASKS.get(results.suite.task).table_metrics:
             metrics = [m for m in TASKS.get(results.suite.task).table_metrics if m in metrics]
-        (tables / f"{name}.md").write_text(f"# {name}\n\n{to_markdown(summary, columns, metrics)}\n")
-        results.frame.to_csv(tables / f"{name}.runs.csv", index=False, float_format="%.4f")
+        write_text_atomic(tables / f"{name}.md", f"# {name}\n\n{to_markdown(summary, columns, metrics)}\n")
+        write_text_atomic(tables / f"{name}.runs.csv", results.frame.to_csv(index=False, float_format="%.4f"))
         written.append((results, [tables / f"{name}.csv", tables / f"{name}.md", *write_plots(results, tables)]))
     write_index(results_dir)
     return written
 
 
 def run_checks(results_dir: Path, names: list[str] | None = None) -> list[CheckResult]:
-    out: list[CheckResult] = []
-    for name in names or suite_names(results_dir):
-        results = load_results(results_dir, name)
-        if results.suite is None:
-            raise UserError(f"{name}: no suite file to check against (looked for suites/{name}.yaml)")
-        out.extend(check(results.suite, results.frame))
-    checks = results_dir / "checks"
-    checks.mkdir(parents=True, exist_ok=True)
+    """Check every suite (all loaded before anything is written); ``check.failing`` says which results fail."""
+    out = [result for results in _load_all(results_dir, names) for result in check(results.suite, results.frame)]
     for name, part in report_frame(out).groupby("suite") if out else []:
         table = markdown(part.drop(columns="suite"))
-        (checks / f"{name}.md").write_text(f"# {name}: check\n\n{table}\n")
+        write_text_atomic(results_dir / "checks" / f"{name}.md", f"# {name}: check\n\n{table}\n")
     write_index(results_dir)
     return out
 
@@ -135,9 +155,9 @@ def write_index(results_dir: Path) -> None:
     lines = ["# Results", "", "Generated by `repro gather` / `repro check`; do not edit by hand.", "",
              "| suite | runs | tiers | table | check |", "|---|---|---|---|---|"]
     for name in suite_names(results_dir):
-        records = iter_records(results_dir, name)
+        records = iter_records(results_dir, name, warn=False)
         tiers = ", ".join(sorted({r["tier"] for r in records}))
         table = f"[table](tables/{name}.md)" if (results_dir / "tables" / f"{name}.md").exists() else "—"
         checked = f"[check](checks/{name}.md)" if (results_dir / "checks" / f"{name}.md").exists() else "—"
         lines.append(f"| {name} | {len(records)} | {tiers} | {table} | {checked} |")
-    (results_dir / "README.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(results_dir / "README.md", "\n".join(lines) + "\n")

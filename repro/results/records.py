@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import socket
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
+
+from repro.errors import UserError
 
 #: statuses of a finished run; a ``failed`` record is retried on the next ``repro run``
 COMPLETE_STATUSES = ("ok", "diverged")
@@ -17,14 +23,15 @@ def record_path(results_dir: Path, suite: str, run_id: str) -> Path:
     return results_dir / "runs" / suite / f"{run_id}.json"
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write to a temporary file in the same folder and rename it: a reader never sees half a file."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder and rename it: a reader, or a process killed half-way,
+    never leaves half a file. Readable by others (0644), like any file a tool writes for sharing."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(handle, 0o644)
         with os.fdopen(handle, "w") as out:
-            json.dump(payload, out, indent=1, sort_keys=False, default=str)
-            out.write("\n")
+            out.write(text)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
@@ -33,26 +40,135 @@ def write_json_atomic(path: Path, payload: Any) -> None:
         raise
 
 
-def read_record(path: Path) -> dict[str, Any] | None:
-    """The record at ``path``, or None when it is missing or unreadable."""
+def write_json_atomic(path: Path, payload: Any) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=1, sort_keys=False, default=str) + "\n")
+
+
+#: fields every record has, and their types: a record without them is reported and treated as missing
+RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "schema": int, "suite": str, "suite_version": int, "run_id": str, "status": str, "tier": str, "setting": dict,
+    "config": dict, "metrics": dict,
+}
+
+
+def record_problem(record: Any) -> str | None:
+    """Why a parsed record cannot be used (a missing or mistyped field), or None when it can."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    for name, kind in RECORD_FIELDS.items():
+        if name not in record:
+            return f"field {name} is missing"
+        if not isinstance(record[name], kind) or isinstance(record[name], bool):
+            return f"field {name} is not a {kind.__name__}"
+    if not isinstance(record.get("rows", []), list) or not all(isinstance(r, dict) for r in record.get("rows", [])):
+        return "field rows is not a list of objects"
+    return None
+
+
+def warn_malformed(path: Path, problem: str) -> None:
+    print(f"repro: warning: {path}: malformed record ({problem}); treated as missing", file=sys.stderr)
+
+
+def read_record(path: Path, *, warn: bool = True) -> dict[str, Any] | None:
+    """The record at ``path``, or None when it is missing, unreadable or malformed (reported by path)."""
     try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        record = json.loads(path.read_bytes())
+    except FileNotFoundError:
         return None
-    return record if isinstance(record, dict) else None
+    except (OSError, ValueError) as err:
+        if warn:
+            warn_malformed(path, f"not JSON: {type(err).__name__}")
+        return None
+    problem = record_problem(record)
+    if problem is not None:
+        if warn:
+            warn_malformed(path, problem)
+        return None
+    return record
 
 
 def is_complete(record: dict[str, Any] | None) -> bool:
+    """A finished record of this schema (``read_record`` has already set malformed ones aside as None)."""
     return bool(record) and record.get("status") in COMPLETE_STATUSES and record.get("schema") == RECORD_SCHEMA
 
 
-def iter_records(results_dir: Path, suite: str | None = None) -> list[dict[str, Any]]:
+def iter_records(results_dir: Path, suite: str | None = None, *, warn: bool = True) -> list[dict[str, Any]]:
     root = results_dir / "runs"
     folders = [root / suite] if suite else sorted(p for p in root.glob("*") if p.is_dir())
     records = []
     for folder in folders:
         for path in sorted(folder.glob("*.json")):
-            record = read_record(path)
+            record = read_record(path, warn=warn)
             if record is not None:
                 records.append(record)
     return records
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Fail before any training when records could not be written there (a mistyped or read-only folder)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(f"{flag}: cannot write to {folder} ({err.strerror or err})") from None
+
+
+#: lock files this process holds, removed at exit whatever happens (Ctrl-C included)
+_held_locks: set[Path] = set()
+atexit.register(lambda: [lock.unlink(missing_ok=True) for lock in list(_held_locks)])
+
+
+def lock_path(record: Path) -> Path:
+    return record.with_suffix(".lock")
+
+
+def _holder_alive(lock: Path) -> bool:
+    """Whether the process named in a lock file still runs; a lock of a dead process (kill -9) is stale."""
+    try:
+        pid_text, _, host = lock.read_text().partition(" ")
+        pid = int(pid_text)
+    except (OSError, ValueError):  # being written right now, or its writer died before writing: stale after a minute
+        try:
+            return time.time() - lock.stat().st_mtime < 60
+        except OSError:
+            return False
+    if host.strip() != socket.gethostname():
+        return True  # another machine on a shared folder: cannot tell, so assume it runs
+    if pid == os.getpid():
+        return lock in _held_locks
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_run(record: Path) -> bool:
+    """Take the run's lock (an O_EXCL file next to its record); False when a live process holds it, so two
+    ``repro run`` on one results folder never train the same run twice."""
+    lock = lock_path(record)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if _holder_alive(lock):
+                return False
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(handle, "w") as out:
+            out.write(f"{os.getpid()} {socket.gethostname()}\n")
+        _held_locks.add(lock)
+        return True
+    return False
+
+
+def release_run(record: Path) -> None:
+    lock = lock_path(record)
+    if lock in _held_locks:
+        _held_locks.discard(lock)
+        lock.unlink(missing_ok=True)

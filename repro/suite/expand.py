@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from repro.errors import UserError
-from repro.suite.schema import Suite
+from repro.suite.schema import ModelSpec, Suite
 from repro.tasks.base import TASKS, RunSpec
 from repro.train.config import TrainConfig
 
@@ -26,14 +26,37 @@ def run_id_of(config: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def _same(value: Any, wanted: Any) -> bool:
+    """Equal, numbers compared as numbers (``0.1`` matches ``1e-1``, ``8`` matches ``8.0``) and others as text,
+    as tables select rows."""
+    numbers = (int, float)
+    if isinstance(wanted, numbers) and not isinstance(wanted, bool):
+        return isinstance(value, numbers) and not isinstance(value, bool) and float(value) == float(wanted)
+    return str(value) == str(wanted)
+
+
 def matches(setting: dict[str, Any], pattern: dict[str, Any]) -> bool:
-    """Whether every ``column: value`` of ``pattern`` holds in ``setting`` (an ``exclude`` entry)."""
-    return all(column in setting and setting[column] == value for column, value in pattern.items())
+    """Whether every ``column: value`` of ``pattern`` holds in ``setting`` (an ``exclude`` entry, a reference)."""
+    return all(column in setting and _same(setting[column], value) for column, value in pattern.items())
 
 
-def expand(suite: Suite, tier: str) -> list[RunSpec]:
+def tier_settings(suite: Suite, tier: str) -> list[dict[str, Any]]:
+    """Every setting of a tier before ``exclude``: what exclude entries and references must match."""
+    spec = suite.tiers[tier]
+    grid = {**suite.grid, **(spec.grid or {})}
+    return [{"backbone": backbone, "normalizer": normalizer.column, **dict(zip(grid, values, strict=True)),
+             "seed": seed}
+            for backbone, normalizer, values, seed in itertools.product(
+                spec.backbones or suite.backbones, suite.normalizers, itertools.product(*grid.values()),
+                spec.seeds or suite.seeds)]
+
+
+def expand(suite: Suite, tier: str, *, source: str | None = None) -> list[RunSpec]:
     """All runs of ``suite`` at ``tier``: backbones × normalizers × grid × seeds, in that nesting order, less the
-    settings ``exclude`` names (a normalizer that does not apply to a backbone, a recipe for one model only)."""
+    settings ``exclude`` names (a normalizer that does not apply to a backbone, a recipe for one model only).
+
+    Errors name ``source`` (the suite file, when known) and the field."""
+    where_suite = source or f"suite {suite.name}"
     spec = suite.tiers[tier]
     dataset = suite.dataset.model_dump()
     for key in ("train_subset", "test_subset", "generated"):
@@ -60,15 +83,19 @@ def expand(suite: Suite, tier: str) -> list[RunSpec]:
         for key, value in zip(grid, values, strict=True):
             implied = suite.linked.get(key, {})
             if implied and value not in implied:
-                raise UserError(f"suite {suite.name}: field linked.{key} has no entry for grid value {value!r}")
+                raise UserError(f"{where_suite}: field linked.{key} has no entry for grid value {value!r}")
             for path, assigned in {key: value, **implied.get(value, {})}.items():
                 section, _, field = path.partition(".")
                 config[_SECTIONS[section]][field] = assigned
-        try:
-            config["train"] = TrainConfig.model_validate(config["train"]).model_dump()
-        except ValidationError as err:
-            where = ", ".join(f"{k}={v}" for k, v in zip(grid, values, strict=True)) or f"tier {tier}"
-            raise UserError(f"suite {suite.name}: field train ({where}): {err.errors()[0]['msg']}") from None
+        for section, model in (("train", TrainConfig), ("task_options", TASKS.get(suite.task).Options),
+                               ("model", ModelSpec)):
+            try:
+                config[section] = model.model_validate(config[section]).model_dump()
+            except ValidationError as err:
+                where = ", ".join(f"{k}={v}" for k, v in zip(grid, values, strict=True)) or f"tier {tier}"
+                first = err.errors()[0]
+                field = ".".join(map(str, (section, *first["loc"])))
+                raise UserError(f"{where_suite}: field {field} ({where}): {first['msg']}") from None
         setting = {"backbone": backbone, "normalizer": normalizer.column, **dict(zip(grid, values, strict=True)),
                    "seed": seed}
         if any(matches(setting, excluded) for excluded in suite.exclude):

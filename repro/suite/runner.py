@@ -22,7 +22,16 @@ import torch
 
 from repro.errors import UserError
 from repro.results.provenance import provenance
-from repro.results.records import RECORD_SCHEMA, is_complete, read_record, record_path, write_json_atomic
+from repro.results.records import (
+    RECORD_SCHEMA,
+    check_writable,
+    claim_run,
+    is_complete,
+    read_record,
+    record_path,
+    release_run,
+    write_json_atomic,
+)
 from repro.suite.expand import expand
 from repro.suite.load import file_sha256, load_suite
 from repro.suite.schema import Suite
@@ -109,16 +118,27 @@ class RunRecorder:
         self.suite, self.tier, self.ctx = suite, tier, ctx
         self.suite_sha = file_sha256(suite_path)
         self.task = TASKS.get(suite.task)()
-        self._fingerprints: dict[str, str | None] = {}
 
-    def _fingerprint(self, spec: dict) -> str | None:
-        key = repr(sorted(spec.items()))
-        if key not in self._fingerprints:
-            self._fingerprints[key] = self.ctx.dataset(spec).fingerprint()
-        return self._fingerprints[key]
+    def run(self, run: RunSpec) -> tuple[RunOutcome, str | None] | None:
+        """Run ``run`` and write its record (on rank 0 only when data-parallel); return outcome and error.
 
-    def run(self, run: RunSpec) -> tuple[RunOutcome, str | None]:
-        """Run ``run`` and write its record (on rank 0 only when data-parallel); return outcome and error."""
+        None when another process holds the run's lock or completed it meanwhile: one process per run and
+        results folder (data-parallel ranks share one run and take no lock).
+        """
+        ctx, data_parallel = self.ctx, self.ctx.data_parallel
+        path_out = record_path(ctx.results_dir, self.suite.name, run.run_id)
+        locking = data_parallel is None
+        if locking and not claim_run(path_out):
+            return None
+        try:
+            if locking and not ctx.retrain and is_complete(read_record(path_out, warn=False)):
+                return None
+            return self._run_and_record(run, path_out)
+        finally:
+            if locking:
+                release_run(path_out)
+
+    def _run_and_record(self, run: RunSpec, path_out: Path) -> tuple[RunOutcome, str | None]:
         ctx, data_parallel = self.ctx, self.ctx.data_parallel
         started = _now()
         if data_parallel is None:
@@ -136,12 +156,12 @@ class RunRecorder:
             "images_per_s": outcome.images_per_s, "diverged_step": outcome.diverged_step, "extra": outcome.extra,
             "error": error, "started_at": started, "finished_at": _now(),
             "provenance": {
-                **provenance(ctx.device, self._fingerprint(run.config["dataset"]), data.source, self.suite_sha),
+                **provenance(ctx.device, ctx.data_fingerprint(run.config["dataset"]), data.source, self.suite_sha),
                 "processes": 1 if data_parallel is None else data_parallel.world_size,
                 **job_provenance(),
             },
         }
-        write_json_atomic(record_path(ctx.results_dir, self.suite.name, run.run_id), record)
+        write_json_atomic(path_out, record)
         return outcome, error
 
 
@@ -198,7 +218,9 @@ def run_suite(suite_ref: str | Path, tier: str, *, device: str = "auto", results
     is_main = data_parallel is None or data_parallel.is_main
     if not is_main:
         echo, progress = (lambda _: None), False
-    ctx = RunContext(torch_device, results_dir, data_dir, progress, data_parallel=data_parallel,
+    if is_main:
+        check_writable(results_dir / "runs" / suite.name, f"--results {results_dir}")
+    ctx = RunContext(torch_device, results_dir, data_dir, progress, data_parallel=data_parallel, retrain=force,
                      checkpoint_every_s=checkpoint_every_s)
     recorder = RunRecorder(suite, path, tier, ctx)
     summary = SuiteRunSummary(suite.name, tier)
@@ -212,7 +234,12 @@ def run_suite(suite_ref: str | Path, tier: str, *, device: str = "auto", results
             summary.skipped.append(run.run_id)
             echo(f"{prefix}: complete, skipped ({run.run_id}.json)")
             continue
-        outcome, error = recorder.run(run)
+        result = recorder.run(run)
+        if result is None:
+            summary.skipped.append(run.run_id)
+            echo(f"{prefix}: being run, or completed, by another process; skipped")
+            continue
+        outcome, error = result
         if is_main:
             report_outcome(summary, run, prefix, outcome, error, echo)
         else:

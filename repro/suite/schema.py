@@ -50,8 +50,8 @@ class TierSpec(_Strict):
     epochs: int | None = Field(default=None, ge=1)
     train_subset: int | None = Field(default=None, ge=1)
     test_subset: int | None = Field(default=None, ge=1)
-    seeds: list[int] | None = None
-    backbones: list[str] | None = None
+    seeds: list[int] | None = Field(default=None, min_length=1)
+    backbones: list[str] | None = Field(default=None, min_length=1)
     generated: bool | None = None
     grid: dict[str, list[Any]] | None = None
     normalizer_options: dict[str, dict[str, Any]] = Field(
@@ -120,7 +120,7 @@ class PlotSpec(_Strict):
 
 
 class Suite(_Strict):
-    name: str
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", description="a slug: it names the records' folder")
     version: int = Field(ge=1)
     description: str
     citation: str

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,7 +62,10 @@ class RunContext:
     clock: Callable[[], float] = time.monotonic
     #: seconds between resumable training states (``repro.train.resume``); None: only at a deadline
     checkpoint_every_s: float | None = None
+    #: ``repro run --force``: train again even when a checkpoint of the same training exists
+    retrain: bool = False
     _datasets: dict[str, ImageDataset] = field(default_factory=dict)
+    _fingerprints: dict[str, str] = field(default_factory=dict)
 
     def dataset(self, spec: dict[str, Any]) -> ImageDataset:
         """Load (once per process) the dataset a run's config names, cut to the tier's subsets."""
@@ -71,6 +76,13 @@ class RunContext:
                                 generated=spec["generated"], **revision)
             self._datasets[key] = data.subset(spec["train_subset"], spec["test_subset"])
         return self._datasets[key]
+
+    def data_fingerprint(self, spec: dict[str, Any]) -> str:
+        """Hash of the images and labels a run's config loads (once per process and dataset)."""
+        key = repr(sorted(spec.items()))
+        if key not in self._fingerprints:
+            self._fingerprints[key] = self.dataset(spec).fingerprint()
+        return self._fingerprints[key]
 
     def checkpoint_path(self, run: RunSpec) -> Path:
         """Where the run's trained weights are kept, keyed by what determines them, not by the suite.
@@ -83,6 +95,8 @@ class RunContext:
     def resume_policy(self, run: RunSpec) -> ResumePolicy:
         """Training state of an unfinished run, next to the finished checkpoints and keyed the same way."""
         path = self.results_dir / "checkpoints" / f"{model_key(run.config)}.resume.pt"
+        if self.retrain:  # --force: train from the start
+            path.unlink(missing_ok=True)
         return ResumePolicy(path, self.checkpoint_every_s, self.deadline, self.clock)
 
 
@@ -148,9 +162,16 @@ def build_run_model(run: RunSpec, data: ImageDataset) -> torch.nn.Module:
 
 
 def model_key(config: dict[str, Any]) -> str:
-    """Hash of the parts of a run's config that determine its trained weights."""
+    """Hash of the parts of a run's config that determine its trained weights.
+
+    Not the suite, its version or the task: suites that train the same model share it. Synchronized
+    BatchNorm changes the weights, so it is part of the key when set (and absent otherwise, which keeps the keys
+    of existing checkpoints). The data itself is checked against the fingerprint saved with the weights.
+    """
     parts = {key: config[key] for key in ("dataset", "backbone", "model", "train", "seed")}
     parts["normalizer"] = {"name": config["normalizer"]["name"], "options": config["normalizer"]["options"]}
+    if config.get("task_options", {}).get("sync_batchnorm"):
+        parts["sync_batchnorm"] = True
     canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -171,11 +192,40 @@ def save_checkpoint(model: torch.nn.Module, metrics: dict[str, Any], run: RunSpe
     """Write the weights and training metrics atomically (a killed run never leaves a truncated checkpoint)."""
     path = ctx.checkpoint_path(run)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".tmp")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per process: concurrent runs never share it
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, "metrics": metrics, "model_key": model_key(run.config)}, partial)
+    torch.save({"state_dict": state, "metrics": metrics, "model_key": model_key(run.config),
+                "data_fingerprint": ctx.data_fingerprint(run.config["dataset"])}, partial)
+    os.chmod(partial, 0o644)
     partial.replace(path)
     return path
+
+
+def load_checkpoint(model: torch.nn.Module, run: RunSpec, ctx: RunContext) -> dict[str, Any] | None:
+    """The saved training metrics, with the weights loaded into ``model``; None when there is no usable
+    checkpoint. A corrupt or mismatched file is moved aside with a warning that names it, so the model is
+    trained again instead of failing every rerun."""
+    path = ctx.checkpoint_path(run)
+    if ctx.retrain or not path.is_file():
+        return None
+    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    fingerprint = ctx.data_fingerprint(run.config["dataset"])
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        state, metrics = saved["state_dict"], dict(saved["metrics"])
+        if {name: tensor.shape for name, tensor in state.items()} != expected:
+            problem = "does not fit the model (other parameter names or shapes)"
+        elif saved.get("data_fingerprint", fingerprint) != fingerprint:
+            problem = "was trained on other data (its data fingerprint differs)"
+        else:
+            model.load_state_dict(state)  # checked above: it loads whole or not at all
+            return metrics
+    except Exception as err:  # anything unreadable: truncated, not a checkpoint, not a dict
+        problem = f"is unreadable ({type(err).__name__})"
+    aside = path.with_name(f"{path.name}.bad-{int(time.time())}")
+    path.replace(aside)
+    print(f"repro: warning: checkpoint {path} {problem}; moved to {aside.name}; training again", file=sys.stderr)
+    return None
 
 
 def train_or_load(run: RunSpec, ctx: RunContext, *, save: bool = True) -> TrainedModel:
@@ -186,11 +236,9 @@ def train_or_load(run: RunSpec, ctx: RunContext, *, save: bool = True) -> Traine
     """
     data = ctx.dataset(run.config["dataset"])
     model = build_run_model(run, data)
-    path = ctx.checkpoint_path(run)
-    if path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(saved["state_dict"])
-        return TrainedModel(model.to(ctx.device), data, "ok", saved["metrics"], from_checkpoint=True)
+    metrics = load_checkpoint(model, run, ctx)
+    if metrics is not None:
+        return TrainedModel(model.to(ctx.device), data, "ok", metrics, from_checkpoint=True)
     cfg = TrainConfig.model_validate(run.config["train"])
     result = train_and_evaluate(model, data, cfg, device=ctx.device, seed=run.config["seed"], progress=ctx.progress,
                                 description=run.label, resume=ctx.resume_policy(run))

@@ -11,6 +11,7 @@ the deadline that leaves no time for another epoch; deleted when the run complet
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,10 +52,22 @@ class ResumePolicy:
         self._last_save = self.clock()
 
     def load(self) -> dict[str, Any] | None:
+        """The saved state; None when there is none. An unreadable one is moved aside with a warning naming it,
+        and the run starts over."""
         if not self.path.is_file():
             return None
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
-        return state if state.get("format") == RESUME_FORMAT else None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            if state.get("format") == RESUME_FORMAT:
+                return state
+            problem = f"has format {state.get('format')!r}, not {RESUME_FORMAT}"
+        except Exception as err:  # truncated, not a torch file, not a dict
+            problem = f"is unreadable ({type(err).__name__})"
+        aside = self.path.with_name(f"{self.path.name}.bad-{int(time.time())}")
+        self.path.replace(aside)
+        print(f"repro: warning: training state {self.path} {problem}; moved to {aside.name}; starting over",
+              file=sys.stderr)
+        return None
 
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)
