@@ -28,6 +28,9 @@ class Normalizer:
     name: ClassVar[str] = ""
     #: True when the converted model keeps batch statistics that test-time adaptation can re-estimate.
     has_batch_statistics: ClassVar[bool] = False
+    #: True when one forward over a whole batch with per-micro-batch ("ghost") BatchNorm statistics computes exactly
+    #: what separate micro-batch passes compute (``repro.norms.ghost``): the trainer then takes the one-pass path.
+    micro_batches_in_one_pass: ClassVar[bool] = False
 
     def apply(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError

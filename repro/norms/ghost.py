@@ -1,0 +1,108 @@
+"""Micro-batches in one forward: "ghost" batch statistics (Hoffer et al. 2017) that equal separate passes.
+
+The trainer's micro-batch simulation used to run one forward and backward per micro-batch, so a step at micro-batch
+2 of a 32-image batch was 16 small passes. For a model whose only batch-coupled layers are plain
+``nn.BatchNorm1d``/``nn.BatchNorm2d``, one forward over the whole batch computes the same thing when every such
+layer normalizes each consecutive group of ``micro_batch`` samples with that group's own statistics, and updates its
+running statistics as the groups' passes would have, one momentum update per group, in order. Losses, gradients and
+running statistics then agree with the sequential passes to float rounding (``tests/test_ghost_batches.py``).
+
+Not exact, so kept sequential by the trainer: layers that read their running statistics in training (Batch
+Renorm, whose r and d move from chunk to chunk), cross-iteration windows (CBN, one window per micro-batch position),
+random layers (dropout, drop-path: a whole-batch mask draws other random numbers), and mixup (drawn per chunk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from repro.norms.base import Normalizer
+
+#: the layers whose training forward this module knows how to split into ghost batches
+GHOST_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def _ghost_forward(bn: nn.modules.batchnorm._BatchNorm, micro_batch: int, x: torch.Tensor) -> torch.Tensor:
+    """``bn`` applied to each consecutive group of ``micro_batch`` samples of ``x`` on its own, in one pass."""
+    groups = x.shape[0] // micro_batch
+    if not bn.training or groups <= 1 or x.shape[0] % micro_batch:
+        return type(bn).forward(bn, x)
+    bn._check_input_dim(x)
+    grouped = x.unflatten(0, (groups, micro_batch)).to(torch.promote_types(x.dtype, torch.float32))
+    reduce = (1, *range(3, grouped.dim()))  # the group's samples and every position; dims: G, m, C, ...
+    mean = grouped.mean(reduce, keepdim=True)
+    var = (grouped - mean).square().mean(reduce, keepdim=True)
+    values_per_channel = grouped[0].numel() // grouped.shape[2]
+    if values_per_channel <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                         f"{[micro_batch, *x.shape[1:]]}")
+    if bn.track_running_stats and bn.running_mean is not None:
+        unbiased = var.flatten(1) * (values_per_channel / (values_per_channel - 1))
+        _update_running_statistics(bn, mean.flatten(1), unbiased)
+    out = (grouped - mean) * torch.rsqrt(var + bn.eps)
+    if bn.affine:
+        shape = (1, 1, -1) + (1,) * (grouped.dim() - 3)
+        out = out * bn.weight.view(shape) + bn.bias.view(shape)
+    return out.flatten(0, 1).to(x.dtype)
+
+
+@torch.no_grad()
+def _update_running_statistics(bn: nn.modules.batchnorm._BatchNorm, means: torch.Tensor, variances: torch.Tensor
+                               ) -> None:
+    """The groups' momentum updates in order, in closed form: r ← r·Π(1−f_g) + Σ_g f_g·Π_{h>g}(1−f_h)·s_g.
+
+    ``f_g`` is the momentum, or 1/(batches tracked) for ``momentum=None`` (a cumulative average), as in BatchNorm.
+    """
+    groups = means.shape[0]
+    done = int(bn.num_batches_tracked.item()) if bn.momentum is None else 0
+    factors = [bn.momentum if bn.momentum is not None else 1.0 / (done + g + 1) for g in range(groups)]
+    weights, keep = [0.0] * groups, 1.0
+    for g in reversed(range(groups)):
+        weights[g] = factors[g] * keep
+        keep *= 1.0 - factors[g]
+    weight = torch.tensor(weights, dtype=means.dtype, device=means.device).unsqueeze(1)
+    bn.num_batches_tracked.add_(groups)
+    bn.running_mean.mul_(keep).add_((weight * means).sum(0).to(bn.running_mean.dtype))
+    bn.running_var.mul_(keep).add_((weight * variances).sum(0).to(bn.running_var.dtype))
+
+
+def _has_random_layers(model: nn.Module) -> bool:
+    """Dropout or drop-path anywhere (modules, or timm's functional head dropout ``drop_rate``)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            return True
+        if getattr(module, "drop_prob", 0) or getattr(module, "drop_rate", 0):
+            return True
+    return False
+
+
+def can_run_in_one_pass(model: nn.Module, mixup_alpha: float = 0.0) -> bool:
+    """Whether one ghost-batch forward equals the sequential micro-batch passes for ``model``.
+
+    The model's normalizer must declare it (``Normalizer.micro_batches_in_one_pass``), every batch-norm layer must be
+    a plain ``GHOST_LAYERS`` one (a subclass may read its running statistics in training), and nothing random may
+    draw per sample.
+    """
+    normalizer = getattr(model, "normalizer", None)
+    if not isinstance(normalizer, Normalizer) or not normalizer.micro_batches_in_one_pass or mixup_alpha > 0:
+        return False
+    batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return all(type(m) in GHOST_LAYERS for m in batch_norms) and not _has_random_layers(model)
+
+
+@contextlib.contextmanager
+def ghost_batches(model: nn.Module, micro_batch: int) -> Iterator[None]:
+    """Within the block, every ``GHOST_LAYERS`` layer of ``model`` in training mode normalizes per ``micro_batch``
+    samples (eval-mode forwards are unchanged)."""
+    layers = [m for m in model.modules() if type(m) in GHOST_LAYERS]
+    for layer in layers:
+        layer.forward = lambda x, layer=layer: _ghost_forward(layer, micro_batch, x)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
