@@ -31,6 +31,11 @@ class Normalizer:
     #: True when one forward over a whole batch with per-micro-batch ("ghost") BatchNorm statistics computes exactly
     #: what separate micro-batch passes compute (``repro.norms.ghost``): the trainer then takes the one-pass path.
     micro_batches_in_one_pass: ClassVar[bool] = False
+    #: Grid keys that cannot change this normalizer's numbers. A suite runs one value of such an axis and reports
+    #: the record for every value (``repro.suite.expand``, ``RunSpec.shared_with``). Per-sample normalization, or
+    #: none, makes ``train.micro_batch`` one: split or not, every image is normalized alike, the gradient is the
+    #: batch mean, and the trainer's one-pass path runs the very same forward whatever the micro-batch.
+    invariant_to: ClassVar[frozenset[str]] = frozenset()
 
     def apply(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError

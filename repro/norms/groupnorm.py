@@ -14,6 +14,7 @@ class GroupNorm(Normalizer):
     """
 
     micro_batches_in_one_pass = True
+    invariant_to = frozenset({"train.micro_batch"})
 
     def __init__(self, groups: int = 32, group_size: int | None = None, eps: float = 1e-5) -> None:
         self.groups = groups

@@ -120,7 +120,11 @@ def run_suite(suite_ref: str | Path, tier: str, *, device: str = "auto", results
             echo(f"{prefix}: complete, skipped ({path_out.name})")
             continue
         started = _now()
-        if data_parallel is None:
+        primary = read_record(record_path(results_dir, suite.name, run.shared_with)) if run.shared_with else None
+        shared_from = run.shared_with if is_complete(primary) else None
+        if shared_from:  # the same numbers as an earlier run of this expansion: reported, not executed again
+            outcome, error = task.shared_outcome(run, primary, ctx) if is_main else RunOutcome("ok", {}, 0.0), None
+        elif data_parallel is None:
             outcome, error = _outcome_or_failure(task, run, ctx)
         else:
             outcome, error = task.run(run, ctx), None
@@ -134,7 +138,7 @@ def run_suite(suite_ref: str | Path, tier: str, *, device: str = "auto", results
             "metrics": outcome.metrics, "curve": outcome.curve, "rows": outcome.rows,
             "wall_time_s": outcome.wall_time_s, "peak_memory_mb": outcome.peak_memory_mb,
             "images_per_s": outcome.images_per_s, "diverged_step": outcome.diverged_step, "extra": outcome.extra,
-            "error": error, "started_at": started, "finished_at": _now(),
+            "error": error, "started_at": started, "finished_at": _now(), "shared_from": shared_from,
             "provenance": {
                 **provenance(torch_device, fingerprint(tuple(sorted(run.config["dataset"].items()))), data.source,
                              suite_sha),
@@ -150,5 +154,6 @@ def run_suite(suite_ref: str | Path, tier: str, *, device: str = "auto", results
             echo(f"{prefix}: diverged at step {outcome.diverged_step}")
         else:
             shown = ", ".join(f"{k} {v:.4g}" for k, v in outcome.metrics.items() if isinstance(v, float))
-            echo(f"{prefix}: ok in {outcome.wall_time_s:.1f}s: {shown}")
+            how = f"shared with {shared_from}" if shared_from else f"in {outcome.wall_time_s:.1f}s"
+            echo(f"{prefix}: ok {how}: {shown}")
     return summary

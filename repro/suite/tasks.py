@@ -38,6 +38,8 @@ class RunSpec:
     run_id: str
     config: dict[str, Any]
     setting: dict[str, Any]
+    #: the run id of an earlier run of the expansion whose numbers this one shares (``Normalizer.invariant_to``)
+    shared_with: str | None = None
 
     @property
     def label(self) -> str:
@@ -108,6 +110,16 @@ class Task:
 
     def run(self, run: RunSpec, ctx: RunContext) -> RunOutcome:
         raise NotImplementedError
+
+    def shared_outcome(self, run: RunSpec, primary: dict[str, Any], ctx: RunContext) -> RunOutcome:
+        """``run``'s outcome taken from the record of the run it shares (``RunSpec.shared_with``): the same numbers.
+
+        A task re-measures here whatever depends on the run's own configuration although the numbers do not.
+        """
+        return RunOutcome(primary["status"], dict(primary["metrics"]), primary["wall_time_s"],
+                          primary.get("images_per_s"), primary.get("peak_memory_mb"),
+                          list(primary.get("curve") or []), list(primary.get("rows") or []),
+                          primary.get("diverged_step"), dict(primary.get("extra") or {}))
 
 
 TASKS: Registry[type[Task]] = Registry("task")
@@ -236,3 +248,14 @@ class TrainTask(Task):
             result.metrics.update(step_time_against_bn(run, model, data, cfg, ctx.device))
         return RunOutcome(result.status, result.metrics, result.wall_time_s, result.images_per_s,
                           result.peak_memory_mb, result.curve, diverged_step=result.diverged_step, extra=result.extra)
+
+    def shared_outcome(self, run: RunSpec, primary: dict[str, Any], ctx: RunContext) -> RunOutcome:
+        """The shared numbers; the step time on one micro-batch is timed at this run's micro-batch (on a fresh
+        model: the normalizers that share runs keep no training state that changes a step's cost)."""
+        outcome = super().shared_outcome(run, primary, ctx)
+        options = TrainOptions.model_validate(run.config["task_options"])
+        if options.step_time_vs_bn and outcome.status == "ok":
+            data = ctx.dataset(run.config["dataset"])
+            cfg = TrainConfig.model_validate(run.config["train"])
+            outcome.metrics.update(step_time_against_bn(run, build_run_model(run, data), data, cfg, ctx.device))
+        return outcome
