@@ -7,9 +7,10 @@ layer normalizes each consecutive group of ``micro_batch`` samples with that gro
 running statistics as the groups' passes would have, one momentum update per group, in order. Losses, gradients and
 running statistics then agree with the sequential passes to float rounding (``tests/test_ghost_batches.py``).
 
-Not exact, so kept sequential by the trainer: layers that read their running statistics in training (Batch
-Renorm, whose r and d move from chunk to chunk), cross-iteration windows (CBN, one window per micro-batch position),
-random layers (dropout, drop-path: a whole-batch mask draws other random numbers), and mixup (drawn per chunk).
+Batch Renorm reads its running statistics in training: each group is renormalized against the running statistics
+its own pass would see (updated by the groups before it), also in closed form. Not exact, so kept sequential by
+the trainer: cross-iteration windows (CBN, one window per micro-batch position), random layers (dropout,
+drop-path: a whole-batch mask draws other random numbers), and mixup (drawn per chunk).
 """
 
 from __future__ import annotations
@@ -21,13 +22,18 @@ import torch
 from torch import nn
 
 from repro.norms.base import Normalizer
+from repro.norms.batch_renorm import BatchRenorm2d
 
 #: the layers whose training forward this module knows how to split into ghost batches
-GHOST_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d)
+GHOST_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, BatchRenorm2d)
 
 
 def _ghost_forward(bn: nn.modules.batchnorm._BatchNorm, micro_batch: int, x: torch.Tensor) -> torch.Tensor:
-    """``bn`` applied to each consecutive group of ``micro_batch`` samples of ``x`` on its own, in one pass."""
+    """``bn`` applied to each consecutive group of ``micro_batch`` samples of ``x`` on its own, in one pass.
+
+    Batch Renorm's r and d are taken against the running statistics as each group's own pass would find them,
+    already updated by the groups before it.
+    """
     groups = x.shape[0] // micro_batch
     if not bn.training or groups <= 1 or x.shape[0] % micro_batch:
         return type(bn).forward(bn, x)
@@ -40,34 +46,46 @@ def _ghost_forward(bn: nn.modules.batchnorm._BatchNorm, micro_batch: int, x: tor
     if values_per_channel <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{[micro_batch, *x.shape[1:]]}")
+    shape = (groups, 1, -1) + (1,) * (grouped.dim() - 3)
+    scale = bn.weight.expand(groups, -1) if bn.affine else None
+    shift = bn.bias.expand(groups, -1) if bn.affine else None
     if bn.track_running_stats and bn.running_mean is not None:
         unbiased = var.flatten(1) * (values_per_channel / (values_per_channel - 1))
-        _update_running_statistics(bn, mean.flatten(1), unbiased)
+        running_means, running_vars = _running_statistics_in_order(bn, mean.flatten(1), unbiased)
+        if isinstance(bn, BatchRenorm2d):
+            r, d = bn.renormalization(mean.detach().flatten(1), var.detach().flatten(1), running_means[:-1],
+                                      running_vars[:-1])
+            scale, shift = (scale * r, shift + scale * d) if bn.affine else (r, d)
     out = (grouped - mean) * torch.rsqrt(var + bn.eps)
-    if bn.affine:
-        shape = (1, 1, -1) + (1,) * (grouped.dim() - 3)
-        out = out * bn.weight.view(shape) + bn.bias.view(shape)
+    if scale is not None:
+        out = out * scale.reshape(shape) + shift.reshape(shape)
     return out.flatten(0, 1).to(x.dtype)
 
 
 @torch.no_grad()
-def _update_running_statistics(bn: nn.modules.batchnorm._BatchNorm, means: torch.Tensor, variances: torch.Tensor
-                               ) -> None:
-    """The groups' momentum updates in order, in closed form: r ← r·Π(1−f_g) + Σ_g f_g·Π_{h>g}(1−f_h)·s_g.
+def _running_statistics_in_order(bn: nn.modules.batchnorm._BatchNorm, means: torch.Tensor, variances: torch.Tensor
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply the G groups' momentum updates in order; return the running mean and variance before each update and
+    after the last, ``(G + 1, C)``, in closed form: state_g = r·Π_{h<g}(1−f_h) + Σ_{h<g} f_h·Π_{h<j<g}(1−f_j)·s_h.
 
-    ``f_g`` is the momentum, or 1/(batches tracked) for ``momentum=None`` (a cumulative average), as in BatchNorm.
+    ``f_h`` is the momentum, or 1/(batches tracked) for ``momentum=None`` (a cumulative average), as in BatchNorm.
     """
     groups = means.shape[0]
     done = int(bn.num_batches_tracked.item()) if bn.momentum is None else 0
     factors = [bn.momentum if bn.momentum is not None else 1.0 / (done + g + 1) for g in range(groups)]
-    weights, keep = [0.0] * groups, 1.0
-    for g in reversed(range(groups)):
-        weights[g] = factors[g] * keep
-        keep *= 1.0 - factors[g]
-    weight = torch.tensor(weights, dtype=means.dtype, device=means.device).unsqueeze(1)
+    keep, weights = [1.0], [[0.0] * groups]
+    for g, factor in enumerate(factors):
+        keep.append(keep[-1] * (1.0 - factor))
+        weights.append([w * (1.0 - factor) for w in weights[-1]])
+        weights[-1][g] = factor
+    keep_t = torch.tensor(keep, dtype=means.dtype, device=means.device).unsqueeze(1)
+    weights_t = torch.tensor(weights, dtype=means.dtype, device=means.device)
+    running_means = keep_t * bn.running_mean.to(means.dtype) + weights_t @ means
+    running_vars = keep_t * bn.running_var.to(means.dtype) + weights_t @ variances
     bn.num_batches_tracked.add_(groups)
-    bn.running_mean.mul_(keep).add_((weight * means).sum(0).to(bn.running_mean.dtype))
-    bn.running_var.mul_(keep).add_((weight * variances).sum(0).to(bn.running_var.dtype))
+    bn.running_mean.copy_(running_means[-1])
+    bn.running_var.copy_(running_vars[-1])
+    return running_means, running_vars
 
 
 def _has_random_layers(model: nn.Module) -> bool:
