@@ -78,3 +78,29 @@ def test_mixup_makes_the_micro_batch_matter_to_every_normalizer(tmp_path: Path, 
     monkeypatch.setenv("REPRO_SUITES_DIR", str(tmp_path))
     suite, _ = load_suite("shared")
     assert not any(run.shared_with for run in expand(suite, "smoke"))
+
+
+def test_a_train_run_reports_the_same_training_saved_by_another_suite(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch):
+    """``fmnist-baseline`` and ``fmnist-normalizers`` train the same BN models: the second suite loads them."""
+    suites = tmp_path / "suites"
+    suites.mkdir()
+    for name, options in (("saver", "{save_checkpoint: true}"), ("reader", "{}")):
+        text = textwrap.dedent(SUITE).replace("MIXUP", "0.0").replace("name: shared", f"name: {name}")
+        text = text.replace("{step_time_vs_bn: true}", options).replace("[4, 8]", "[4]")
+        (suites / f"{name}.yaml").write_text(text.replace("normalizers: [bn, {name: gn, options: {group_size: 8}}]",
+                                                          "normalizers: [bn]"))
+    monkeypatch.setenv("REPRO_SUITES_DIR", str(suites))
+    results = tmp_path / "results"
+    run_suite("saver", "smoke", results_dir=results, device="cpu", progress=False, echo=lambda _: None)
+    monkeypatch.setattr(tasks, "train_and_evaluate", lambda *args, **kwargs: pytest.fail("trained again"))
+    run_suite("reader", "smoke", results_dir=results, device="cpu", progress=False, echo=lambda _: None)
+    (saved,), (reported,) = iter_records(results, "saver"), iter_records(results, "reader")
+    assert reported["metrics"] == saved["metrics"] and reported["curve"] == saved["curve"]
+    assert reported["extra"]["from_checkpoint"] and reported["run_id"] != saved["run_id"]
+    # the saving suite itself trains again (repro run --force must recompute)
+    monkeypatch.undo()
+    monkeypatch.setenv("REPRO_SUITES_DIR", str(suites))
+    summary = run_suite("saver", "smoke", results_dir=results, device="cpu", progress=False, echo=lambda _: None,
+                        force=True)
+    assert summary.ran and "from_checkpoint" not in iter_records(results, "saver")[0]["extra"]

@@ -161,13 +161,23 @@ class TrainedModel:
     result: TrainResult | None = None
 
 
-def save_checkpoint(model: torch.nn.Module, metrics: dict[str, Any], run: RunSpec, ctx: RunContext) -> Path:
-    """Write the weights and training metrics atomically (a killed run never leaves a truncated checkpoint)."""
+def save_checkpoint(model: torch.nn.Module, metrics: dict[str, Any], run: RunSpec, ctx: RunContext,
+                    result: TrainResult | None = None) -> Path:
+    """Write the weights and training metrics atomically (a killed run never leaves a truncated checkpoint).
+
+    With the ``result`` of the training (curve, timings) a ``train`` run of another suite with the same recipe
+    can report it instead of training again.
+    """
     path = ctx.checkpoint_path(run)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".tmp")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, "metrics": metrics, "model_key": model_key(run.config)}, partial)
+    payload: dict[str, Any] = {"state_dict": state, "metrics": metrics, "model_key": model_key(run.config)}
+    if result is not None:
+        payload["result"] = {"curve": result.curve, "wall_time_s": result.wall_time_s,
+                             "images_per_s": result.images_per_s, "peak_memory_mb": result.peak_memory_mb}
+        payload["suite"] = run.suite
+    torch.save(payload, partial)
     partial.replace(path)
     return path
 
@@ -239,11 +249,19 @@ class TrainTask(Task):
         data = ctx.dataset(run.config["dataset"])
         model = build_run_model(run, data)
         cfg = TrainConfig.model_validate(run.config["train"])
-        result = train_and_evaluate(model, data, cfg, device=ctx.device, seed=run.config["seed"], progress=ctx.progress,
-                                    description=run.label, data_parallel=data_parallel)
         is_main = data_parallel is None or data_parallel.is_main
-        if options.save_checkpoint and result.status == "ok" and is_main:
-            save_checkpoint(model, result.metrics, run, ctx)
+        path = ctx.checkpoint_path(run)
+        saved = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else {}
+        if "result" in saved and saved["suite"] != run.suite:  # another suite's same training: not repeated
+            model.load_state_dict(saved["state_dict"])
+            model.to(ctx.device)
+            result = TrainResult("ok", dict(saved["metrics"]), **saved["result"],
+                                 extra={"from_checkpoint": saved["model_key"]})
+        else:
+            result = train_and_evaluate(model, data, cfg, device=ctx.device, seed=run.config["seed"],
+                                        progress=ctx.progress, description=run.label, data_parallel=data_parallel)
+            if options.save_checkpoint and result.status == "ok" and is_main:
+                save_checkpoint(model, result.metrics, run, ctx, result)
         if options.step_time_vs_bn and result.status == "ok" and is_main:
             result.metrics.update(step_time_against_bn(run, model, data, cfg, ctx.device))
         return RunOutcome(result.status, result.metrics, result.wall_time_s, result.images_per_s,
