@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from repro.models import build_model
+from repro.norms import ghost
 from repro.norms.ghost import can_run_in_one_pass, ghost_batches
 from repro.train import TrainConfig, seed_everything
 from repro.train.loop import _forward_backward
@@ -49,8 +50,14 @@ def _train(model: nn.Module, one_pass: bool) -> tuple[list[float], list[list[tor
     return losses, gradients
 
 
+@pytest.fixture(params=["grouped", "per_group"])
+def statistics_path(request, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both forms of the ghost layers: one set of kernels for all groups (CUDA's), the layer per group (CPU's)."""
+    monkeypatch.setattr(ghost, "grouped_statistics", lambda x: request.param == "grouped")
+
+
 @pytest.mark.parametrize("normalizer", sorted(ONE_PASS))
-def test_one_pass_equals_sequential_micro_batches(normalizer):
+def test_one_pass_equals_sequential_micro_batches(normalizer, statistics_path):
     sequential = _model(normalizer)
     one_pass = copy.deepcopy(sequential)
     assert can_run_in_one_pass(one_pass)
@@ -65,7 +72,7 @@ def test_one_pass_equals_sequential_micro_batches(normalizer):
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_ghost_running_statistics_follow_each_group_in_order(momentum):
+def test_ghost_running_statistics_follow_each_group_in_order(momentum, statistics_path):
     """Against nn.BatchNorm2d fed the groups one after the other (an independent computation)."""
     x = torch.randn(12, 3, 5, 5) * 3 + 1
     reference = nn.BatchNorm2d(3, momentum=momentum).train()

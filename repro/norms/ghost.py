@@ -28,6 +28,13 @@ from repro.norms.batch_renorm import BatchRenorm2d
 GHOST_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, BatchRenorm2d)
 
 
+def grouped_statistics(x: torch.Tensor) -> bool:
+    """Whether the ghost groups are normalized in one set of kernels (on accelerators, where a layer's cost is
+    its kernel launches) rather than by the layer's own forward per group (on CPU, where the fused BatchNorm kernel
+    is faster than the few element-wise kernels of the grouped form; the convolutions still see the whole batch)."""
+    return x.device.type != "cpu"
+
+
 def _ghost_forward(bn: nn.modules.batchnorm._BatchNorm, micro_batch: int, x: torch.Tensor) -> torch.Tensor:
     """``bn`` applied to each consecutive group of ``micro_batch`` samples of ``x`` on its own, in one pass.
 
@@ -37,6 +44,8 @@ def _ghost_forward(bn: nn.modules.batchnorm._BatchNorm, micro_batch: int, x: tor
     groups = x.shape[0] // micro_batch
     if not bn.training or groups <= 1 or x.shape[0] % micro_batch:
         return type(bn).forward(bn, x)
+    if not grouped_statistics(x):  # the layer's own forward per group, in order: the sequential arithmetic itself
+        return torch.cat([type(bn).forward(bn, chunk) for chunk in x.split(micro_batch)])
     bn._check_input_dim(x)
     grouped = x.unflatten(0, (groups, micro_batch)).to(torch.promote_types(x.dtype, torch.float32))
     reduce = (1, *range(3, grouped.dim()))  # the group's samples and every position; dims: G, m, C, ...
