@@ -148,6 +148,32 @@ def running_average_factor(bn: nn.BatchNorm2d) -> float:
     return 1.0 / bn.num_batches_tracked.item() if bn.momentum is None else bn.momentum
 
 
+@torch.no_grad()
+def running_statistics_in_order(bn: nn.modules.batchnorm._BatchNorm, means: torch.Tensor, variances: torch.Tensor
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply the G groups' momentum updates in order; return the running mean and variance before each update and
+    after the last, ``(G + 1, C)``, in closed form: state_g = r·Π_{h<g}(1−f_h) + Σ_{h<g} f_h·Π_{h<j<g}(1−f_j)·s_h.
+
+    ``f_h`` is the momentum, or 1/(batches tracked) for ``momentum=None`` (a cumulative average), as in BatchNorm.
+    """
+    groups = means.shape[0]
+    done = int(bn.num_batches_tracked.item()) if bn.momentum is None else 0
+    factors = [bn.momentum if bn.momentum is not None else 1.0 / (done + g + 1) for g in range(groups)]
+    keep, weights = [1.0], [[0.0] * groups]
+    for g, factor in enumerate(factors):
+        keep.append(keep[-1] * (1.0 - factor))
+        weights.append([w * (1.0 - factor) for w in weights[-1]])
+        weights[-1][g] = factor
+    keep_t = torch.tensor(keep, dtype=means.dtype, device=means.device).unsqueeze(1)
+    weights_t = torch.tensor(weights, dtype=means.dtype, device=means.device)
+    running_means = keep_t * bn.running_mean.to(means.dtype) + weights_t @ means
+    running_vars = keep_t * bn.running_var.to(means.dtype) + weights_t @ variances
+    bn.num_batches_tracked.add_(groups)
+    bn.running_mean.copy_(running_means[-1])
+    bn.running_var.copy_(running_vars[-1])
+    return running_means, running_vars
+
+
 def channel_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance over (N, H, W) in at least float32, differentiable.
 

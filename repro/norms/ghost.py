@@ -8,9 +8,10 @@ running statistics as the groups' passes would have, one momentum update per gro
 running statistics then agree with the sequential passes to float rounding (``tests/test_ghost_batches.py``).
 
 Batch Renorm reads its running statistics in training: each group is renormalized against the running statistics
-its own pass would see (updated by the groups before it), also in closed form. Not exact, so kept sequential by
-the trainer: cross-iteration windows (CBN, one window per micro-batch position), random layers (dropout,
-drop-path: a whole-batch mask draws other random numbers), and mixup (drawn per chunk).
+its own pass would see (updated by the groups before it), also in closed form. Cross-Iteration BN pools group g
+with the window of micro-batch position g and stores it there (``CrossIterationBatchNorm2d.ghost_forward``, one
+weight-gradient convolution for all groups). Not exact, so kept sequential by the trainer: random layers
+(dropout, drop-path: a whole-batch mask draws other random numbers), and mixup (drawn per chunk).
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from repro.norms.base import Normalizer
+from repro.norms.base import Normalizer, running_statistics_in_order
 from repro.norms.batch_renorm import BatchRenorm2d
+from repro.norms.cbn import CrossIterationBatchNorm2d
 
 #: the layers whose training forward this module knows how to split into ghost batches
-GHOST_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, BatchRenorm2d)
+GHOST_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, BatchRenorm2d, CrossIterationBatchNorm2d)
 
 
 def grouped_statistics(x: torch.Tensor) -> bool:
@@ -44,6 +46,8 @@ def _ghost_forward(bn: nn.modules.batchnorm._BatchNorm, micro_batch: int, x: tor
     groups = x.shape[0] // micro_batch
     if not bn.training or groups <= 1 or x.shape[0] % micro_batch:
         return type(bn).forward(bn, x)
+    if isinstance(bn, CrossIterationBatchNorm2d):  # its windows, one per group
+        return bn.ghost_forward(x, micro_batch)
     if not grouped_statistics(x):  # the layer's own forward per group, in order: the sequential arithmetic itself
         return torch.cat([type(bn).forward(bn, chunk) for chunk in x.split(micro_batch)])
     bn._check_input_dim(x)
@@ -60,7 +64,7 @@ def _ghost_forward(bn: nn.modules.batchnorm._BatchNorm, micro_batch: int, x: tor
     shift = bn.bias.expand(groups, -1) if bn.affine else None
     if bn.track_running_stats and bn.running_mean is not None:
         unbiased = var.flatten(1) * (values_per_channel / (values_per_channel - 1))
-        running_means, running_vars = _running_statistics_in_order(bn, mean.flatten(1), unbiased)
+        running_means, running_vars = running_statistics_in_order(bn, mean.flatten(1), unbiased)
         if isinstance(bn, BatchRenorm2d):
             r, d = bn.renormalization(mean.detach().flatten(1), var.detach().flatten(1), running_means[:-1],
                                       running_vars[:-1])
@@ -69,32 +73,6 @@ def _ghost_forward(bn: nn.modules.batchnorm._BatchNorm, micro_batch: int, x: tor
     if scale is not None:
         out = out * scale.reshape(shape) + shift.reshape(shape)
     return out.flatten(0, 1).to(x.dtype)
-
-
-@torch.no_grad()
-def _running_statistics_in_order(bn: nn.modules.batchnorm._BatchNorm, means: torch.Tensor, variances: torch.Tensor
-                                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply the G groups' momentum updates in order; return the running mean and variance before each update and
-    after the last, ``(G + 1, C)``, in closed form: state_g = r·Π_{h<g}(1−f_h) + Σ_{h<g} f_h·Π_{h<j<g}(1−f_j)·s_h.
-
-    ``f_h`` is the momentum, or 1/(batches tracked) for ``momentum=None`` (a cumulative average), as in BatchNorm.
-    """
-    groups = means.shape[0]
-    done = int(bn.num_batches_tracked.item()) if bn.momentum is None else 0
-    factors = [bn.momentum if bn.momentum is not None else 1.0 / (done + g + 1) for g in range(groups)]
-    keep, weights = [1.0], [[0.0] * groups]
-    for g, factor in enumerate(factors):
-        keep.append(keep[-1] * (1.0 - factor))
-        weights.append([w * (1.0 - factor) for w in weights[-1]])
-        weights[-1][g] = factor
-    keep_t = torch.tensor(keep, dtype=means.dtype, device=means.device).unsqueeze(1)
-    weights_t = torch.tensor(weights, dtype=means.dtype, device=means.device)
-    running_means = keep_t * bn.running_mean.to(means.dtype) + weights_t @ means
-    running_vars = keep_t * bn.running_var.to(means.dtype) + weights_t @ variances
-    bn.num_batches_tracked.add_(groups)
-    bn.running_mean.copy_(running_means[-1])
-    bn.running_var.copy_(running_vars[-1])
-    return running_means, running_vars
 
 
 def _has_random_layers(model: nn.Module) -> bool:
