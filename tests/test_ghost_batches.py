@@ -73,16 +73,18 @@ def test_one_pass_equals_sequential_micro_batches(normalizer, statistics_path):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9, msg=f"{name} differs")
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_ghost_running_statistics_follow_each_group_in_order(momentum, statistics_path):
+def test_ghost_running_statistics_follow_each_group_in_order(momentum, memory_format, statistics_path):
     """Against nn.BatchNorm2d fed the groups one after the other (an independent computation)."""
-    x = torch.randn(12, 3, 5, 5) * 3 + 1
+    x = (torch.randn(12, 3, 5, 5) * 3 + 1).contiguous(memory_format=memory_format)
     reference = nn.BatchNorm2d(3, momentum=momentum).train()
     ghost = copy.deepcopy(reference)
     want = torch.cat([reference(group) for group in x.split(4)])
     with ghost_batches(ghost, 4):
         got = ghost(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got.is_contiguous(memory_format=memory_format)  # the next convolution keeps its layout
     for buffer in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(ghost, buffer), getattr(reference, buffer))
     assert "forward" not in vars(ghost)  # the instance is restored when the block ends

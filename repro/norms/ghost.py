@@ -20,6 +20,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from repro.norms.base import Normalizer, running_statistics_in_order
@@ -31,9 +32,10 @@ GHOST_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, BatchRenorm2d, CrossIterationBat
 
 
 def grouped_statistics(x: torch.Tensor) -> bool:
-    """Whether the ghost groups are normalized in one set of kernels (on accelerators, where a layer's cost is
-    its kernel launches) rather than by the layer's own forward per group (on CPU, where the fused BatchNorm kernel
-    is faster than the few element-wise kernels of the grouped form; the convolutions still see the whole batch)."""
+    """Whether the ghost groups are normalized by one BatchNorm kernel over the groups laid side by side as
+    channels (on accelerators, where a layer's cost is its kernel launches) rather than by the layer's own forward
+    per group (on CPU, where the two copies of the side-by-side form cost more than they save; the convolutions
+    see the whole batch either way)."""
     return x.device.type != "cpu"
 
 
@@ -51,28 +53,30 @@ def _ghost_forward(bn: nn.modules.batchnorm._BatchNorm, micro_batch: int, x: tor
     if not grouped_statistics(x):  # the layer's own forward per group, in order: the sequential arithmetic itself
         return torch.cat([type(bn).forward(bn, chunk) for chunk in x.split(micro_batch)])
     bn._check_input_dim(x)
-    grouped = x.unflatten(0, (groups, micro_batch)).to(torch.promote_types(x.dtype, torch.float32))
-    reduce = (1, *range(3, grouped.dim()))  # the group's samples and every position; dims: G, m, C, ...
-    mean = grouped.mean(reduce, keepdim=True)
-    var = (grouped - mean).square().mean(reduce, keepdim=True)
-    values_per_channel = grouped[0].numel() // grouped.shape[2]
+    # the groups side by side as channels, (m, G·C, ...): one BatchNorm kernel normalizes every group
+    folded = x.unflatten(0, (groups, micro_batch)).transpose(0, 1).flatten(1, 2)
+    reduce = (0, *range(2, folded.dim()))
+    values_per_channel = folded.numel() // folded.shape[1]
     if values_per_channel <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{[micro_batch, *x.shape[1:]]}")
-    shape = (groups, 1, -1) + (1,) * (grouped.dim() - 3)
     scale = bn.weight.expand(groups, -1) if bn.affine else None
     shift = bn.bias.expand(groups, -1) if bn.affine else None
     if bn.track_running_stats and bn.running_mean is not None:
-        unbiased = var.flatten(1) * (values_per_channel / (values_per_channel - 1))
-        running_means, running_vars = running_statistics_in_order(bn, mean.flatten(1), unbiased)
+        with torch.no_grad():
+            var, mean = torch.var_mean(folded.to(torch.promote_types(x.dtype, torch.float32)), reduce, correction=0)
+            mean, var = mean.view(groups, -1), var.view(groups, -1)
+        unbiased = var * (values_per_channel / (values_per_channel - 1))
+        running_means, running_vars = running_statistics_in_order(bn, mean, unbiased)
         if isinstance(bn, BatchRenorm2d):
-            r, d = bn.renormalization(mean.detach().flatten(1), var.detach().flatten(1), running_means[:-1],
-                                      running_vars[:-1])
+            r, d = bn.renormalization(mean, var, running_means[:-1], running_vars[:-1])
             scale, shift = (scale * r, shift + scale * d) if bn.affine else (r, d)
-    out = (grouped - mean) * torch.rsqrt(var + bn.eps)
-    if scale is not None:
-        out = out * scale.reshape(shape) + shift.reshape(shape)
-    return out.flatten(0, 1).to(x.dtype)
+    out = F.batch_norm(folded, None, None, None if scale is None else scale.flatten(),
+                       None if shift is None else shift.flatten(), True, 0.0, bn.eps)
+    out = out.unflatten(1, (groups, -1)).transpose(0, 1).flatten(0, 1)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 def _has_random_layers(model: nn.Module) -> bool:
