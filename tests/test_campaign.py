@@ -18,9 +18,11 @@ from tests.conftest import TINY_SUITE
 
 @pytest.fixture
 def campaign_suite(suites_dir: Path) -> str:
-    """tiny with eight seeds: sixteen runs of a few seconds each, more than a minute's budget holds."""
+    """tiny with eight seeds: sixteen runs of several seconds each (about 2 minutes on 2 idle cores), more than
+    a minute's budget holds."""
     text = TINY_SUITE.format(name="tiny4").replace("seeds: [0]", "seeds: [0, 1, 2, 3, 4, 5, 6, 7]")
-    (suites_dir / "tiny4.yaml").write_text(textwrap.dedent(text).replace("epochs: 1", "epochs: 4"))
+    text = text.replace("epochs: 1", "epochs: 16")
+    (suites_dir / "tiny4.yaml").write_text(textwrap.dedent(text))
     return "tiny4"
 
 

@@ -110,7 +110,10 @@ def plan_suite(suite_ref: str | Path, tier: str, results_dir: Path, estimator: E
         reuses_model = suite.task in ("quantize", "tta") and not run.config["model"].get("pretrained")
         key = model_key(run.config) if reuses_model else None
         item = PlannedRun(suite, path, run, references, phase, key)
-        item.estimate = estimator.estimate(run.config, task.workload(run.config, key in cached_models))
+        if run.shared_with:  # reports an earlier run's numbers (repro.suite.expand): nothing to compute
+            item.estimate = Estimate(0.0, "shared with another run")
+        else:
+            item.estimate = estimator.estimate(run.config, task.workload(run.config, key in cached_models))
         planned.append(item)
     return SuitePlan(suite, path, tier, planned, complete)
 
@@ -276,7 +279,8 @@ class Campaign:
         names = [plan.suite.name for plan in plans]
         if names:
             for results, _ in gather(self.results_dir, names):
-                self.log(f"gathered {results.name}: {results.frame['run_id'].nunique()} runs")
+                runs = results.frame["run_id"].nunique() if "run_id" in results.frame else 0
+                self.log(f"gathered {results.name}: {runs} runs")
             self.checks = run_checks(self.results_dir, names)
             counts = {s: sum(r.status == s for r in self.checks) for s in STATUSES}
             self.log("check: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"; strict: "

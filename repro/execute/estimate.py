@@ -47,7 +47,7 @@ class DeviceRate:
 #: channels-last reach no more), and this project's 2-core CPU as measured by ``benchmarks/step_time.py``.
 DEVICE_RATES = {
     "h200": DeviceRate(150e12, 0.004, 10.0),
-    "cpu": DeviceRate(40e9, 0.002, 20.0),
+    "cpu": DeviceRate(40e9, 0.002, 5.0),
 }
 
 
@@ -108,7 +108,8 @@ def training_workload(config: dict[str, Any]) -> Workload:
     steps = train_n // batch
     if train.get("max_steps_per_epoch"):
         steps = min(steps, train["max_steps_per_epoch"])
-    chunks = -(-batch // (train.get("micro_batch") or batch))
+    # micro-batches go through the model in one pass (repro.norms.ghost) unless mixup draws per micro-batch
+    chunks = -(-batch // (train.get("micro_batch") or batch)) if train.get("mixup_alpha", 0) > 0 else 1
     epochs = train["epochs"]
     eval_batches = -(-test_n // train.get("eval_batch_size", batch))
     return Workload(epochs * steps * batch, epochs * test_n, epochs * (steps * chunks + eval_batches))

@@ -28,6 +28,14 @@ class Normalizer:
     name: ClassVar[str] = ""
     #: True when the converted model keeps batch statistics that test-time adaptation can re-estimate.
     has_batch_statistics: ClassVar[bool] = False
+    #: True when one forward over a whole batch with per-micro-batch ("ghost") BatchNorm statistics computes exactly
+    #: what separate micro-batch passes compute (``repro.norms.ghost``): the trainer then takes the one-pass path.
+    micro_batches_in_one_pass: ClassVar[bool] = False
+    #: Grid keys that cannot change this normalizer's numbers. A suite runs one value of such an axis and reports
+    #: the record for every value (``repro.suite.expand``, ``RunSpec.shared_with``). Per-sample normalization, or
+    #: none, makes ``train.micro_batch`` one: split or not, every image is normalized alike, the gradient is the
+    #: batch mean, and the trainer's one-pass path runs the very same forward whatever the micro-batch.
+    invariant_to: ClassVar[frozenset[str]] = frozenset()
 
     def apply(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError
@@ -138,6 +146,32 @@ def running_average_factor(bn: nn.BatchNorm2d) -> float:
     """
     bn.num_batches_tracked.add_(1)
     return 1.0 / bn.num_batches_tracked.item() if bn.momentum is None else bn.momentum
+
+
+@torch.no_grad()
+def running_statistics_in_order(bn: nn.modules.batchnorm._BatchNorm, means: torch.Tensor, variances: torch.Tensor
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply the G groups' momentum updates in order; return the running mean and variance before each update and
+    after the last, ``(G + 1, C)``, in closed form: state_g = r·Π_{h<g}(1−f_h) + Σ_{h<g} f_h·Π_{h<j<g}(1−f_j)·s_h.
+
+    ``f_h`` is the momentum, or 1/(batches tracked) for ``momentum=None`` (a cumulative average), as in BatchNorm.
+    """
+    groups = means.shape[0]
+    done = int(bn.num_batches_tracked.item()) if bn.momentum is None else 0
+    factors = [bn.momentum if bn.momentum is not None else 1.0 / (done + g + 1) for g in range(groups)]
+    keep, weights = [1.0], [[0.0] * groups]
+    for g, factor in enumerate(factors):
+        keep.append(keep[-1] * (1.0 - factor))
+        weights.append([w * (1.0 - factor) for w in weights[-1]])
+        weights[-1][g] = factor
+    keep_t = torch.tensor(keep, dtype=means.dtype, device=means.device).unsqueeze(1)
+    weights_t = torch.tensor(weights, dtype=means.dtype, device=means.device)
+    running_means = keep_t * bn.running_mean.to(means.dtype) + weights_t @ means
+    running_vars = keep_t * bn.running_var.to(means.dtype) + weights_t @ variances
+    bn.num_batches_tracked.add_(groups)
+    bn.running_mean.copy_(running_means[-1])
+    bn.running_var.copy_(running_vars[-1])
+    return running_means, running_vars
 
 
 def channel_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -73,15 +73,21 @@ class BatchRenorm2d(nn.BatchNorm2d):
         if not (self.training and self.track_running_stats):  # eval, or no running statistics to renormalize to
             return super().forward(x)
         self._check_input_dim(x)
-        r_max, d_max = self.clipping_limits()
         with torch.no_grad():
-            batch_mean, batch_var = channel_mean_var(x)
-            running_std = (self.running_var + self.eps).sqrt()
-            r = ((batch_var + self.eps).sqrt() / running_std).clamp(1.0 / r_max, r_max)
-            d = ((batch_mean - self.running_mean) / running_std).clamp(-d_max, d_max)
+            r, d = self.renormalization(*channel_mean_var(x), self.running_mean, self.running_var)
         weight, bias = (self.weight * r, self.bias + self.weight * d) if self.affine else (r, d)
         factor = running_average_factor(self)
         return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, True, factor, self.eps)
+
+    @torch.no_grad()
+    def renormalization(self, batch_mean: torch.Tensor, batch_var: torch.Tensor, running_mean: torch.Tensor,
+                        running_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The paper's clipped r and d of batch statistics against running ones (also per ghost batch, ``(G, C)``)."""
+        r_max, d_max = self.clipping_limits()
+        running_std = (running_var + self.eps).sqrt()
+        r = ((batch_var + self.eps).sqrt() / running_std).clamp(1.0 / r_max, r_max)
+        d = ((batch_mean - running_mean) / running_std).clamp(-d_max, d_max)
+        return r, d
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}, "
@@ -100,6 +106,7 @@ class BatchRenorm(Normalizer):
     """
 
     has_batch_statistics = True
+    micro_batches_in_one_pass = True
 
     def __init__(self, r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 5000,
                  r_max_ramp_steps: int = 35000, d_max_ramp_steps: int = 20000, momentum: float = 0.1,

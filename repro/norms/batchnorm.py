@@ -10,6 +10,7 @@ class BatchNorm(Normalizer):
     """Plain BatchNorm (Ioffe & Szegedy 2015); ``momentum`` is PyTorch's (weight of the new batch)."""
 
     has_batch_statistics = True
+    micro_batches_in_one_pass = True
 
     def __init__(self, momentum: float = 0.1, eps: float = 1e-5) -> None:
         self.momentum = momentum

@@ -41,6 +41,7 @@ from repro.norms.base import (
     register_normalizer,
     replace_batchnorms,
     running_average_factor,
+    running_statistics_in_order,
 )
 
 
@@ -201,6 +202,46 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
             mean, var = self.running_mean, self.running_var
         return self._normalize(y, mean, var)
 
+    def ghost_forward(self, y: torch.Tensor, micro_batch: int) -> torch.Tensor:
+        """Training forward over ``G`` consecutive micro-batches in one pass (``repro.norms.ghost``): group g is
+        micro-batch position g of this iteration, pools with its own window and is stored there, exactly as G
+        separate forwards would do. Outside the cross-iteration path, the layer's own forward per group."""
+        if not self.uses_window():
+            return torch.cat([self.forward(chunk) for chunk in y.split(micro_batch)])
+        self._check_input_dim(y)
+        conv_call, self._conv_call = self._conv_call, None
+        if conv_call is None or conv_call[1] is not y:
+            raise RuntimeError(f"CrossIterationBatchNorm2d must be applied to the output of its {self.conv} directly, "
+                               "once per call of the conv")
+        groups = y.shape[0] // micro_batch
+        positions = [self._start_micro_batch() for _ in range(groups)]
+        lengths = {len(self._windows[p]) for p in positions}
+        if len(lengths) > 1:  # windows filled unevenly (micro-batch count changed): pool group by group
+            raise RuntimeError("CBN windows of different lengths within one iteration; use the sequential path")
+        grouped = y.unflatten(0, (groups, micro_batch))
+        dtype = torch.promote_types(y.dtype, torch.float32)
+        mean_now = grouped.to(dtype).mean((1, 3, 4))
+        var_now = (grouped.to(dtype) - mean_now[:, None, :, None, None]).square().mean((1, 3, 4))
+        with torch.no_grad():
+            past = [self.compensated_past_statistics(p) for p in positions]
+            past_means = torch.stack([m for m, _ in past])  # (G, stored iterations, C)
+            past_vars = torch.stack([q for _, q in past]) - past_means**2
+            kept = past_vars >= 0
+            count = 1 + kept.sum(1)
+            mean_of_past = torch.where(kept, past_means, 0.0).sum(1)
+        mean = (mean_now + mean_of_past) / count
+        var = (var_now + (mean_now - mean) ** 2
+               + torch.where(kept, past_vars + (past_means - mean[:, None]) ** 2, 0.0).sum(1)) / count
+        values_per_channel = micro_batch * y.shape[2] * y.shape[3]
+        if values_per_channel <= 1:
+            raise ValueError(f"expected more than 1 value per channel when training, got {micro_batch} images "
+                             f"of {tuple(y.shape[1:])}")
+        if self.running_mean is not None:
+            running_statistics_in_order(self, mean_now.detach(),
+                                        var_now.detach() * (values_per_channel / (values_per_channel - 1)))
+        self._store_groups(positions, conv_call[0], y, mean_now.detach(), var_now.detach())
+        return self._normalize(y, mean, var, groups)
+
     def _remember_conv_call(self, conv: nn.Conv2d, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         if self.training and self.uses_window():
             self._conv_call = (args[0], output)
@@ -253,6 +294,33 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         self._windows[micro_batch].append(_PastIteration(mean, var + mean**2, taylor))
 
     @torch.no_grad()
+    def _store_groups(self, positions: list[int], x: torch.Tensor, y: torch.Tensor, means: torch.Tensor,
+                      variances: torch.Tensor) -> None:
+        """``_store`` for every group of a one-pass forward, with one weight-gradient convolution for all groups."""
+        groups = len(positions)
+        taylor: list[_TaylorTerms | None] = [None] * groups
+        if self.rho:
+            dtype = torch.promote_types(y.dtype, torch.float32)
+            conv = self.conv
+            x_groups = x.to(dtype).unflatten(0, (groups, -1))
+            y_groups = y.to(dtype).unflatten(0, (groups, -1))
+            count = y_groups.shape[1] * y.shape[2] * y.shape[3]
+            patches = F.unfold(x_groups.sum(1), conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+            mean_patches = patches.sum(-1).view(groups, conv.groups, -1) / count
+            # the groups side by side as channels: one grouped weight-gradient convolution computes every group's
+            side_by_side = [t.transpose(0, 1).flatten(1, 2) for t in (x_groups, y_groups * (2.0 / count))]
+            mean_square_grads = torch.nn.grad.conv2d_weight(
+                side_by_side[0], (groups * conv.out_channels, *conv.weight.shape[1:]), side_by_side[1], conv.stride,
+                conv.padding, conv.dilation, groups * conv.groups).unflatten(0, (groups, -1))
+            weight = conv.weight.detach().to(dtype)
+            for g in range(groups):
+                taylor[g] = _TaylorTerms(mean_patches[g], mean_square_grads[g],
+                                         _dot_with_patches(weight, mean_patches[g]),
+                                         _dot_per_channel(weight, mean_square_grads[g]))
+        for g, position in enumerate(positions):
+            self._windows[position].append(_PastIteration(means[g], variances[g] + means[g] ** 2, taylor[g]))
+
+    @torch.no_grad()
     def _update_running_statistics(self, mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor) -> None:
         """BN's update from the current batch alone, with the unbiased variance."""
         if not self.training:
@@ -266,14 +334,17 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
         self.running_var.lerp_((var * (count / (count - 1))).to(self.running_var.dtype), factor)
 
-    def _normalize(self, y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    def _normalize(self, y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """``y`` normalized with per-channel statistics, ``(C,)``, or per group of ``y``'s images, ``(groups, C)``."""
         if self.eps_inside_sqrt:
             inv_std = torch.rsqrt(var + self.eps)
         else:  # clamp so that a zero-variance channel gets a zero, not a NaN, gradient through the sqrt
             inv_std = 1.0 / (var.clamp_min(torch.finfo(var.dtype).tiny).sqrt() + self.eps)
         scale = inv_std * self.weight if self.affine else inv_std
         shift = self.bias - mean * scale if self.affine else -mean * scale
-        return (y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(y.dtype)
+        grouped = y.unflatten(0, (groups, -1))
+        out = grouped * scale.view(groups, 1, -1, 1, 1) + shift.view(groups, 1, -1, 1, 1)
+        return out.flatten(0, 1).to(y.dtype)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, window={self.window}, rho={self.rho}, "
@@ -291,6 +362,7 @@ class CrossIterationBatchNorm(Normalizer):
     """
 
     has_batch_statistics = True
+    micro_batches_in_one_pass = True
 
     def __init__(self, window: int = 4, rho: float = 1.0, burnin_iterations: int = 0,
                  burnin_epochs: float | None = None, eps_inside_sqrt: bool = False, momentum: float = 0.1,

@@ -123,6 +123,9 @@ def initialize(model: nn.Module, blocks: list[FixupBlock], classifier: nn.Linear
 class Fixup(Normalizer):
     """Fixup initialization and scalar biases/multipliers in place of every BatchNorm of a timm ResNet."""
 
+    micro_batches_in_one_pass = True
+    invariant_to = frozenset({"train.micro_batch"})
+
     def __init__(self, scalar_lr_factor: float = 0.1) -> None:
         """
         Args:

@@ -13,6 +13,9 @@ class GroupNorm(Normalizer):
     ``group_size`` is what makes 16- or 24-channel layers work (e.g. ``group_size=8``).
     """
 
+    micro_batches_in_one_pass = True
+    invariant_to = frozenset({"train.micro_batch"})
+
     def __init__(self, groups: int = 32, group_size: int | None = None, eps: float = 1e-5) -> None:
         self.groups = groups
         self.group_size = group_size

@@ -9,6 +9,9 @@ from repro.norms.base import Normalizer, register_normalizer, replace_batchnorms
 class NoNorm(Normalizer):
     """The un-normalized baseline (MimicNorm's NoNorm): BNs become identities and nothing else changes."""
 
+    micro_batches_in_one_pass = True
+    invariant_to = frozenset({"train.micro_batch"})
+
     def apply(self, model: nn.Module) -> nn.Module:
         replace_batchnorms(model, lambda name, bn: nn.Identity())
         return model

@@ -171,6 +171,7 @@ class MimicNorm(Normalizer):
     """Weight mean after every step plus one BatchNorm1d on the logits; no intermediate BatchNorm."""
 
     has_batch_statistics = True
+    micro_batches_in_one_pass = True
 
     def __init__(self, min_fan_in: int = 50, residual_scale_init: Literal["official", "paper"] = "official",
                  init: Literal["official", "paper"] = "official", last_bn: bool = True) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from repro.errors import UserError
+from repro.norms import NORMALIZERS
 from repro.suite.schema import ModelSpec, Suite
 from repro.tasks.base import TASKS, RunSpec
 from repro.train.config import TrainConfig
@@ -51,11 +52,34 @@ def tier_settings(suite: Suite, tier: str) -> list[dict[str, Any]]:
                 spec.seeds or suite.seeds)]
 
 
+def invariant_grid_keys(config: dict[str, Any], grid_keys: list[str]) -> list[str]:
+    """The grid keys along which this run's numbers cannot change (``Normalizer.invariant_to``).
+
+    Mixup draws its pairs and weight per micro-batch, so with mixup on ``train.micro_batch`` matters to every
+    normalizer.
+    """
+    invariant = set(NORMALIZERS.get(config["normalizer"]["name"]).invariant_to)
+    if config["train"]["mixup_alpha"] > 0:
+        invariant.discard("train.micro_batch")
+    return [key for key in grid_keys if key in invariant]
+
+
+def shared_execution_key(config: dict[str, Any], invariant: list[str]) -> str:
+    """Equal for two runs whose configs differ only along ``invariant`` grid keys."""
+    masked = json.loads(json.dumps(config))
+    for key in invariant:
+        section, _, field = key.partition(".")
+        masked[_SECTIONS[section]][field] = "(shared)"
+    return run_id_of(masked)
+
+
 def expand(suite: Suite, tier: str, *, source: str | None = None) -> list[RunSpec]:
     """All runs of ``suite`` at ``tier``: backbones × normalizers × grid × seeds, in that nesting order, less the
     settings ``exclude`` names (a normalizer that does not apply to a backbone, a recipe for one model only).
 
-    Errors name ``source`` (the suite file, when known) and the field."""
+    A run that differs from an earlier one only along grid keys its normalizer is invariant to names that run in
+    ``shared_with``: it is reported, not executed again. Errors name ``source`` (the suite file, when known) and
+    the field."""
     where_suite = source or f"suite {suite.name}"
     spec = suite.tiers[tier]
     dataset = suite.dataset.model_dump()
@@ -68,6 +92,7 @@ def expand(suite: Suite, tier: str, *, source: str | None = None) -> list[RunSpe
     task_options = TASKS.get(suite.task).Options.model_validate({**suite.task_options, **spec.task}).model_dump()
     grid = {**suite.grid, **(spec.grid or {})}
     runs = []
+    first_of_execution: dict[str, str] = {}
     for backbone, normalizer, values, seed in itertools.product(
         spec.backbones or suite.backbones, suite.normalizers, itertools.product(*grid.values()),
         spec.seeds or suite.seeds,
@@ -100,5 +125,9 @@ def expand(suite: Suite, tier: str, *, source: str | None = None) -> list[RunSpe
                    "seed": seed}
         if any(matches(setting, excluded) for excluded in suite.exclude):
             continue
-        runs.append(RunSpec(suite.name, suite.version, tier, run_id_of(config), config, setting))
+        run_id = run_id_of(config)
+        invariant = invariant_grid_keys(config, list(grid))
+        primary = first_of_execution.setdefault(shared_execution_key(config, invariant), run_id) if invariant else None
+        runs.append(RunSpec(suite.name, suite.version, tier, run_id, config, setting,
+                            shared_with=primary if primary != run_id else None))
     return runs

@@ -141,7 +141,15 @@ class RunRecorder:
     def _run_and_record(self, run: RunSpec, path_out: Path) -> tuple[RunOutcome, str | None]:
         ctx, data_parallel = self.ctx, self.ctx.data_parallel
         started = _now()
-        if data_parallel is None:
+        primary = (read_record(record_path(ctx.results_dir, self.suite.name, run.shared_with))
+                   if run.shared_with else None)
+        shared_from = run.shared_with if is_complete(primary) else None
+        is_main = data_parallel is None or data_parallel.is_main
+        if shared_from:  # the same numbers as an earlier run of this expansion: reported, not executed again
+            outcome = self.task.shared_outcome(run, primary, ctx) if is_main else RunOutcome("ok", {}, 0.0)
+            outcome.extra["shared_from"] = shared_from
+            error = None
+        elif data_parallel is None:
             outcome, error = _outcome_or_failure(self.task, run, ctx)
         else:
             outcome, error = self.task.run(run, ctx), None
@@ -154,7 +162,7 @@ class RunRecorder:
             "config": run.config, "metrics": outcome.metrics, "curve": outcome.curve, "rows": outcome.rows,
             "wall_time_s": outcome.wall_time_s, "peak_memory_mb": outcome.peak_memory_mb,
             "images_per_s": outcome.images_per_s, "diverged_step": outcome.diverged_step, "extra": outcome.extra,
-            "error": error, "started_at": started, "finished_at": _now(),
+            "error": error, "started_at": started, "finished_at": _now(), "shared_from": shared_from,
             "provenance": {
                 **provenance(ctx.device, ctx.data_fingerprint(run.config["dataset"]), data.source, self.suite_sha),
                 "processes": 1 if data_parallel is None else data_parallel.world_size,
@@ -205,7 +213,9 @@ def report_outcome(summary: SuiteRunSummary, run: RunSpec, prefix: str, outcome:
         echo(f"{prefix}: diverged at step {outcome.diverged_step}")
     else:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in outcome.metrics.items() if isinstance(v, float))
-        echo(f"{prefix}: ok in {outcome.wall_time_s:.1f}s: {shown}")
+        shared_from = outcome.extra.get("shared_from")
+        how = f"shared with {shared_from}" if shared_from else f"in {outcome.wall_time_s:.1f}s"
+        echo(f"{prefix}: ok {how}: {shown}")
 
 
 def run_suite(suite_ref: str | Path, tier: str, *, device: str = "auto", results_dir: Path = Path("results"),

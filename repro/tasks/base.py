@@ -39,6 +39,8 @@ class RunSpec:
     run_id: str
     config: dict[str, Any]
     setting: dict[str, Any]
+    #: the run id of an earlier run of the expansion whose numbers this one shares (``Normalizer.invariant_to``)
+    shared_with: str | None = None
 
     @property
     def label(self) -> str:
@@ -141,6 +143,16 @@ class Task:
         """
         return Workload() if model_cached else training_workload(config)
 
+    def shared_outcome(self, run: RunSpec, primary: dict[str, Any], ctx: RunContext) -> RunOutcome:
+        """``run``'s outcome taken from the record of the run it shares (``RunSpec.shared_with``): the same numbers.
+
+        A task re-measures here whatever depends on the run's own configuration although the numbers do not.
+        """
+        return RunOutcome(primary["status"], dict(primary["metrics"]), primary["wall_time_s"],
+                          primary.get("images_per_s"), primary.get("peak_memory_mb"),
+                          list(primary.get("curve") or []), list(primary.get("rows") or []),
+                          primary.get("diverged_step"), dict(primary.get("extra") or {}))
+
 
 TASKS: Registry[type[Task]] = Registry("task")
 
@@ -188,23 +200,33 @@ class TrainedModel:
     result: TrainResult | None = None
 
 
-def save_checkpoint(model: torch.nn.Module, metrics: dict[str, Any], run: RunSpec, ctx: RunContext) -> Path:
-    """Write the weights and training metrics atomically (a killed run never leaves a truncated checkpoint)."""
+def save_checkpoint(model: torch.nn.Module, metrics: dict[str, Any], run: RunSpec, ctx: RunContext,
+                    result: TrainResult | None = None) -> Path:
+    """Write the weights and training metrics atomically (a killed run never leaves a truncated checkpoint).
+
+    With the ``result`` of the training (curve, timings) a ``train`` run of another suite with the same recipe
+    can report it instead of training again.
+    """
     path = ctx.checkpoint_path(run)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per process: concurrent runs never share it
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, "metrics": metrics, "model_key": model_key(run.config),
-                "data_fingerprint": ctx.data_fingerprint(run.config["dataset"])}, partial)
+    payload: dict[str, Any] = {"state_dict": state, "metrics": metrics, "model_key": model_key(run.config),
+                               "data_fingerprint": ctx.data_fingerprint(run.config["dataset"])}
+    if result is not None:  # a train task's model: another suite with the same training reports it
+        payload["result"] = {"curve": result.curve, "wall_time_s": result.wall_time_s,
+                             "images_per_s": result.images_per_s, "peak_memory_mb": result.peak_memory_mb}
+        payload["suite"] = run.suite
+    torch.save(payload, partial)
     os.chmod(partial, 0o644)
     partial.replace(path)
     return path
 
 
 def load_checkpoint(model: torch.nn.Module, run: RunSpec, ctx: RunContext) -> dict[str, Any] | None:
-    """The saved training metrics, with the weights loaded into ``model``; None when there is no usable
-    checkpoint. A corrupt or mismatched file is moved aside with a warning that names it, so the model is
-    trained again instead of failing every rerun."""
+    """The saved checkpoint (``metrics``, and ``result`` and ``suite`` when a train task saved it), with the weights
+    loaded into ``model``; None when there is no usable checkpoint. A corrupt or mismatched file is moved aside
+    with a warning that names it, so the model is trained again instead of failing every rerun."""
     path = ctx.checkpoint_path(run)
     if ctx.retrain or not path.is_file():
         return None
@@ -219,7 +241,7 @@ def load_checkpoint(model: torch.nn.Module, run: RunSpec, ctx: RunContext) -> di
             problem = "was trained on other data (its data fingerprint differs)"
         else:
             model.load_state_dict(state)  # checked above: it loads whole or not at all
-            return metrics
+            return {**saved, "metrics": metrics}
     except Exception as err:  # anything unreadable: truncated, not a checkpoint, not a dict
         problem = f"is unreadable ({type(err).__name__})"
     aside = path.with_name(f"{path.name}.bad-{int(time.time())}")
@@ -236,9 +258,9 @@ def train_or_load(run: RunSpec, ctx: RunContext, *, save: bool = True) -> Traine
     """
     data = ctx.dataset(run.config["dataset"])
     model = build_run_model(run, data)
-    metrics = load_checkpoint(model, run, ctx)
-    if metrics is not None:
-        return TrainedModel(model.to(ctx.device), data, "ok", metrics, from_checkpoint=True)
+    saved = load_checkpoint(model, run, ctx)
+    if saved is not None:
+        return TrainedModel(model.to(ctx.device), data, "ok", saved["metrics"], from_checkpoint=True)
     cfg = TrainConfig.model_validate(run.config["train"])
     result = train_and_evaluate(model, data, cfg, device=ctx.device, seed=run.config["seed"], progress=ctx.progress,
                                 description=run.label, resume=ctx.resume_policy(run))

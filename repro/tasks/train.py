@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -17,10 +18,11 @@ from repro.tasks.base import (
     RunSpec,
     Task,
     build_run_model,
+    load_checkpoint,
     register_task,
     save_checkpoint,
 )
-from repro.train import TrainConfig, train_and_evaluate
+from repro.train import TrainConfig, TrainResult, train_and_evaluate
 from repro.train.timing import measure_step_time
 
 
@@ -70,13 +72,34 @@ class TrainTask(Task):
         data = ctx.dataset(run.config["dataset"])
         model = build_run_model(run, data)
         cfg = TrainConfig.model_validate(run.config["train"])
-        result = train_and_evaluate(model, data, cfg, device=ctx.device, seed=run.config["seed"], progress=ctx.progress,
-                                    description=run.label, data_parallel=data_parallel,
-                                    resume=ctx.resume_policy(run))
         is_main = data_parallel is None or data_parallel.is_main
-        if options.save_checkpoint and result.status == "ok" and is_main:
-            save_checkpoint(model, result.metrics, run, ctx)
+        saved = load_checkpoint(model, run, ctx)
+        if saved is not None and "result" in saved and saved["suite"] != run.suite:
+            # another suite's same training: reported, not repeated (a suite never reuses its own, so --force
+            # and a rerun of a suite train again)
+            model.to(ctx.device)
+            result = TrainResult("ok", saved["metrics"], **saved["result"],
+                                 extra={"from_checkpoint": saved["model_key"]})
+        else:
+            if saved is not None:  # the checkpoint's weights went into the model: start from the seeded init
+                model = build_run_model(run, data)
+            result = train_and_evaluate(model, data, cfg, device=ctx.device, seed=run.config["seed"],
+                                        progress=ctx.progress, description=run.label, data_parallel=data_parallel,
+                                        resume=ctx.resume_policy(run))
+            if options.save_checkpoint and result.status == "ok" and is_main:
+                save_checkpoint(model, result.metrics, run, ctx, result)
         if options.step_time_vs_bn and result.status == "ok" and is_main:
             result.metrics.update(step_time_against_bn(run, model, data, cfg, ctx.device))
         return RunOutcome(result.status, result.metrics, result.wall_time_s, result.images_per_s,
                           result.peak_memory_mb, result.curve, diverged_step=result.diverged_step, extra=result.extra)
+
+    def shared_outcome(self, run: RunSpec, primary: dict[str, Any], ctx: RunContext) -> RunOutcome:
+        """The shared numbers; the step time on one micro-batch is timed at this run's micro-batch (on a fresh
+        model: the normalizers that share runs keep no training state that changes a step's cost)."""
+        outcome = super().shared_outcome(run, primary, ctx)
+        options = TrainOptions.model_validate(run.config["task_options"])
+        if options.step_time_vs_bn and outcome.status == "ok":
+            data = ctx.dataset(run.config["dataset"])
+            cfg = TrainConfig.model_validate(run.config["train"])
+            outcome.metrics.update(step_time_against_bn(run, build_run_model(run, data), data, cfg, ctx.device))
+        return outcome

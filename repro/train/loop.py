@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from repro.data import ImageDataset, make_loader
+from repro.norms.ghost import can_run_in_one_pass, ghost_batches
 from repro.train.config import TrainConfig
 from repro.train.resume import (
     ResumePolicy,
@@ -29,7 +30,7 @@ from repro.train.schedule import lr_multiplier
 if TYPE_CHECKING:
     from repro.train.distributed import DataParallel
 
-#: how often (in steps) the loop reads the loss back from the device to check it and update the progress bar
+#: how often (in steps) the loop reads the loss back to check it and update the progress bar (only with progress on)
 SYNC_EVERY = 20
 
 
@@ -102,21 +103,27 @@ def _mixup(images: torch.Tensor, labels: torch.Tensor, alpha: float, generator: 
 
 
 def _forward_backward(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
-                      device: torch.device, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                      device: torch.device, generator: torch.Generator, one_pass: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward of one optimizer batch, split into micro-batches when ``cfg.micro_batch`` is set.
 
     Each micro-batch goes through the model on its own (its own normalization statistics) and gradients
     accumulate, weighted by micro-batch size: the arithmetic of data-parallel training without synchronized BN.
-    Returns the batch's summed loss and number of correct predictions, both on the device.
+    With ``one_pass`` (``repro.norms.ghost.can_run_in_one_pass``) the same arithmetic is one forward over the batch
+    with per-micro-batch BatchNorm statistics. Returns the batch's summed loss and number of correct predictions,
+    both on the device.
     """
     chunk = cfg.micro_batch or len(labels)
+    ghost: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if one_pass and chunk < len(labels) and len(labels) % chunk == 0:
+        ghost, chunk = ghost_batches(model, chunk), len(labels)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     for start in range(0, len(labels), chunk):
         x, y = images[start : start + chunk], labels[start : start + chunk]
         if cfg.mixup_alpha > 0:
             x, y_partner, lam = _mixup(x, y, cfg.mixup_alpha, generator)
-        with _gradient_sync(model, last_chunk=start + chunk >= len(labels)), autocast(device, cfg.amp):
+        with _gradient_sync(model, last_chunk=start + chunk >= len(labels)), ghost, autocast(device, cfg.amp):
             logits = model(x)
         logits = logits.float()
         loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
@@ -153,6 +160,7 @@ def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *
         model.to(memory_format=torch.channels_last)
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)
+        torch.backends.cudnn.benchmark = True  # fixed shapes every step: the fastest algorithms, picked once
     loader_args = {"device": device, "mean": data.mean, "std": data.std, "channels_last": channels_last}
     train_loader = make_loader(data.train, cfg.batch_size, train=True, crop_padding=cfg.crop_padding, flip=cfg.flip,
                                seed=seed, **loader_args)
@@ -171,8 +179,10 @@ def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *
         normalizer.before_training(model, steps_per_epoch)
     groups = (normalizer.param_groups(model, cfg.lr, cfg.weight_decay) if normalizer is not None
               else [{"params": list(model.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay}])
+    # the fused CUDA kernel: one launch for every parameter instead of a few per parameter
     optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                                weight_decay=cfg.weight_decay)
+                                weight_decay=cfg.weight_decay, fused=on_cuda or None)
+    one_pass = data_parallel is None and can_run_in_one_pass(model, cfg.mixup_alpha)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, steps_per_epoch))
     mix_generator = torch.Generator(device=device).manual_seed(seed + 1)
 
@@ -211,7 +221,8 @@ def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *
                 break
             optimizer.zero_grad(set_to_none=True)
             local_batch = (images, labels) if data_parallel is None else data_parallel.shard(images, labels)
-            batch_loss, batch_correct = _forward_backward(train_model, *local_batch, cfg, device, mix_generator)
+            batch_loss, batch_correct = _forward_backward(train_model, *local_batch, cfg, device, mix_generator,
+                                                          one_pass)
             if data_parallel is not None:  # global sums, so that every rank takes the same divergence decisions
                 batch_loss, batch_correct = data_parallel.sum_over_ranks(batch_loss, batch_correct)
             optimizer.step()
@@ -223,16 +234,17 @@ def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *
             seen += len(labels)
             step += 1
             first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(batch_loss), step, first_bad_step)
-            if step % SYNC_EVERY == 0 or batch_index == steps_per_epoch - 1:
+            # without progress nothing is read back within the epoch: divergence is checked at its end
+            if progress and (step % SYNC_EVERY == 0 or batch_index == steps_per_epoch - 1):
                 if first_bad_step.item() >= 0:
-                    bar.close()
-                    return _diverged(int(first_bad_step), curve, start_wall, trained_images + seen, train_time,
-                                     device)
+                    break
                 elapsed = time.perf_counter() - epoch_start
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
                                 img_s=f"{seen / max(elapsed, 1e-9):.0f}", refresh=False)
             bar.update(1)
         bar.close()
+        if first_bad_step.item() >= 0:
+            return _diverged(int(first_bad_step), curve, start_wall, trained_images + seen, train_time, device)
         synchronize(device)
         epoch_time = time.perf_counter() - epoch_start
         train_time += epoch_time
