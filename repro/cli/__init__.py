@@ -108,13 +108,18 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 1 if counts["fail"] else 0
 
 
+def _minutes(expected: float | None) -> str:
+    return "" if expected is None else f" (~{expected:g} min on 2 CPU cores)"
+
+
 def _cmd_list(_: argparse.Namespace) -> int:
     from repro.suite import expand, list_suite_files, load_suite
 
     rows = []
     for path in list_suite_files():
         suite, _ = load_suite(path)
-        tiers = ", ".join(f"{tier}: {len(expand(suite, tier))} runs" for tier in suite.tiers)
+        tiers = ", ".join(f"{tier}: {len(expand(suite, tier))} runs{_minutes(spec.expected_minutes)}"
+                          for tier, spec in suite.tiers.items())
         rows.append(f"{suite.name:<28} v{suite.version}  {suite.task:<8} {tiers}")
     print("\n".join(rows) if rows else "no suites found")
     return 0
