@@ -1,4 +1,4 @@
-"""Command line: ``repro run | gather | check | list``.
+"""Command line: ``repro run | gather | check | list | compare``.
 
 User errors (a bad suite file, a missing dataset, a bad flag) print one line and exit with status 2.
 """
@@ -37,6 +37,14 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="compare results with the suites' references; exit 1 on a failed check")
     check.add_argument("--results", type=Path, default=Path("results"))
     check.add_argument("suites", nargs="*", help="suite names or files (default: every suite with records)")
+
+    compare = sub.add_parser("compare", help="metric deltas between two results folders for the runs they share; "
+                             "exit 1 when they differ beyond the tolerance")
+    compare.add_argument("results_a", type=Path, help="reference results folder (e.g. the committed results/)")
+    compare.add_argument("results_b", type=Path, help="results folder to judge (e.g. a fresh run)")
+    compare.add_argument("suites", nargs="*", help="suite names (default: every suite with records)")
+    compare.add_argument("--tolerance", type=float, default=0.5,
+                         help="largest |B - A| still accepted, in each metric's unit (default 0.5: points of top-1)")
 
     sub.add_parser("list", help="the suites, their tiers and how many runs each expands to")
     return parser
@@ -108,6 +116,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 1 if counts["fail"] else 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from repro.results.compare import compare, report
+
+    comparison = compare(args.results_a, args.results_b, tolerance=args.tolerance,
+                         suites=[Path(s).stem for s in args.suites] or None)
+    print(report(comparison, args.results_a, args.results_b))
+    return 1 if comparison.verdict == "differs" else 0
+
+
 def _minutes(expected: float | None) -> str:
     return "" if expected is None else f" (~{expected:g} min on 2 CPU cores)"
 
@@ -129,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     commands = {"run": functools.partial(_cmd_run, argv=argv), "gather": _cmd_gather, "check": _cmd_check,
-                "list": _cmd_list}
+                "list": _cmd_list, "compare": _cmd_compare}
     try:
         return commands[args.command](args)
     except UserError as err:
