@@ -84,3 +84,13 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def test_the_same_run_twice_on_cpu_is_identical(suites_dir, tmp_path, capsys):
+    """Same seed, same code, same machine: `repro compare` finds every judged number equal."""
+    for folder in ("a", "b"):
+        assert main(["run", "tiny", "--results", str(tmp_path / folder), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--tolerance", "0"]) == 0
+    report = capsys.readouterr().out
+    assert "2 runs in common" in report and "**Verdict: identical**" in report
