@@ -86,6 +86,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     assert err.count("\n") == 1 and message in err
 
 
+@pytest.mark.slow
 def test_the_same_run_twice_on_cpu_is_identical(suites_dir, tmp_path, capsys):
     """Same seed, same code, same machine: `repro compare` finds every judged number equal."""
     for folder in ("a", "b"):
