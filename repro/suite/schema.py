@@ -55,7 +55,8 @@ class TierSpec(_Strict):
     normalizers: list[str] | None = Field(
         default=None, description="labels of the suite's normalizers this tier runs (default: all of them)")
     expected_minutes: float | None = Field(
-        default=None, gt=0, description="measured wall time of the whole tier on 2 CPU cores, shown by `repro list`")
+        default=None, gt=0, description="wall time of the whole tier on 2 CPU cores, shown by `repro list` (measured "
+        "where it was run; the README says which)")
     generated: bool | None = None
     grid: dict[str, list[Any]] | None = None
     normalizer_options: dict[str, dict[str, Any]] = Field(
