@@ -68,7 +68,8 @@ def check(session: nox.Session) -> None:
 @nox.session(**SHARED_VENV, default=False)
 def reproduce(session: nox.Session) -> None:
     """The main job: train the laptop tier of fmnist-baseline (ResNet-20 under bn, gn and none on the whole of
-    Fashion-MNIST) and convert its BN model in qbn-fmnist, about 20 minutes on 2 CPU cores, into reproduced/;
+    Fashion-MNIST) and convert its BN model in qbn-fmnist into reproduced/ (29 minutes measured with one thread on
+    a 2-core machine shared with other jobs; 2 threads on 2 idle cores were not measured);
     gather and check those records, then compare them with the committed ones of the same run ids.
 
     ``nox -s reproduce -- smoke`` does the same with the smoke tier of every suite (minutes; the quick check of the
