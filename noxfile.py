@@ -89,13 +89,26 @@ def check(session: nox.Session) -> None:
 
 @nox.session(**SHARED_VENV, default=False)
 def reproduce(session: nox.Session) -> None:
-    """The main job: smoke tier of the given suites (default: every suite in suites/), then gather and check."""
+    """The main job: train the laptop tier of fmnist-baseline (ResNet-20 under bn, gn and none on the whole of
+    Fashion-MNIST) and convert its BN model in qbn-fmnist into reproduced/ (29 minutes measured with one thread on
+    a 2-core machine shared with other jobs; 2 threads on 2 idle cores were not measured);
+    gather and check those records, then compare them with the committed ones of the same run ids.
+
+    ``nox -s reproduce -- smoke`` does the same with the smoke tier of every suite (minutes; the quick check of the
+    code paths). A second invocation resumes: runs with a complete record in reproduced/ are not trained again.
+    """
     _install(session)
-    names = session.posargs or sorted(path.stem for path in Path("suites").glob("*.yaml"))
+    tier = session.posargs[0] if session.posargs else "laptop"
+    names = (["fmnist-baseline", "qbn-fmnist"] if tier == "laptop"
+             else sorted(path.stem for path in Path("suites").glob("*.yaml")))
+    fresh = "reproduced"
     for name in names:
-        _repro(session, "run", name, "--tier", "smoke", "--no-progress")
-    _repro(session, "gather", *names)
-    _repro(session, "check", *names)
+        _repro(session, "run", name, "--tier", tier, "--results", fresh, "--no-progress")
+    _repro(session, "gather", "--results", fresh, *names)
+    # a failed claim is a finding to report, not a reason to skip the regression report that follows
+    _repro(session, "check", "--results", fresh, *names, success_codes=[0, 1])
+    # same seed and code: identical on the same kind of CPU; elsewhere within 1 point (provenance says what differs)
+    _repro(session, "compare", "results", fresh, *names, "--tolerance", "1.0")
 
 
 if __name__ == "__main__":

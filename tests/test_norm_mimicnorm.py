@@ -11,7 +11,7 @@ from torch import nn
 
 from repro.errors import UserError
 from repro.models import build_model
-from repro.norms.mimicnorm import project_weights
+from repro.norms.mimicnorm import MimicNorm, project_weights
 
 torch.set_num_threads(1)
 
@@ -83,6 +83,45 @@ def test_min_fan_in_option_reaches_the_stem():
     model = build("resnet18", min_fan_in=1)  # the official ImageNet filter: every groups == 1 conv
     assert filter_means(model.conv1).abs().max() < 1e-6
     assert filter_means(build("resnet18").conv1).abs().max() > 1e-3  # fan-in 9 <= 50: not projected
+
+
+def _grouped_layers() -> nn.Sequential:
+    """A 9x9 depthwise conv (fan-in 81), a 3x3 depthwise one (9), a conv of 8 groups (fan-in 8*9 = 72) and one
+    of 16 groups (36), every filter with a clearly non-zero mean."""
+    layers = nn.Sequential(nn.Conv2d(64, 64, 9, groups=64), nn.Conv2d(64, 64, 3, groups=64),
+                           nn.Conv2d(64, 64, 3, groups=8), nn.Conv2d(64, 64, 3, groups=16))
+    with torch.no_grad():
+        for conv in layers:
+            conv.weight.add_(1.0)
+    return layers
+
+
+@pytest.mark.parametrize(("dense_only", "projected"), [(False, [0, 2]), (True, [])])
+def test_grouped_and_depthwise_convs_follow_the_official_cifar_filter_unless_dense_only(dense_only, projected):
+    layers = _grouped_layers()
+    official = [i for i, conv in enumerate(layers)  # Cifar100/main.py: in_channels*kh*kw/groups > 50
+                if conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] / conv.groups > MIN_FAN_IN]
+    assert official == [0, 2]
+    project_weights(layers, MIN_FAN_IN, dense_only=dense_only)
+    centred = [i for i, conv in enumerate(layers) if filter_means(conv).abs().max() < 1e-6]
+    assert centred == projected
+
+
+def test_dense_only_option_reaches_the_normalizer():
+    model = nn.Sequential(_grouped_layers())
+    assert MimicNorm(dense_only=True).dense_only and not MimicNorm().dense_only
+    MimicNorm().after_step(model)
+    assert filter_means(model[0][2]).abs().max() < 1e-6
+    model = nn.Sequential(_grouped_layers())
+    MimicNorm(dense_only=True).after_step(model)
+    assert filter_means(model[0][2]).abs().max() > 0.5
+
+
+@pytest.mark.parametrize("backbone", ["mobilenetv2_050", "mobilenetv2_100"])
+def test_shipped_backbones_have_no_grouped_conv_the_two_rules_disagree_on(backbone):
+    """Why the default could follow the official filter without changing any shipped suite's numbers."""
+    grouped = [conv for conv in convs(build(backbone, "bn")) if conv.groups > 1]
+    assert grouped and all(conv.weight[0].numel() <= MIN_FAN_IN for conv in grouped)
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "resnet50", "mobilenetv2_050"])

@@ -20,7 +20,7 @@ BASE = {
 }
 
 
-@pytest.mark.parametrize("tier", ["smoke", "full"])
+@pytest.mark.parametrize("tier", ["smoke", "full", "laptop"])
 def test_qbn_fmnist_converts_the_bn_models_fmnist_normalizers_trains(tier: str) -> None:
     normalizers, _ = load_suite(SUITES / "fmnist-normalizers.yaml")
     quantized, _ = load_suite(SUITES / "qbn-fmnist.yaml")
@@ -28,6 +28,35 @@ def test_qbn_fmnist_converts_the_bn_models_fmnist_normalizers_trains(tier: str) 
     converted = {model_key(r.config) for r in expand(quantized, tier)}
     assert converted == trained
     assert normalizers.task_options["save_checkpoint"] is True
+
+
+FMNIST_SUITES = ("fmnist-baseline", "fmnist-normalizers", "fmnist-lr-sweep", "fmnist-microbatch", "fmnist-c-tta",
+                 "qbn-fmnist")
+
+
+def test_laptop_tiers_fit_two_cores_and_use_the_whole_test_set() -> None:
+    suites = {name: load_suite(SUITES / f"{name}.yaml")[0] for name in FMNIST_SUITES}
+    minutes = {name: suite.tiers["laptop"].expected_minutes for name, suite in suites.items()}
+    assert all(m is not None and m <= 30 for m in minutes.values()) and sum(minutes.values()) <= 150
+    for name, suite in suites.items():
+        runs = expand(suite, "laptop")
+        assert runs and all(r.config["dataset"]["test_subset"] is None for r in runs), name
+    tta = expand(suites["fmnist-c-tta"], "laptop")[0].config["task_options"]
+    assert tta["images"] >= 1000 and len(tta["corruptions"]) == 15 and tta["severities"] == [1, 2, 3, 4, 5]
+
+
+def test_laptop_bn_model_is_trained_once_for_every_suite_that_uses_it() -> None:
+    """fmnist-baseline saves it; fmnist-c-tta and qbn-fmnist load it (the train task of fmnist-normalizers
+    trains the same recipe again, to the same checkpoint)."""
+    def bn_keys(name: str) -> set[str]:
+        suite, _ = load_suite(SUITES / f"{name}.yaml")
+        return {model_key(r.config) for r in expand(suite, "laptop") if r.config["normalizer"]["label"] == "bn"}
+
+    baseline, _ = load_suite(SUITES / "fmnist-baseline.yaml")
+    assert baseline.tiers["laptop"].task["save_checkpoint"] is True
+    assert len(bn_keys("fmnist-baseline")) == 1
+    for name in ("fmnist-c-tta", "qbn-fmnist", "fmnist-normalizers"):
+        assert bn_keys(name) == bn_keys("fmnist-baseline"), name
 
 
 def test_exclude_drops_matching_settings_only() -> None:

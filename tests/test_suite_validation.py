@@ -21,6 +21,10 @@ CASES = {
     "micro-batch not dividing": ("lr: 0.05", "lr: 0.05, micro_batch: 5", "not a multiple of micro_batch 5"),
     "tier option of unknown normalizer": ("  smoke: {}", "  smoke: {normalizer_options: {ln: {}}}",
                                           "unknown normalizer 'ln'; allowed: bn, gn"),
+    "tier runs an unknown normalizer": ("  smoke: {}", "  smoke: {normalizers: [ln]}",
+                                        "tiers.smoke.normalizers: unknown normalizer 'ln'; allowed: bn, gn"),
+    "tier minutes not positive": ("  smoke: {}", "  smoke: {expected_minutes: 0}",
+                                  "field tiers.smoke.expected_minutes: Input should be greater than 0"),
     "bad tier normalizer option": ("  smoke: {}", "  smoke: {normalizer_options: {gn: {groupz: 8}}}",
                                    "field tiers.smoke.normalizer_options.gn:"),
     "linked to a non-grid key": ("tiers:", "linked: {train.lr: {0.05: {train.epochs: 2}}}\ntiers:",
@@ -107,3 +111,14 @@ def test_tier_normalizer_options_and_linked_grid_values(suites_dir: Path) -> Non
         (16, 0.02), (32, 0.04)]
     full = {r.setting["normalizer"]: r.config for r in expand(suite, "full")}
     assert full["gn"]["normalizer"]["options"] == {"group_size": 8}
+
+
+def test_tier_runs_a_subset_of_normalizers_and_list_shows_its_minutes(suites_dir: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    path = suites_dir / "tiny.yaml"
+    path.write_text(path.read_text().replace("  smoke: {}", "  smoke: {normalizers: [gn], expected_minutes: 2.5}"))
+    suite, _ = load_suite(path)
+    assert [r.setting["normalizer"] for r in expand(suite, "smoke")] == ["gn"]
+    assert [r.setting["normalizer"] for r in expand(suite, "full")] == ["bn", "gn"]
+    assert main(["list"]) == 0
+    assert "smoke: 1 runs (~2.5 min on 2 CPU cores)" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Command line: ``repro run | status | gather | check | list | campaign | unpack | bundle``.
+"""Command line: ``repro run | status | gather | check | list | compare | campaign | unpack | bundle``.
 
 User errors (a bad suite file, a missing dataset, a bad flag) print one line and exit with status 2.
 """
@@ -48,6 +48,14 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--strict", action="store_true",
                        help="also exit 1 when a reference is 'not run' or 'incomplete' (use in CI and campaigns)")
     check.add_argument("suites", nargs="*", help="suite names or files (default: every suite with records)")
+
+    compare = sub.add_parser("compare", help="metric deltas between two results folders for the runs they share; "
+                             "exit 1 when they differ beyond the tolerance")
+    compare.add_argument("results_a", type=Path, help="reference results folder (e.g. the committed results/)")
+    compare.add_argument("results_b", type=Path, help="results folder to judge (e.g. a fresh run)")
+    compare.add_argument("suites", nargs="*", help="suite names (default: every suite with records)")
+    compare.add_argument("--tolerance", type=float, default=0.5,
+                         help="largest |B - A| still accepted, in each metric's unit (default 0.5: points of top-1)")
 
     sub.add_parser("list", help="the suites, their tiers and how many runs each expands to")
 
@@ -223,13 +231,27 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 1 if failing(results, strict=args.strict) else 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from repro.results.compare import compare, report
+
+    comparison = compare(args.results_a, args.results_b, tolerance=args.tolerance,
+                         suites=[Path(s).stem for s in args.suites] or None)
+    print(report(comparison, args.results_a, args.results_b))
+    return 1 if comparison.verdict == "differs" else 0
+
+
+def _minutes(expected: float | None) -> str:
+    return "" if expected is None else f" (~{expected:g} min on 2 CPU cores)"
+
+
 def _cmd_list(_: argparse.Namespace) -> int:
     from repro.suite import expand, list_suite_files, load_suite
 
     rows = []
     for path in list_suite_files():
         suite, _ = load_suite(path)
-        tiers = ", ".join(f"{tier}: {len(expand(suite, tier))} runs" for tier in suite.tiers)
+        tiers = ", ".join(f"{tier}: {len(expand(suite, tier))} runs{_minutes(spec.expected_minutes)}"
+                          for tier, spec in suite.tiers.items())
         rows.append(f"{suite.name:<28} v{suite.version}  {suite.task:<8} {tiers}")
     print("\n".join(rows) if rows else "no suites found")
     return 0
@@ -297,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     commands = {"run": functools.partial(_cmd_run, argv=argv), "status": _cmd_status, "gather": _cmd_gather,
-                "check": _cmd_check, "list": _cmd_list, "campaign": _cmd_campaign, "unpack": _cmd_unpack,
-                "bundle": _cmd_bundle}
+                "check": _cmd_check, "list": _cmd_list, "compare": _cmd_compare, "campaign": _cmd_campaign,
+                "unpack": _cmd_unpack, "bundle": _cmd_bundle}
     try:
         return commands[args.command](args)
     except UserError as err:

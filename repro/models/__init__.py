@@ -10,7 +10,7 @@ import timm
 from torch import nn
 
 from repro.errors import UserError
-from repro.models import wide_resnet  # noqa: F401  (registers wrn28_10 with timm)
+from repro.models import cifar_resnet, wide_resnet  # noqa: F401  (register resnet20..110 and wrn28_10 with timm)
 from repro.norms import Normalizer, create_normalizer
 
 

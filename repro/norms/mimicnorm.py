@@ -6,9 +6,12 @@ The recipe, on any timm model built with BatchNorm:
   it gets a bias, initialised to 0;
 * *weight mean*: each eligible conv's filters are projected to zero mean per output channel (over in, kh, kw) at
   build time and after every optimizer step. It is a projection, not a reparameterisation, as in the official
-  code: no gradient flows through a mean. Eligible: ``groups == 1`` and fan-in ``in*kh*kw > min_fan_in``; the
-  default 50 is the official CIFAR filter (it skips depthwise convs and a 1- or 3-channel stem), ``min_fan_in=1``
-  the official ImageNet one (every ``groups == 1`` conv). Linear layers are never projected;
+  code: no gradient flows through a mean. Eligible by default: fan-in ``in*kh*kw/groups > min_fan_in``, the
+  official CIFAR filter (``Cifar100/main.py``) with its 50: it skips a 1- or 3-channel stem and 3x3 depthwise
+  convs (fan-in 9), and projects grouped or depthwise convs whose fan-in passes. ``dense_only=True`` also
+  requires ``groups == 1``; with ``min_fan_in=1`` that is the official ImageNet filter (every ``groups == 1``
+  conv). No shipped suite has a grouped conv with fan-in above 50, so the two agree on all of them. Linear
+  layers are never projected;
 * *last BN*: ``BatchNorm1d(num_classes, affine=False)`` on the logits, wrapped around timm's classifier
   (``last_bn=False`` leaves it out: the "Weight Mean" column of the paper's Table 2, the official ``_nobn``
   models with ``--weight mean``);
@@ -97,15 +100,16 @@ def conv_fan_in(conv: nn.Conv2d) -> int:
     return conv.weight[0].numel()
 
 
-def is_weight_mean_eligible(conv: nn.Conv2d, min_fan_in: int) -> bool:
-    return conv.groups == 1 and conv_fan_in(conv) > min_fan_in
+def is_weight_mean_eligible(conv: nn.Conv2d, min_fan_in: int, dense_only: bool = False) -> bool:
+    """The official CIFAR filter ``in*kh*kw/groups > min_fan_in``; ``dense_only`` also requires ``groups == 1``."""
+    return conv_fan_in(conv) > min_fan_in and (conv.groups == 1 or not dense_only)
 
 
 @torch.no_grad()
-def project_weights(model: nn.Module, min_fan_in: int = 50) -> None:
+def project_weights(model: nn.Module, min_fan_in: int = 50, dense_only: bool = False) -> None:
     """MimicNorm's weight mean: subtract each eligible conv filter's mean over (in, kh, kw), in place."""
     for module in model.modules():
-        if isinstance(module, nn.Conv2d) and is_weight_mean_eligible(module, min_fan_in):
+        if isinstance(module, nn.Conv2d) and is_weight_mean_eligible(module, min_fan_in, dense_only):
             module.weight.sub_(module.weight.mean(dim=(1, 2, 3), keepdim=True))
 
 
@@ -136,12 +140,13 @@ def residual_block_scales(model: nn.Module, fed: dict[str, nn.Conv2d], rule: Lit
 
 
 @torch.no_grad()
-def initialize(model: nn.Module, rule: Literal["official", "paper"], residual: bool, min_fan_in: int) -> None:
+def initialize(model: nn.Module, rule: Literal["official", "paper"], residual: bool, min_fan_in: int,
+               dense_only: bool) -> None:
     """Weight init of MimicNorm (module docstring); biases 0."""
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             n = conv_fan_in(module)
-            if rule == "paper" and is_weight_mean_eligible(module, min_fan_in):
+            if rule == "paper" and is_weight_mean_eligible(module, min_fan_in, dense_only):
                 variance = 2 / ((n - 1) * (1 - 1 / math.pi))
             elif rule == "official" and not residual and module.groups == 1:
                 variance = OFFICIAL_STRAIGHT_VARIANCE / n
@@ -174,13 +179,15 @@ class MimicNorm(Normalizer):
     micro_batches_in_one_pass = True
 
     def __init__(self, min_fan_in: int = 50, residual_scale_init: Literal["official", "paper"] = "official",
-                 init: Literal["official", "paper"] = "official", last_bn: bool = True) -> None:
+                 init: Literal["official", "paper"] = "official", last_bn: bool = True,
+                 dense_only: bool = False) -> None:
         """
         Args:
-            min_fan_in: weight mean applies to ``groups == 1`` convs with ``in*kh*kw`` above this (at least 1).
+            min_fan_in: weight mean applies to convs with ``in*kh*kw/groups`` above this (at least 1).
             residual_scale_init: ``official`` (1.2**m / l) or ``paper`` (1/sqrt(l)).
             init: ``official`` (He fan-in; 2.8/fan_in for straight nets) or ``paper`` (Theorem 3).
             last_bn: add the BatchNorm1d on the logits; ``False`` is the weight-mean-only ablation.
+            dense_only: project ``groups == 1`` convs only (stricter than the official CIFAR filter).
         """
         if min_fan_in < 1:
             raise UserError(f"mimicnorm: min_fan_in must be at least 1 (a single weight has no mean), got {min_fan_in}")
@@ -191,6 +198,7 @@ class MimicNorm(Normalizer):
         self.residual_scale_init = residual_scale_init
         self.init = init
         self.last_bn = last_bn
+        self.dense_only = dense_only
 
     def apply(self, model: nn.Module) -> nn.Module:
         fed = conv_feeding_each_batchnorm(model)
@@ -209,12 +217,13 @@ class MimicNorm(Normalizer):
         replace_batchnorms(model, remove)
         if self.last_bn:
             add_last_batchnorm(model)
-        initialize(model, self.init, residual=bool(branch_scales), min_fan_in=self.min_fan_in)
-        project_weights(model, self.min_fan_in)
+        initialize(model, self.init, residual=bool(branch_scales), min_fan_in=self.min_fan_in,
+                   dense_only=self.dense_only)
+        project_weights(model, self.min_fan_in, self.dense_only)
         return model
 
     def after_step(self, model: nn.Module) -> None:
-        project_weights(model, self.min_fan_in)
+        project_weights(model, self.min_fan_in, self.dense_only)
 
 
 __all__ = ["BranchScale", "ClassifierWithLastBN", "MimicNorm", "project_weights"]

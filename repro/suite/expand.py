@@ -91,10 +91,11 @@ def expand(suite: Suite, tier: str, *, source: str | None = None) -> list[RunSpe
         train["epochs"] = spec.epochs
     task_options = TASKS.get(suite.task).Options.model_validate({**suite.task_options, **spec.task}).model_dump()
     grid = {**suite.grid, **(spec.grid or {})}
+    normalizers = [n for n in suite.normalizers if spec.normalizers is None or n.column in spec.normalizers]
     runs = []
     first_of_execution: dict[str, str] = {}
     for backbone, normalizer, values, seed in itertools.product(
-        spec.backbones or suite.backbones, suite.normalizers, itertools.product(*grid.values()),
+        spec.backbones or suite.backbones, normalizers, itertools.product(*grid.values()),
         spec.seeds or suite.seeds,
     ):
         config: dict[str, Any] = {

@@ -52,6 +52,11 @@ class TierSpec(_Strict):
     test_subset: int | None = Field(default=None, ge=1)
     seeds: list[int] | None = Field(default=None, min_length=1)
     backbones: list[str] | None = Field(default=None, min_length=1)
+    normalizers: list[str] | None = Field(
+        default=None, description="labels of the suite's normalizers this tier runs (default: all of them)")
+    expected_minutes: float | None = Field(
+        default=None, gt=0, description="wall time of the whole tier on 2 CPU cores, shown by `repro list` (measured "
+        "where it was run; the README says which)")
     generated: bool | None = None
     grid: dict[str, list[Any]] | None = None
     normalizer_options: dict[str, dict[str, Any]] = Field(
@@ -161,10 +166,11 @@ class Suite(_Strict):
     def _tier_normalizers_exist(self) -> Suite:
         labels = [n.column for n in self.normalizers]
         for name, tier in self.tiers.items():
-            unknown = sorted(set(tier.normalizer_options) - set(labels))
-            if unknown:
-                raise ValueError(f"tiers.{name}.normalizer_options: unknown normalizer {unknown[0]!r}; "
-                                 f"allowed: {', '.join(labels)}")
+            for field in ("normalizer_options", "normalizers"):
+                unknown = sorted(set(getattr(tier, field) or ()) - set(labels))
+                if unknown:
+                    raise ValueError(f"tiers.{name}.{field}: unknown normalizer {unknown[0]!r}; "
+                                     f"allowed: {', '.join(labels)}")
         return self
 
     @model_validator(mode="after")

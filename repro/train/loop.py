@@ -154,7 +154,7 @@ def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *
     and counts are summed over ranks (so every rank returns the same metrics), and only rank 0 shows progress.
     """
     on_cuda = device.type == "cuda"
-    channels_last = cfg.channels_last and on_cuda
+    channels_last = cfg.channels_last
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
