@@ -42,8 +42,8 @@ def _install(session: nox.Session, extra: str = "test") -> None:
     session.run_install("python", "-m", "pip", "install", "-q", "-c", "requirements.lock", "-e", f".[{extra}]")
 
 
-def _repro(session: nox.Session, *args: str) -> None:
-    session.run("python", "-m", "repro", *args)
+def _repro(session: nox.Session, *args: str, **options) -> None:
+    session.run("python", "-m", "repro", *args, **options)
 
 
 @nox.session(**SHARED_VENV)

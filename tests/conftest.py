@@ -4,6 +4,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# subprocesses (workers, cluster-job stand-ins, the bundle's box) compute with one thread like this process, so
+# that their records can equal in-process ones bit for bit (a float sum's order depends on the thread count)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import textwrap
 from pathlib import Path

@@ -6,6 +6,7 @@ import pytest
 
 from repro.results.check import check
 from repro.results.tables import records_frame, summarize, to_markdown
+from repro.suite.expand import expand
 from repro.suite.schema import Suite
 
 BASE = {
@@ -17,9 +18,12 @@ BASE = {
 TOP1 = {"bn": [94.0, 95.0, 93.0], "gn": [93.0, 93.0, 93.0]}
 
 
-def frame():
+def frame(suite: Suite | None = None):
+    """Records of the full tier's runs (the check counts only the runs its suite expands to)."""
+    runs = {(r.setting["normalizer"], r.setting["seed"]): r.run_id for r in expand(suite, "full")} if suite else {}
     return records_frame([
-        {"suite": "t", "suite_version": 1, "tier": "full", "run_id": f"{norm}{seed}", "status": "ok",
+        {"suite": "t", "suite_version": 1, "tier": "full", "run_id": runs.get((norm, seed), f"{norm}{seed}"),
+         "status": "ok",
          "setting": {"backbone": "resnet18", "normalizer": norm, "seed": seed}, "metrics": {"top1": value},
          "wall_time_s": 1.0, "images_per_s": 1.0, "peak_memory_mb": 1.0}
         for norm, values in TOP1.items() for seed, value in enumerate(values)])
@@ -28,7 +32,8 @@ def frame():
 def claim(**extra):
     reference = {"kind": "relative", "id": "bn-beats-gn", "claim": "bn beats gn", "metric": "top1",
                  "a": {"normalizer": "bn"}, "b": {"normalizer": "gn"}, "source": "test", **extra}
-    (result,) = check(Suite.model_validate({**BASE, "references": [reference]}), frame())
+    suite = Suite.model_validate({**BASE, "references": [reference]})
+    (result,) = check(suite, frame(suite))
     return result
 
 

@@ -15,7 +15,7 @@ PROVENANCE = {"git_commit": "abc", "device": "cpu", "device_name": "AMD EPYC", "
 def record(run_id: str, seed: int, top1: float, *, status: str = "ok", rows: list | None = None,
            wall_time_s: float = 100.0, **provenance) -> dict:
     return {"schema": RECORD_SCHEMA, "suite": "s", "suite_version": 1, "run_id": run_id, "status": status,
-            "tier": "laptop", "setting": {"backbone": "resnet20", "normalizer": "bn", "seed": seed},
+            "tier": "laptop", "setting": {"backbone": "resnet20", "normalizer": "bn", "seed": seed}, "config": {},
             "metrics": {"top1": top1, "loss": 0.3, "step_time_ms": 40.0 + wall_time_s}, "rows": rows or [],
             "wall_time_s": wall_time_s, "provenance": {**PROVENANCE, **provenance}}
 
