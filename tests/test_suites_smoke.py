@@ -1,18 +1,21 @@
 """Every suite in suites/ runs its smoke tier end to end on CPU and passes its smoke-tier checks.
 
 This is what keeps the full-tier suites honest in CI: their smoke tiers run the same code path (loading,
-model building, the task, records, tables, checks) on a few real or generated images.
+model building, the task, records, tables, checks) on a few real or generated images, and their numbers are
+compared with the committed smoke records (``repro compare``).
 """
 
 from pathlib import Path
 
 import pytest
 
+from repro.results.compare import compare, report
 from repro.results.gather import gather, run_checks
 from repro.results.records import read_record, record_path
 from repro.suite import expand, load_suite, run_suite
 
-SUITES = sorted((Path(__file__).parents[1] / "suites").glob("*.yaml"))
+ROOT = Path(__file__).parents[1]
+SUITES = sorted((ROOT / "suites").glob("*.yaml"))
 
 
 @pytest.mark.slow
@@ -26,3 +29,11 @@ def test_smoke_tier_runs_and_passes_its_checks(path: Path, tmp_path: Path) -> No
     assert (tmp_path / "tables" / f"{suite.name}.csv").is_file()
     smoke_checks = [c for c in run_checks(tmp_path, [suite.name]) if c.tier == "smoke"]
     assert [(c.reference, c.status, c.detail) for c in smoke_checks if c.status != "pass"] == []
+
+    # a regression report against the committed smoke records of the same run ids (same code, same kind of
+    # machine: identical numbers expected; 1 point of slack so that a BLAS or CPU difference is reported, not fatal)
+    committed = ROOT / "results"
+    missing = [r.run_id for r in expand(suite, "smoke") if not record_path(committed, suite.name, r.run_id).is_file()]
+    assert not missing, f"results/ lacks the smoke records {missing}: run the suite's smoke tier and commit them"
+    comparison = compare(committed, tmp_path, tolerance=1.0, suites=[suite.name])
+    assert comparison.verdict != "differs", report(comparison, committed, tmp_path)
