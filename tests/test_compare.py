@@ -95,3 +95,15 @@ def test_the_same_run_twice_on_cpu_is_identical(suites_dir, tmp_path, capsys):
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--tolerance", "0"]) == 0
     report = capsys.readouterr().out
     assert "2 runs in common" in report and "**Verdict: identical**" in report
+
+
+def test_timing_in_rows_and_runs_with_only_timing_metrics_are_not_judged(tmp_path):
+    rows_a = [{"method": "sar", "batch_size": 8, "error": 40.0, "ms_per_image": 3.0}]
+    rows_b = [{"method": "sar", "batch_size": 8, "error": 40.0, "ms_per_image": 14.0}]
+    a, b = record("r0", 0, 91.0, rows=rows_a), record("r0", 0, 91.0, rows=rows_b)
+    memory_a = {**record("m0", 0, 0.0), "metrics": {"peak_memory_mb": 100.0, "step_time_ms": 5.0}}
+    memory_b = {**record("m0", 0, 0.0), "metrics": {"peak_memory_mb": 120.0, "step_time_ms": 9.0}}
+    comparison = compare(write(tmp_path / "a", a, memory_a), write(tmp_path / "b", b, memory_b), tolerance=0.0)
+    assert comparison.verdict == "identical"
+    memory_only = compare(write(tmp_path / "c", memory_a), write(tmp_path / "d", memory_b), tolerance=0.0)
+    assert memory_only.verdict == "identical" and memory_only.settings.empty

@@ -22,7 +22,7 @@ from repro.results.records import is_complete, iter_records
 from repro.results.tables import RUN_FIELDS
 
 TIMING_SUFFIXES = ("_s", "_ms", "_per_s", "_mb")
-TIMING_METRICS = {"step_time_vs_bn", *RUN_FIELDS}
+TIMING_METRICS = {"step_time_vs_bn", "ms_per_image", *RUN_FIELDS}
 #: columns that identify a row within a run (the tta and similar tasks' per-row settings)
 ROW_KEYS = ("method", "corruption", "severity", "batch_size")
 
@@ -115,7 +115,7 @@ def compare(results_a: Path, results_b: Path, *, tolerance: float = 0.5, suites:
     runs = pd.DataFrame(run_rows)
     runs["verdict"] = [verdict(d, tolerance, s) for d, s in zip(runs["max_abs_delta"], runs["status_differs"],
                                                                  strict=True)]
-    frame = pd.DataFrame(long_rows)
+    frame = pd.DataFrame(long_rows, columns=["suite", "tier", "setting", "metric", "a", "b"])
     settings = frame.groupby(["suite", "tier", "setting", "metric"], sort=False)[["a", "b"]].mean().reset_index()
     settings["delta"] = settings["b"] - settings["a"]
     provenance = _provenance_differences([(a[k], b[k]) for k in shared])
