@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from repro.errors import UserError
-from repro.results.records import is_complete, read_record, write_json_atomic
+from repro.results.records import is_complete, read_record, record_problem, write_json_atomic
 
 MAX_ARCHIVE_BYTES = 16 * 2**20
 RECORD_MEMBER_PARTS = 3  # runs/<suite>/<run_id>.json
@@ -76,9 +76,10 @@ def _record_problem(member: tarfile.TarInfo, record: dict | None) -> str | None:
     suite, run_file = Path(member.name).parts[1:]
     if record is None:
         return "not a JSON record"
-    config = record.get("config")
-    if not isinstance(config, dict):
-        return "no config"
+    problem = record_problem(record)  # the fields every reader of a record needs
+    if problem is not None:
+        return problem
+    config = record["config"]
     if record.get("run_id") != run_id_of(config) or run_file != f"{record.get('run_id')}.json":
         return f"run id {record.get('run_id')!r} is not the hash of its configuration ({run_id_of(config)})"
     if record.get("suite") != suite:

@@ -67,24 +67,16 @@ def copy_data(names: list[str], target: Path, data_dir: Path | None) -> list[Pat
     return copied
 
 
-def source_state(repo: Path) -> dict[str, object]:
-    def git(*args: str) -> str | None:
-        try:
-            return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True,
-                                  timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    status = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)results")
-    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(status) if status is not None else None}
-
-
 def write_bundle(out: Path, *, datasets: list[str], data_dir: Path | None, python_version: str,
                  platforms: list[str], repo: Path) -> dict[str, object]:
     out.mkdir(parents=True, exist_ok=True)
     wheels = download_wheels(out / "wheels", python_version, platforms, repo / "requirements.lock")
     data = copy_data(datasets, out / "data", data_dir)
-    source = {**source_state(repo), "python": python_version, "platforms": platforms,
+    from repro.results.provenance import source_version
+
+    commit = source_version()  # what provenance will record for this code, read the same way
+    source = {"git_commit": commit["git_commit"], "git_dirty": commit["git_dirty"],
+              "python": python_version, "platforms": platforms,
               "wheels": [w.name for w in wheels], "data": [d.name for d in data]}
     (out / "source.json").write_text(json.dumps(source, indent=1) + "\n")
     size = sum(path.stat().st_size for path in out.rglob("*") if path.is_file())

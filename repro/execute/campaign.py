@@ -139,13 +139,11 @@ def order_runs(plans: list[SuitePlan]) -> list[PlannedRun]:
     return ordered
 
 
-def suite_data_present(suite_ref: str | Path, tier: str, ctx) -> str | None:
-    """None when the tier's dataset loads here; else why not (the loader's own message)."""
-    from repro.suite.runner import expand_tier
-
-    _, _, runs = expand_tier(suite_ref, tier)
+def suite_data_present(plan: SuitePlan, ctx) -> str | None:
+    """None when the datasets of the plan's runs load here; else why not (the loader's own message)."""
     try:
-        for spec in {repr(sorted(r.config["dataset"].items())): r.config["dataset"] for r in runs}.values():
+        specs = {repr(sorted(p.run.config["dataset"].items())): p.run.config["dataset"] for p in plan.runs}
+        for spec in specs.values():
             ctx.dataset(spec)
     except UserError as err:
         return str(err)
@@ -205,7 +203,7 @@ class Campaign:
         plans = []
         for name in self.suites:
             plan = plan_suite(name, self.tier, self.results_dir, estimator, cached)
-            plan.skipped_reason = suite_data_present(name, self.tier, self.ctx) if plan.runs else None
+            plan.skipped_reason = suite_data_present(plan, self.ctx) if plan.runs else None
             plans.append(plan)
         return plans
 

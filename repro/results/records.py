@@ -65,6 +65,14 @@ def record_problem(record: Any) -> str | None:
     return None
 
 
+def move_aside(what: str, path: Path, problem: str, consequence: str) -> None:
+    """Rename a damaged file to ``<name>.bad-<time>`` and say so on stderr, so that the next run does not fail on
+    it again (checkpoints, training states)."""
+    aside = path.with_name(f"{path.name}.bad-{int(time.time())}")
+    path.replace(aside)
+    print(f"repro: warning: {what} {path} {problem}; moved to {aside.name}; {consequence}", file=sys.stderr)
+
+
 def warn_malformed(path: Path, problem: str) -> None:
     print(f"repro: warning: {path}: malformed record ({problem}); treated as missing", file=sys.stderr)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from repro.data import ImageDataset, load_dataset
 from repro.execute.estimate import Workload, training_workload
 from repro.models import build_model
 from repro.registry import Registry
+from repro.results.records import move_aside
 from repro.train import TrainConfig, TrainResult, seed_everything, train_and_evaluate
 from repro.train.distributed import DataParallel
 from repro.train.resume import ResumePolicy
@@ -244,9 +244,7 @@ def load_checkpoint(model: torch.nn.Module, run: RunSpec, ctx: RunContext) -> di
             return {**saved, "metrics": metrics}
     except Exception as err:  # anything unreadable: truncated, not a checkpoint, not a dict
         problem = f"is unreadable ({type(err).__name__})"
-    aside = path.with_name(f"{path.name}.bad-{int(time.time())}")
-    path.replace(aside)
-    print(f"repro: warning: checkpoint {path} {problem}; moved to {aside.name}; training again", file=sys.stderr)
+    move_aside("checkpoint", path, problem, "training again")
     return None
 
 

@@ -11,7 +11,6 @@ the deadline that leaves no time for another epoch; deleted when the run complet
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from repro.results.records import move_aside
 
 RESUME_FORMAT = 1
 
@@ -63,10 +64,7 @@ class ResumePolicy:
             problem = f"has format {state.get('format')!r}, not {RESUME_FORMAT}"
         except Exception as err:  # truncated, not a torch file, not a dict
             problem = f"is unreadable ({type(err).__name__})"
-        aside = self.path.with_name(f"{self.path.name}.bad-{int(time.time())}")
-        self.path.replace(aside)
-        print(f"repro: warning: training state {self.path} {problem}; moved to {aside.name}; starting over",
-              file=sys.stderr)
+        move_aside("training state", self.path, problem, "starting over")
         return None
 
     def discard(self) -> None:
