@@ -384,7 +384,8 @@ def test_reset_per_view_or_online():
 
     def returned(reset: str, corruptions: list[str]) -> list[torch.Tensor]:
         tent = recorded("tent", bn_convnet(), optimizer="adam", lr=1e-2)
-        evaluate_corruptions(tent, view, corruptions, [2], mean=MEAN, std=STD, batch_size=10, reset=reset)
+        evaluate_corruptions(tent, view, corruptions, [2], mean=MEAN, std=STD, batch_size=10, reset=reset,
+                             grouped=False)  # the per-view loop, call by call
         return tent.returned
 
     alone = returned("per_view", ["contrast"])

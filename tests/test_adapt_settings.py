@@ -9,6 +9,7 @@ from test_adapt import CORRUPTIONS, MEAN, STD, bn_convnet, clean_images, logits_
 
 from repro.adapt import ADAPTATION_METHODS, create_method
 from repro.adapt.evaluate import Evaluation, dirichlet_label_order, evaluate_views
+from repro.data.loaders import PixelNormalizer
 
 torch.set_num_threads(1)
 
@@ -45,7 +46,9 @@ def test_continual_never_resets_and_episodic_always_does(name):
     options = {"lr": 1e-2} if name in ("tent", "sar", "eata") else {}
     for setting, expected in [("episodic", 1 + len(VIEWS)), ("continual", 1), ("label_shift", 1 + len(VIEWS))]:
         method, cls = counting(name, **options)
-        rows = evaluate_views([Evaluation(method, 10, name)], view, VIEWS, mean=MEAN, std=STD, setting=setting)
+        # the per-view loop; episodes side by side (test_tent_episodes_side_by_side_...) reset per block of views
+        rows = evaluate_views([Evaluation(method, 10, name)], view, VIEWS, mean=MEAN, std=STD, setting=setting,
+                              grouped=False)
         assert cls.resets == expected, setting  # one reset when the evaluation starts (moving to the device)
         assert [r["setting"] for r in rows] == [setting] * len(VIEWS)
 
@@ -55,7 +58,8 @@ def test_continual_carries_the_adaptation_and_episodic_does_not():
 
     def returned(setting: str, views) -> list[torch.Tensor]:
         tent = recorded("tent", bn_convnet(), optimizer="adam", lr=1e-2)
-        evaluate_views([Evaluation(tent, 10, "tent")], view, views, mean=MEAN, std=STD, setting=setting)
+        evaluate_views([Evaluation(tent, 10, "tent")], view, views, mean=MEAN, std=STD, setting=setting,
+                       grouped=False)  # the per-view loop, call by call
         return tent.returned
 
     alone = returned("episodic", VIEWS[1:2])
@@ -109,6 +113,62 @@ def test_grouped_evaluation_equals_the_per_batch_loop(name, options, make_model)
         for metric in ("ece", "nll", "brier"):
             assert a[metric] == pytest.approx(b[metric], rel=1e-4, abs=1e-6)
         assert a["forward_per_image"] == b["forward_per_image"] == 1.0 and a["backward_per_image"] == 0.0
+
+
+@pytest.mark.parametrize(("options", "make_model", "setting"), [
+    ({"optimizer": "adam", "lr": 1e-2}, bn_convnet, "episodic"),
+    ({"optimizer": "sgd", "lr": 5e-2}, bn_convnet, "label_shift"),
+    ({"optimizer": "adam", "lr": 1e-2, "adapt_1d": True}, logits_bn_net, "episodic")])  # statistics only
+def test_tent_episodes_side_by_side_equal_the_per_view_loop(options, make_model, setting, monkeypatch):
+    """Each view's episode alone after a reset, against all of them in one forward per step; 3 views per
+    forward at batch 64 and blocks of 2 + 2 at batch 100 cover full, partial and single-view blocks."""
+    import repro.adapt.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "GROUPED_IMAGES", 200)
+    monkeypatch.setattr(evaluate, "GROUPED_BELOW", {})  # every batch size, as on a GPU
+    view, images, labels = make_view()
+    model = make_model()
+
+    def rows(grouped: bool) -> list[dict]:
+        evaluations = [Evaluation(create_method("tent", model, **options), size, f"tent{size}")
+                       for size in (1, 7, 64, 100)]
+        return evaluate_views(evaluations, view, VIEWS, mean=MEAN, std=STD, grouped=grouped, setting=setting,
+                              clean=(images[:20], labels[:20]))
+
+    together, loop = rows(True), rows(False)
+    assert [(r["method"], r["corruption"], r["severity"]) for r in together] == [
+        (r["method"], r["corruption"], r["severity"]) for r in loop]
+    for a, b in zip(together, loop, strict=True):
+        assert a["error"] == b["error"], (a["method"], a["corruption"], a["severity"])
+        assert a["clean_error_after"] == b["clean_error_after"]
+        for metric in ("ece", "nll", "brier"):
+            assert a[metric] == pytest.approx(b[metric], rel=1e-4, abs=1e-5)
+        assert a["forward_per_image"] == b["forward_per_image"] == 1.0
+        assert a["backward_per_image"] == b["backward_per_image"]
+    adapted = [r for r in loop if r["batch_size"] < 100]
+    assert len({r["nll"] for r in adapted}) == len(adapted)  # the episodes differ, so they were not confused
+
+
+def test_tent_episodes_side_by_side_return_the_per_view_logits():
+    """The logits themselves, step by step, against each view's episode run alone (float tolerance)."""
+    view, _, _ = make_view()
+    model = bn_convnet()
+    normalize = PixelNormalizer(MEAN, STD, torch.device("cpu"), channels_last=False)
+    parts = [normalize(view(corruption, severity)[0]) for corruption, severity in VIEWS]
+    alone = []
+    for images in parts:
+        tent = recorded("tent", model, optimizer="adam", lr=1e-2)
+        for batch in images.split(5):
+            tent.predict(batch)
+        alone.append(torch.cat(tent.returned))
+    tent = recorded("tent", model, optimizer="adam", lr=1e-2)
+    stacked = torch.stack(parts)
+    with tent.episodes(len(parts)):
+        for batch in stacked.split(5, dim=1):
+            tent.predict(batch.flatten(0, 1))
+    together = torch.cat([step.unflatten(0, (len(parts), -1)) for step in tent.returned], 1)
+    for view_logits, expected in zip(together, alone, strict=True):
+        torch.testing.assert_close(view_logits, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_clean_error_after_adaptation_only_for_stateful_methods():

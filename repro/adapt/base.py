@@ -37,6 +37,9 @@ class AdaptationMethod:
     #: True when a prediction does not depend on the other images of its batch either (``source``): the
     #: evaluator then predicts a view once for every test batch size.
     batch_independent: ClassVar[bool] = False
+    #: True when the method has ``episodes(count)``: several independent episodes (views, each from the reset
+    #: state) side by side in one forward, for the evaluator's episodic settings.
+    parallel_episodes: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)

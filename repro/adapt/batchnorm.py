@@ -56,6 +56,10 @@ class AdaptedBatchNorm(nn.Module):
 
     ``group_size`` set (by ``AdaptationMethod.grouped``) makes one forward hold several test batches of that
     size, each normalized with its own statistics: the evaluator's one pass per view for stateless methods.
+
+    ``episode_weight`` and ``episode_bias`` set (E × C, by ``Tent.episodes``) make one forward hold the current
+    batch of E independent episodes (views), E equal parts, each normalized with its own statistics and scaled
+    by its own episode's affine parameters.
     """
 
     def __init__(self, layer: nn.modules.batchnorm._BatchNorm, pseudo_samples: float, unbiased: bool) -> None:
@@ -64,26 +68,44 @@ class AdaptedBatchNorm(nn.Module):
         self.pseudo_samples = pseudo_samples
         self.unbiased = unbiased
         self.group_size: int | None = None  # set: the batch holds independent test batches of this size
+        self.episode_weight: torch.Tensor | None = None  # set: one γ (and β) per episode, E × C
+        self.episode_bias: torch.Tensor | None = None
+        self.episodes: int | None = None  # set: the batch holds E episodes' batches of equal size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
-        size = min(self.group_size or x.shape[0], x.shape[0])  # fewer images: the stream's last, partial batch
+        if self.episodes is not None:
+            size = x.shape[0] // self.episodes
+        else:  # fewer images than a group: the stream's last, partial batch
+            size = min(self.group_size or x.shape[0], x.shape[0])
         if x.shape[0] % size:
             raise ValueError(f"{x.shape[0]} images do not split into groups of {size}")
         prior = source_weight(self.pseudo_samples, size)
         if x.numel() == x.shape[1] * x.shape[0] // size:  # one value per channel and group: no batch variance
             prior = 1.0
-        if prior == 0.0 and not self.unbiased and size == x.shape[0]:
+        count = x.shape[0] // size
+        weight, bias = ((self.episode_weight, self.episode_bias) if self.episode_weight is not None
+                        else (layer.weight, layer.bias))
+        if prior == 0.0 and not self.unbiased and x.ndim > 2:
             # Exactly a BN forward in train mode (differentiable through the batch statistics, as tent needs),
-            # without running buffers so nothing is updated.
-            normalized = F.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
+            # without running buffers so nothing is updated. Several groups become channels side by side
+            # (size × G·C × ...), so that one fused BN kernel computes every group's statistics.
+            if count == 1 and self.episode_weight is None:
+                normalized = F.batch_norm(x, None, None, weight, bias, True, 0.0, layer.eps)
+            else:
+                if weight is not None and weight.ndim == 1:
+                    weight, bias = weight.expand(count, -1), bias.expand(count, -1)
+                side_by_side = x.unflatten(0, (count, size)).transpose(0, 1).flatten(1, 2)
+                normalized = F.batch_norm(side_by_side, None, None, None if weight is None else weight.flatten(),
+                                          None if bias is None else bias.flatten(), True, 0.0, layer.eps)
+                normalized = normalized.unflatten(1, (count, -1)).transpose(0, 1).flatten(0, 1)
             return layer.act(layer.drop(normalized)) if isinstance(layer, BatchNormAct2d) else normalized
         groups = x.unflatten(0, (-1, size))  # G × size × C × ...
         mean, var = self.statistics(groups, prior)  # G × C each
         scale = torch.rsqrt(var + layer.eps)
-        if layer.weight is not None:
-            scale = scale * layer.weight
-        shift = -mean * scale if layer.bias is None else layer.bias - mean * scale
+        if weight is not None:
+            scale = scale * weight
+        shift = -mean * scale if bias is None else bias - mean * scale
         shape = (mean.shape[0], 1, -1) + (1,) * (x.ndim - 2)
         normalized = torch.addcmul(shift.view(shape), groups, scale.view(shape)).flatten(0, 1)  # one pass over x
         return layer.act(layer.drop(normalized)) if isinstance(layer, BatchNormAct2d) else normalized

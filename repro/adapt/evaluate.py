@@ -21,8 +21,11 @@ Settings (the protocol choices that benchmarks leave implicit, named in every ro
   reads its classes' chunks in a random order (γ → 0: class order; large γ: close to the shuffled order).
 
 Methods whose prediction depends only on the current batch (``stateful`` False) run several batches in one
-forward with per-batch statistics (``AdaptationMethod.predict_groups``); ``source`` runs once per view and its
-rows are shared by every test batch size. Both give the rows of the per-batch loop (``grouped=False``).
+forward with per-batch statistics (``AdaptationMethod.grouped``); ``source`` runs once per view and its rows are
+shared by every test batch size. Under ``episodic`` and ``label_shift`` a method with ``parallel_episodes``
+(tent) runs the episodes of several views side by side, one forward for the current batch of each
+(``AdaptationMethod.episodes``). All give the rows of the per-batch loop (``grouped=False``), the last to float
+rounding.
 """
 
 from __future__ import annotations
@@ -48,10 +51,13 @@ Setting = Literal["episodic", "continual", "mixed", "label_shift"]
 SETTINGS: tuple[str, ...] = ("episodic", "continual", "mixed", "label_shift")
 #: Images per forward pass when batches are grouped (stateless methods).
 GROUPED_IMAGES = 512
-#: Batch statistics are grouped only below this test batch size: there the per-batch loop is bound by the
-#: per-call overhead (2x faster grouped at batch 1 on a CPU), above it the loop's fused BN kernels are faster
-#: than the grouped statistics (benchmarks/tta_eval.py).
-GROUPED_BELOW = 8
+#: On a CPU, batch statistics are grouped only below this test batch size: there the per-batch loop is bound by
+#: the per-call overhead (2x faster grouped at batch 1), above it the loop is faster (0.76-0.95x grouped at 16
+#: and 64, ResNet-20; benchmarks/tta_eval.py). A GPU groups every batch size: at these image sizes a forward
+#: costs its kernel launches, whatever its batch (not yet measured on a GPU; the same benchmark will say).
+GROUPED_BELOW = {"cpu": 8}
+#: Views of generated (in-memory) images kept for episodes side by side: bytes at most, per flush.
+EPISODE_VIEW_BYTES = 1 << 30
 
 
 def evaluation_order(n: int, seed: int | None) -> torch.Tensor:
@@ -162,7 +168,7 @@ def view_batches(images: ImageSource, labels: torch.Tensor, order: torch.Tensor,
 def grouped_chunks(order: torch.Tensor, batch_size: int, group: int) -> list[torch.Tensor]:
     """``order`` cut into batches, then consecutive full batches joined ``group`` at a time."""
     full = len(order) // batch_size * batch_size
-    chunks = list(order[:full].split(batch_size * group))
+    chunks = list(order[:full].split(batch_size * group)) if full else []  # splitting nothing gives one empty chunk
     return chunks + ([order[full:]] if full < len(order) else [])
 
 
@@ -197,7 +203,8 @@ class Evaluator:
         method = evaluation.method
         if self.grouped and method.batch_independent and (evaluation.label, key[1]) in self.shared:
             return self.shared[evaluation.label, key[1]]
-        groupable = method.batch_independent or (not method.stateful and evaluation.batch_size < GROUPED_BELOW)
+        groupable = method.batch_independent or (not method.stateful and groups_batches(evaluation.batch_size,
+                                                                                          self.device.type))
         group = GROUPED_IMAGES // evaluation.batch_size if self.grouped and groupable else 1
         batches = view_batches(images, labels, order, evaluation.batch_size, device=self.device, mean=self.mean,
                                std=self.std, workers=self.workers, group=max(group, 1), channels_last=self.amp)
@@ -209,6 +216,62 @@ class Evaluator:
         if method.batch_independent:
             self.shared[evaluation.label, key[1]] = result
         return result
+
+    def runs_episodes_together(self, evaluation: Evaluation, setting: str) -> bool:
+        """Whether ``evaluation`` runs its views' episodes side by side: a method that can, reset per view, at a
+        batch size that this device groups (on a CPU, tent at batch 1 runs 2.2x faster side by side, at 16 and 64
+        0.7-0.8x) and that leaves room for two or more episodes per forward."""
+        method = evaluation.method
+        return (self.grouped and method.parallel_episodes and not getattr(method, "episodic", False)
+                and evaluation.reset == "per_view" and setting in ("episodic", "label_shift")
+                and groups_batches(evaluation.batch_size, self.device.type)
+                and episodes_per_forward(evaluation.batch_size) > 1)
+
+    def episode_streams(self, evaluation: Evaluation, parts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+                        ) -> list[tuple[Stream, dict[str, float]]]:
+        """One stream per (uint8 images, labels, order) view, their episodes run side by side in one forward, and
+        each episode's clean error after its view (``clean_error_after``, for every episode in one forward too).
+
+        Each step stacks every view's current batch (its own order), so the views must have equal lengths; the
+        cost of the shared forwards is split evenly between them.
+        """
+        count = len(parts)
+        images = torch.stack([part[0] for part in parts]).to(self.device)  # E × N × C × H × W
+        labels = torch.stack([part[1] for part in parts]).to(self.device)
+        orders = torch.stack([part[2] for part in parts]).to(self.device)
+        normalize = PixelNormalizer(self.mean, self.std, self.device,
+                                    channels_last=self.amp and self.device.type == "cuda")
+        episode = torch.arange(count, device=self.device)[:, None]
+        steps = orders.split(evaluation.batch_size, dim=1)
+        batches = ((normalize(images[episode, index].flatten(0, 1)), labels[episode, index].flatten())
+                   for index in steps)
+        with evaluation.method.episodes(count):
+            whole = evaluate_stream(evaluation.method, batches, amp=self.amp)
+            clean_errors = self.clean_errors_after_episodes(evaluation, count)
+        probs, targets = (by_episode(values, [index.shape[1] for index in steps], count)
+                          for values in (whole.probs, whole.labels))
+        streams = [Stream(probs[e], targets[e], whole.seconds / count, whole.forward_images // count,
+                          whole.backward_images // count) for e in range(count)]
+        return [(stream, {} if clean_errors is None else {"clean_error_after": clean_errors[e]})
+                for e, stream in enumerate(streams)]
+
+    def clean_errors_after_episodes(self, evaluation: Evaluation, count: int) -> list[float] | None:
+        """``clean_error_after`` of each of ``count`` episodes side by side: every clean batch given to all."""
+        if self.clean is None:
+            return None
+        images, labels = self.clean
+        batches = view_batches(images, labels, torch.arange(len(labels)), evaluation.batch_size, device=self.device,
+                               mean=self.mean, std=self.std, channels_last=self.amp)
+        sizes = []
+
+        def repeated() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for batch, batch_labels in batches:
+                sizes.append(len(batch_labels))
+                yield batch.repeat(count, *(1,) * (batch.ndim - 1)), batch_labels.repeat(count)
+
+        result = evaluate_stream(evaluation.method, repeated(), frozen=True, amp=self.amp)
+        probs, targets = (by_episode(values, sizes, count) for values in (result.probs, result.labels))
+        return [100.0 * error for error in (probs.argmax(2) != targets).float().mean(1).tolist()]  # as one alone
 
     def clean_error_after(self, evaluation: Evaluation) -> dict[str, float]:
         """The clean error (%) of a stateful method's current state, predicted without adapting further."""
@@ -254,19 +317,75 @@ def evaluate_views(evaluations: Sequence[Evaluation], view: CorruptionView, view
     evaluator = Evaluator(device=device, mean=mean, std=std, workers=workers, grouped=grouped, clean=clean, amp=amp)
     if setting == "mixed":
         return evaluate_mixed(evaluations, view, views, evaluator, seed)
-    rows = []
-    for number, (corruption, severity) in enumerate(views):
+    together = [evaluator.runs_episodes_together(evaluation, setting) for evaluation in evaluations]
+    rows: dict[tuple[int, int], dict[str, object]] = {}  # by (view number, evaluation number): the loop's order
+    kept: list[tuple[int, str, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # views for episodes together
+
+    def run_kept_episodes() -> None:
+        for number, evaluation in enumerate(evaluations):
+            if not together[number]:
+                continue
+            per_forward = episodes_per_forward(evaluation.batch_size)
+            for block in [kept[i:i + per_forward] for i in range(0, len(kept), per_forward)]:
+                streams = evaluator.episode_streams(evaluation, [view_part[3:] for view_part in block])
+                for (view_number, corruption, severity, *_), (result, extra) in zip(block, streams, strict=True):
+                    rows[view_number, number] = row(evaluation, corruption, severity, result, setting, extra)
+        kept.clear()
+
+    for view_number, (corruption, severity) in enumerate(views):
         images, labels = checked_view(view, corruption, severity)
         order = evaluation_order(len(labels), seed)
         if setting == "label_shift":
             order = (label_shift_order(order, labels, seed) if label_gamma is None
                      else dirichlet_label_order(order, labels, label_gamma, seed))
-        for evaluation in evaluations:
+        keep = any(together) and isinstance(images, torch.Tensor)
+        if keep and kept and (len(labels) != len(kept[0][4])
+                              or images.nbytes * (len(kept) + 1) > EPISODE_VIEW_BYTES):
+            run_kept_episodes()
+        for number, evaluation in enumerate(evaluations):
+            if keep and together[number]:
+                continue
             if evaluation.reset == "per_view" and setting != "continual":
                 evaluation.method.reset()
-            result = evaluator.stream(evaluation, images, labels, order, (corruption, number))
-            rows.append(row(evaluation, corruption, severity, result, setting, evaluator.clean_error_after(evaluation)))
-    return rows
+            result = evaluator.stream(evaluation, images, labels, order, (corruption, view_number))
+            rows[view_number, number] = row(evaluation, corruption, severity, result, setting,
+                                            evaluator.clean_error_after(evaluation))
+        if keep:
+            kept.append((view_number, corruption, severity, images, labels, order))
+    run_kept_episodes()
+    return [rows[key] for key in sorted(rows)]
+
+
+def by_episode(values: torch.Tensor, step_sizes: Sequence[int], count: int) -> torch.Tensor:
+    """Per-image results of a side-by-side stream (each step: ``count`` episodes × that step's size, in episode
+    order) regrouped as E × N × ...: each episode's results in its stream order."""
+    steps = values.split([count * size for size in step_sizes])
+    return torch.cat([step.unflatten(0, (count, -1)) for step in steps], 1)
+
+
+def groups_batches(batch_size: int, device_type: str) -> bool:
+    """Whether stateless methods predict several test batches of this size per forward on this device type."""
+    return batch_size < GROUPED_BELOW.get(device_type, GROUPED_IMAGES + 1)
+
+
+def evaluation_passes(method: type[AdaptationMethod], options: dict[str, object], batch_size: int, images: int,
+                      views: int, setting: str, clean_after: int, device_type: str) -> int:
+    """Forward passes the evaluator makes for one method at one batch size over ``views`` views of ``images``
+    images, with ``clean_after`` clean images scored after each view (stateful methods): what a time estimate
+    needs, since small models at small test batches are bound by the cost per pass, not per image."""
+    steps = -(-images // batch_size)
+    clean_steps = -(-clean_after // batch_size) if method.stateful else 0
+    if method.batch_independent or (not method.stateful and groups_batches(batch_size, device_type)):
+        return views * -(-images // (batch_size * episodes_per_forward(batch_size)))
+    together = (method.parallel_episodes and not options.get("episodic") and setting in ("episodic", "label_shift")
+                and groups_batches(batch_size, device_type) and episodes_per_forward(batch_size) > 1)
+    forwards = -(-views // episodes_per_forward(batch_size)) if together else views
+    return forwards * (steps + clean_steps)
+
+
+def episodes_per_forward(batch_size: int) -> int:
+    """Episodes side by side in one forward at this test batch size: up to ``GROUPED_IMAGES`` images."""
+    return max(1, GROUPED_IMAGES // batch_size)
 
 
 def checked_view(view: CorruptionView, corruption: str, severity: int) -> tuple[ImageSource, torch.Tensor]:

@@ -22,6 +22,8 @@ Where the paper text and the official code differ or are silent, this follows:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -52,6 +54,7 @@ class Tent(AdaptationMethod):
     """
 
     stateful = True
+    parallel_episodes = True
 
     def __init__(self, model: nn.Module, *, optimizer: Literal["sgd", "adam"] = "sgd", lr: float = 0.00025,
                  momentum: float = 0.9, nesterov: bool = True, betas: tuple[float, float] = (0.9, 0.999),
@@ -68,6 +71,7 @@ class Tent(AdaptationMethod):
         self.weight_decay = weight_decay
         self.episodic = episodic
         self.adapt_1d = adapt_1d
+        self.episode_count = 1  # episodes side by side in each batch (``episodes``)
         super().__init__(model)
         self.adapted_parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = self._make_optimizer()
@@ -93,6 +97,36 @@ class Tent(AdaptationMethod):
         super().reset()
         self.optimizer = self._make_optimizer()
 
+    @contextmanager
+    def episodes(self, count: int) -> Iterator[None]:
+        """Inside, ``predict`` takes the current batches of ``count`` episodes at once, ``count`` equal parts in
+        order. Each episode starts from the reset state and has its own γ, β (one row of an E × C parameter per
+        layer) and optimizer state; the loss is the sum of the episodes' mean entropies, so each episode's
+        gradient and update (SGD and Adam act elementwise) are those of the episode run alone after a reset:
+        one forward and backward instead of ``count``, which is what small test batches need (per-call overhead).
+        """
+        if self.episodic:
+            raise TypeError("tent: an episodic tent resets before every batch; its episodes cannot run side by side")
+        self.reset()
+        layers = [m for m in self.model.modules() if isinstance(m, AdaptedBatchNorm)]
+        own = self.adapted_parameters, self.optimizer
+        episode_parameters = []
+        for layer in layers:
+            layer.episodes = count
+            if layer.layer.affine:
+                layer.episode_weight = layer.layer.weight.detach().expand(count, -1).clone().requires_grad_(True)
+                layer.episode_bias = layer.layer.bias.detach().expand(count, -1).clone().requires_grad_(True)
+                episode_parameters += [layer.episode_weight, layer.episode_bias]
+        self.adapted_parameters, self.episode_count = episode_parameters, count
+        self.optimizer = self._make_optimizer()
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.episodes = layer.episode_weight = layer.episode_bias = None
+            (self.adapted_parameters, self.optimizer), self.episode_count = own, 1
+            self.reset()
+
     def predict(self, batch: torch.Tensor) -> torch.Tensor:
         """Logits from the current parameters; then one entropy-minimization step on this batch."""
         if self.episodic:
@@ -101,7 +135,7 @@ class Tent(AdaptationMethod):
             return super().predict(batch)
         with torch.enable_grad():
             logits = self._forward(batch, backward=True)
-            softmax_entropy(logits).mean().backward()
+            softmax_entropy(logits).unflatten(0, (self.episode_count, -1)).mean(1).sum().backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return logits.detach()

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from repro.errors import UserError
-from repro.execute.estimate import Estimate, Estimator, device_kind
+from repro.execute.estimate import Estimate, Estimator, device_kind, device_type
 from repro.results.records import is_complete, read_record, record_path
 from repro.suite.expand import matches
 from repro.suite.schema import Suite
@@ -113,7 +113,8 @@ def plan_suite(suite_ref: str | Path, tier: str, results_dir: Path, estimator: E
         if run.shared_with:  # reports an earlier run's numbers (repro.suite.expand): nothing to compute
             item.estimate = Estimate(0.0, "shared with another run")
         else:
-            item.estimate = estimator.estimate(run.config, task.workload(run.config, key in cached_models))
+            item.estimate = estimator.estimate(run.config, task.workload(run.config, key in cached_models,
+                                                                         device_type(estimator.kind)))
         planned.append(item)
     return SuitePlan(suite, path, tier, planned, complete)
 
@@ -260,7 +261,7 @@ class Campaign:
         from repro.tasks import TASKS
 
         estimator = Estimator(self.results_dir, self.executor_kind)
-        workload = TASKS.get(item.suite.task).workload(item.run.config, model_trained)
+        workload = TASKS.get(item.suite.task).workload(item.run.config, model_trained, device_type(estimator.kind))
         return estimator.estimate(item.run.config, workload)
 
     @property

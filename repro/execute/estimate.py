@@ -59,6 +59,11 @@ def device_kind(device_name: str | None, device_type: str | None = None) -> str:
     return match.group(1).lower() if match else device_name.lower().replace(" ", "_")
 
 
+def device_type(kind: str) -> str:
+    """The torch device type of a device kind: ``cpu``, else ``cuda``."""
+    return "cpu" if kind == "cpu" else "cuda"
+
+
 def record_device_kind(record: dict[str, Any]) -> str:
     provenance = record.get("provenance") or {}
     return device_kind(provenance.get("device_name"), provenance.get("device"))
@@ -154,7 +159,7 @@ class Estimator:
             if not isinstance(wall, int | float) or not isinstance(config, dict):
                 continue
             self._measured.setdefault(seedless_key(config), []).append(float(wall))
-            workload = _workload_of(config)
+            workload = _workload_of(config, device_type(kind))
             if workload is not None:
                 try:
                     modelled = modelled_seconds(config, workload, kind)
@@ -176,11 +181,11 @@ class Estimator:
         return Estimate(seconds, f"cost model ({self.kind}, uncalibrated)")
 
 
-def _workload_of(config: dict[str, Any]) -> Workload | None:
+def _workload_of(config: dict[str, Any], on: str) -> Workload | None:
     """The work a recorded run did, for calibration: with training, as the record's wall time includes it
     unless the model came from the checkpoint cache (then the calibration skips it)."""
     from repro.tasks import TASKS
 
     if config.get("task", "train") not in TASKS:
         return None
-    return TASKS.get(config.get("task", "train")).workload(config)
+    return TASKS.get(config.get("task", "train")).workload(config, device_type=on)

@@ -135,11 +135,12 @@ class Task:
         raise NotImplementedError
 
     @classmethod
-    def workload(cls, config: dict[str, Any], model_cached: bool = False) -> Workload:
+    def workload(cls, config: dict[str, Any], model_cached: bool = False, device_type: str = "cuda") -> Workload:
         """The images this run pushes through its model, for time estimates (``repro.execute.estimate``).
 
         ``model_cached``: the trained model is already in the checkpoint cache (or trained earlier in the same
-        campaign), so a task that reuses it does not pay for training.
+        campaign), so a task that reuses it does not pay for training. ``device_type`` (``cpu`` or ``cuda``):
+        where a task batches its work differently by device.
         """
         return Workload() if model_cached else training_workload(config)
 

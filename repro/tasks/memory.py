@@ -87,7 +87,7 @@ class MemoryTask(Task):
     table_metrics = ("peak_memory_mb", "step_memory_mb", "step_time_ms", "images_per_s")
 
     @classmethod
-    def workload(cls, config: dict[str, Any], model_cached: bool = False) -> Workload:
+    def workload(cls, config: dict[str, Any], model_cached: bool = False, device_type: str = "cuda") -> Workload:
         options = config["task_options"]
         steps = options["steps"] + options["warmup"]
         return Workload(train_images=steps * config["train"]["batch_size"], passes=steps)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import nn
 
 from repro.adapt import ADAPTATION_METHODS, create_method
-from repro.adapt.evaluate import Evaluation, Setting, evaluate_views
+from repro.adapt.evaluate import Evaluation, Setting, evaluate_views, evaluation_passes
 from repro.adapt.metrics import BENCHMARK_CORRUPTIONS, SEVERITIES, mce, mean_error
 from repro.corruptions import CORRUPTION_REGISTRY
 from repro.data import ImageDataset, TensorSplit, cache_root
@@ -196,23 +196,30 @@ class TTATask(Task):
                      "clean_error_after", "forward_per_image", "backward_per_image", "ms_per_image")
 
     @classmethod
-    def workload(cls, config: dict[str, Any], model_cached: bool = False) -> Workload:
+    def workload(cls, config: dict[str, Any], model_cached: bool = False, device_type: str = "cuda") -> Workload:
         """Every view through every method × batch size (``source`` once: its predictions ignore the batch);
-        methods that take gradient steps also go backward."""
+        methods that take gradient steps also go backward, and stateful ones score the clean images after each
+        view. Passes as the evaluator makes them (``evaluation_passes``)."""
         options = TTAOptions.model_validate(config["task_options"])
         _, test_images = split_sizes(config["dataset"])
         per_view = min(options.images or test_images, test_images)
-        views = len(options.corruptions) * len(options.severities) + options.clean
+        corrupted = len(options.corruptions) * len(options.severities)
+        clean_after = min(options.clean_after_images, test_images) if options.setting != "mixed" else 0
         stepped = forward = passes = 0
         for spec in options.methods:
+            method = ADAPTATION_METHODS.get(spec.name)
             batch_sizes = spec.batch_sizes or options.batch_sizes
-            for batch_size in batch_sizes[:1] if spec.name == "source" else batch_sizes:
-                images = views * per_view
+            for batch_size in batch_sizes[:1] if method.batch_independent else batch_sizes:
+                images = (corrupted + options.clean) * per_view
                 if spec.name in FORWARD_ONLY_METHODS:
                     forward += images
                 else:
                     stepped += images
-                passes += views * -(-per_view // batch_size)
+                forward += corrupted * clean_after if method.stateful else 0
+                passes += evaluation_passes(method, spec.options, batch_size, per_view, corrupted, options.setting,
+                                            clean_after, device_type)
+                passes += evaluation_passes(method, spec.options, batch_size, per_view, 1, "episodic", 0,
+                                            device_type) if options.clean else 0
         own = Workload(stepped, forward, passes)
         if model_cached or config["model"]["pretrained"]:
             return own
