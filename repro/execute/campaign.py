@@ -107,8 +107,7 @@ def plan_suite(suite_ref: str | Path, tier: str, results_dir: Path, estimator: E
             continue
         references = references_needing(suite, tier, run.setting)
         phase = 2 if not references else (0 if run.setting["seed"] == seeds[0] else 1)
-        reuses_model = suite.task in ("quantize", "tta") and not run.config["model"].get("pretrained")
-        key = model_key(run.config) if reuses_model else None
+        key = model_key(run.config) if trains_or_loads_saved_model(suite.task, run.config) else None
         item = PlannedRun(suite, path, run, references, phase, key)
         if run.shared_with:  # reports an earlier run's numbers (repro.suite.expand): nothing to compute
             item.estimate = Estimate(0.0, "shared with another run")
@@ -119,8 +118,17 @@ def plan_suite(suite_ref: str | Path, tier: str, results_dir: Path, estimator: E
     return SuitePlan(suite, path, tier, planned, complete)
 
 
+def trains_or_loads_saved_model(task: str, config: dict[str, Any]) -> bool:
+    """Whether a run's trained model goes through the checkpoint cache: tasks that evaluate trained models load or
+    train-and-save it, and a train task saves it when asked (``save_checkpoint``)."""
+    if task in ("quantize", "tta"):
+        return not config["model"].get("pretrained")
+    return task == "train" and bool(config.get("task_options", {}).get("save_checkpoint"))
+
+
 def order_runs(plans: list[SuitePlan]) -> list[PlannedRun]:
-    """Phases first; within a phase, most references per estimated minute; runs sharing a model together."""
+    """Phases first; within a phase, most references per estimated minute; runs sharing a model together, the
+    train task's first (it saves the model with its training record, which the others then load)."""
     runs = [item for plan in plans for item in plan.runs]
 
     def value(item: PlannedRun) -> float:
@@ -132,8 +140,9 @@ def order_runs(plans: list[SuitePlan]) -> list[PlannedRun]:
     for item in runs:
         if id(item) in placed:
             continue
-        group = [item] if item.model_key is None else [
-            other for other in runs if other.model_key == item.model_key and id(other) not in placed]
+        group = [item] if item.model_key is None else sorted(
+            (other for other in runs if other.model_key == item.model_key and id(other) not in placed),
+            key=lambda other: other.suite.task != "train")
         for member in group:
             placed.add(id(member))
             ordered.append(member)
@@ -206,6 +215,8 @@ class Campaign:
             plan = plan_suite(name, self.tier, self.results_dir, estimator, cached)
             plan.skipped_reason = suite_data_present(plan, self.ctx) if plan.runs else None
             plans.append(plan)
+            if not plan.skipped_reason:  # a model this campaign trains and saves is trained once
+                cached |= {item.model_key for item in plan.runs if item.model_key}
         return plans
 
     def run(self) -> CampaignSummary:
