@@ -197,3 +197,28 @@ def test_dirichlet_label_shift_is_a_permutation_correlated_by_gamma():
     # boundary (≤ 2·10); large γ: each of the 10 slots holds a chunk of all 10 classes (≥ 9 changes per slot)
     shuffled = sum(a != b for a, b in itertools.pairwise(labels[order].tolist()))
     assert changes(1e-3) <= 2 * 10 and changes(1e3) >= 9 * 10 and changes(1e3) < shuffled
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_estimated_passes_are_the_forwards_the_evaluator_makes(device_type, monkeypatch):
+    """The time estimate's pass count (``evaluation_passes``) against the forwards counted on the model, with the
+    CPU's grouping rule and with a GPU's (every batch size grouped)."""
+    import repro.adapt.evaluate as evaluate
+    from repro.adapt.evaluate import evaluation_passes
+
+    monkeypatch.setattr(evaluate, "GROUPED_IMAGES", 20)
+    if device_type == "cuda":
+        monkeypatch.setattr(evaluate, "GROUPED_BELOW", {})
+    view, images, labels = make_view()
+    clean = (images[:9], labels[:9])
+    methods = [("source", {}), ("ptbn", {}), ("tent", {"lr": 1e-3}), ("tent", {"lr": 1e-3, "episodic": True}),
+               ("rbn", {})]
+    for name, options in methods:
+        for batch_size in (1, 3, 7, 64):
+            method = create_method(name, bn_convnet(), **options)
+            forwards: list[int] = []
+            method.model.register_forward_hook(lambda *_, calls=forwards: calls.append(1))
+            evaluate_views([Evaluation(method, batch_size, name)], view, VIEWS, mean=MEAN, std=STD, clean=clean)
+            expected = evaluation_passes(type(method), options, batch_size, len(labels), len(VIEWS), "episodic",
+                                         len(clean[1]), "cpu" if device_type == "cpu" else "cuda")
+            assert len(forwards) == expected, (name, options, batch_size)

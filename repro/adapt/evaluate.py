@@ -376,7 +376,8 @@ def evaluation_passes(method: type[AdaptationMethod], options: dict[str, object]
     steps = -(-images // batch_size)
     clean_steps = -(-clean_after // batch_size) if method.stateful else 0
     if method.batch_independent or (not method.stateful and groups_batches(batch_size, device_type)):
-        return views * -(-images // (batch_size * episodes_per_forward(batch_size)))
+        full_batches, partial = divmod(images, batch_size)  # as grouped_chunks cuts them
+        return views * (-(-full_batches // episodes_per_forward(batch_size)) + (partial > 0))
     together = (method.parallel_episodes and not options.get("episodic") and setting in ("episodic", "label_shift")
                 and groups_batches(batch_size, device_type) and episodes_per_forward(batch_size) > 1)
     forwards = -(-views // episodes_per_forward(batch_size)) if together else views
