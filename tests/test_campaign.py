@@ -95,3 +95,40 @@ def test_parse_duration(text: str, seconds: float) -> None:
 def test_bad_budget_is_one_line_and_exit_2(capsys: pytest.CaptureFixture) -> None:
     assert main(["campaign", "--budget", "soon", "--plan"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_calibration_sums_the_runs_that_did_their_own_work(campaign_suite: str, tmp_path: Path) -> None:
+    """Calibrated scale = Σ measured / Σ modelled over records that did their own work; shared runs, trainings
+    loaded from the checkpoint cache and runs on generated stand-in data do not count."""
+    from repro.execute.estimate import modelled_seconds, training_workload
+
+    plan = plan_suite(campaign_suite, "smoke", tmp_path, Estimator(tmp_path, "cpu"), set())
+    runs = [item.run for item in plan.runs]
+    record_dir = tmp_path / "runs" / "tiny4"
+    record_dir.mkdir(parents=True)
+    provenance = {"device": "cpu", "device_name": "cpu"}
+
+    def write(run, wall: float, **fields) -> None:
+        record = {"schema": 1, "suite": "tiny4", "suite_version": 1, "run_id": run.run_id, "status": "ok",
+                  "tier": "smoke", "setting": run.setting, "config": run.config, "metrics": {"top1": 50.0},
+                  "wall_time_s": wall, "provenance": provenance, **fields}
+        (record_dir / f"{run.run_id}.json").write_text(json.dumps(record))
+
+    modelled = [modelled_seconds(run.config, training_workload(run.config), "cpu") for run in runs[:3]]
+    write(runs[0], 2.0 * modelled[0])
+    write(runs[1], 5.0 * modelled[1])
+    write(runs[2], 1000.0, shared_from=runs[0].run_id)
+    write(runs[3], 1000.0, extra={"from_checkpoint": "0123456789abcdef"})
+    generated = json.loads(json.dumps(runs[4].config))
+    generated["dataset"]["train_subset"] = None  # generated stand-in data of a size the cost model cannot know
+    write(runs[4], 1000.0)
+    record = json.loads((record_dir / f"{runs[4].run_id}.json").read_text())
+    (record_dir / f"{runs[4].run_id}.json").write_text(json.dumps({**record, "config": generated}))
+    estimator = Estimator(tmp_path, "cpu")
+    unseen = json.loads(json.dumps(runs[5].config))
+    unseen["train"]["epochs"] = 3  # a configuration no record measured
+    estimate = estimator.estimate(unseen, training_workload(unseen))
+    expected_scale = (2.0 * modelled[0] + 5.0 * modelled[1]) / (modelled[0] + modelled[1])
+    assert estimate.basis == f"cost model x {expected_scale:.2f} (calibrated on cpu records)"
+    assert estimate.seconds == pytest.approx(expected_scale * modelled_seconds(unseen, training_workload(unseen),
+                                                                               "cpu"))

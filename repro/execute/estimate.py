@@ -4,9 +4,13 @@ Three bases, best first:
 
 1. ``measured``: complete records of the same configuration (any seed) on the same device kind; their mean
    wall time. The seed changes no shape, so it changes the time only by noise.
-2. ``cost model, calibrated``: the cost model below, scaled by the median ratio of measured to modelled time
+2. ``cost model, calibrated``: the cost model below, scaled by the ratio of measured to modelled time summed
    over the records of the same task on this device kind (a memory probe and a 30-epoch training run err
-   differently).
+   differently; the sums weigh the long runs, whose time a plan is mostly made of). Records that did not do
+   their own work are left out: runs that report another's numbers (``shared_from``) and trainings loaded from
+   the checkpoint cache; an evaluation that loaded its model is compared with the cost of evaluating only. So
+   are runs on generated stand-in data without explicit subsets (smoke tiers of datasets not here), whose size
+   the cost model does not know.
 3. ``cost model``: the images a run pushes through its model times the model's forward FLOPs (counted once per
    architecture by ``torch.utils.flop_counter`` on a one-image batch), over a per-device rate, plus a fixed
    cost per pass (kernel launches, Python): small models at 28 px are launch-bound, not FLOP-bound.
@@ -150,42 +154,50 @@ class Estimator:
 
         self.kind = kind
         self._measured: dict[str, list[float]] = {}
-        self._ratios: dict[str, list[float]] = {}
+        self._calibration: dict[str, list[float]] = {}  # task -> [measured seconds, modelled seconds], summed
         for record in iter_records(results_dir):
             if record.get("status") not in COMPLETE_STATUSES or record_device_kind(record) != kind:
                 continue
             wall = record.get("wall_time_s")
             config = record.get("config")
-            if not isinstance(wall, int | float) or not isinstance(config, dict):
+            if not isinstance(wall, int | float) or not isinstance(config, dict) or record.get("shared_from"):
+                continue
+            loaded = bool((record.get("extra") or {}).get("from_checkpoint"))
+            task = config.get("task", "train")
+            if loaded and task == "train":  # the wall time of a training done elsewhere, maybe on another device
                 continue
             self._measured.setdefault(seedless_key(config), []).append(float(wall))
-            workload = _workload_of(config, device_type(kind))
+            dataset = config.get("dataset", {})
+            if dataset.get("generated") and not (dataset.get("train_subset") and dataset.get("test_subset")):
+                continue  # a small stand-in whose size the cost model does not know
+            workload = _workload_of(config, device_type(kind), loaded)
             if workload is not None:
                 try:
                     modelled = modelled_seconds(config, workload, kind)
                 except Exception:  # a backbone this version cannot build: no calibration from it
                     continue
-                if modelled > 0:
-                    self._ratios.setdefault(config.get("task", "train"), []).append(wall / modelled)
+                sums = self._calibration.setdefault(task, [0.0, 0.0])
+                sums[0] += wall
+                sums[1] += modelled
 
     def estimate(self, config: dict[str, Any], workload: Workload) -> Estimate:
         measured = self._measured.get(seedless_key(config))
         if measured:
             return Estimate(statistics.fmean(measured), f"measured ({len(measured)} records on {self.kind})")
         seconds = modelled_seconds(config, workload, self.kind)
-        ratios = self._ratios.get(config.get("task", "train"))
-        if ratios:
-            scale = statistics.median(ratios)
+        calibration = self._calibration.get(config.get("task", "train"))
+        if calibration and calibration[1] > 0:
+            scale = calibration[0] / calibration[1]
             return Estimate(seconds * scale,
-                            f"cost model x {scale:.2f} (calibrated on {len(ratios)} {self.kind} records)")
+                            f"cost model x {scale:.2f} (calibrated on {self.kind} records)")
         return Estimate(seconds, f"cost model ({self.kind}, uncalibrated)")
 
 
-def _workload_of(config: dict[str, Any], on: str) -> Workload | None:
-    """The work a recorded run did, for calibration: with training, as the record's wall time includes it
-    unless the model came from the checkpoint cache (then the calibration skips it)."""
+def _workload_of(config: dict[str, Any], on: str, model_loaded: bool) -> Workload | None:
+    """The work a recorded run did, for calibration: with training unless its model came from the checkpoint
+    cache."""
     from repro.tasks import TASKS
 
     if config.get("task", "train") not in TASKS:
         return None
-    return TASKS.get(config.get("task", "train")).workload(config, device_type=on)
+    return TASKS.get(config.get("task", "train")).workload(config, model_loaded, device_type=on)
