@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from repro.corruptions import CORRUPTION_REGISTRY, CORRUPTIONS, EXTRA_CORRUPTIONS, FROST_DIR_ENV, corrupt
 from repro.corruptions.core import CorruptionContext
-from repro.corruptions.random_stream import RandomStream, _hash32_, _hash32_int
+from repro.corruptions.random_stream import RandomStream, _as_word_dtype, _hash32_, _hash32_int, _hash32_int32_
 from repro.corruptions.weather import frost_texture_dir
 from repro.errors import UserError
 
@@ -212,6 +212,15 @@ def test_tensor_hash_is_the_integer_hash() -> None:
     words = [0, 1, 2, 0x7FFFFFFF, 0x80000000, 0xDEADBEEF, 0xFFFFFFFF]
     assert _hash32_(torch.tensor(words)).tolist() == [_hash32_int(word) for word in words]
     assert len(set(_hash32_(torch.arange(1 << 16)).tolist())) == 1 << 16  # a bijection: no collisions
+
+
+def test_int32_hash_of_the_cpu_path_is_the_integer_hash() -> None:
+    words = [0, 1, 2, 0x7FFF, 0x8000, 0x7FFFFFFF, 0x80000000, 0x80000001, 0xDEADBEEF, 0xFFFFFFFF]
+    words += torch.randint(0, 2**32, (1000,), generator=torch.Generator().manual_seed(0)).tolist()
+    patterns = _as_word_dtype(torch.tensor(words), torch.int32)
+    assert patterns.dtype == torch.int32
+    hashed = _hash32_int32_(patterns).to(torch.int64) & 0xFFFFFFFF
+    assert hashed.tolist() == [_hash32_int(word) for word in words]
 
 
 def test_random_draws_depend_on_index_not_on_batch_position() -> None:
