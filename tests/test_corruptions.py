@@ -167,6 +167,28 @@ def test_frost_without_textures_says_how_to_get_them(monkeypatch: pytest.MonkeyP
         corrupt(random_images((1, 3, 32, 32)), "frost", 1)
 
 
+@pytest.mark.parametrize(
+    ("height", "width", "factor"), [(224, 224, 0.4), (32, 32, 0.85), (37, 53, 0.3), (28, 28, 0.65)]
+)
+def test_batched_pixelate_of_the_cuda_path_is_pillows(height: int, width: int, factor: float) -> None:
+    from PIL import Image
+
+    from repro.corruptions.digital import _pixelate_batched
+
+    images = random_images((3, 3, height, width))
+    small_h, small_w = int(height * factor), int(width * factor)
+    expected = [
+        np.asarray(
+            Image.fromarray(image.permute(1, 2, 0).numpy())
+            .resize((small_w, small_h), Image.BOX)
+            .resize((width, height), Image.NEAREST)
+        )
+        for image in images
+    ]
+    batched = _pixelate_batched(images, small_h, small_w).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(batched, np.stack(expected))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("size", [32, 224])
