@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from repro.corruptions.core import CorruptionContext, register_corruption
+from repro.corruptions.core import CorruptionContext, register_corruption, register_level_corruption
+
+_KEEP = 1  # impulse noise's marker for values left alone (salt is 255, pepper 0)
 
 
 @register_corruption("gaussian_noise")
@@ -28,14 +30,22 @@ def shot_noise(x: Tensor, context: CorruptionContext) -> Tensor:
     return counts.to(x.dtype) / photons
 
 
-@register_corruption("impulse_noise")
-def impulse_noise(x: Tensor, context: CorruptionContext) -> Tensor:
-    """Salt and pepper (skimage ``random_noise(mode='s&p')``): a fraction ``amount`` of values set to 0 or 1."""
+@register_level_corruption("impulse_noise")
+def impulse_noise(levels: Tensor, context: CorruptionContext) -> Tensor:
+    """Salt and pepper (skimage ``random_noise(mode='s&p')``): a fraction ``amount`` of values set to 0 or 255.
+
+    On uint8 levels: the result is a level either way, so the float round trip would only cost time.
+    """
     amount = context.pick(imagenet=(0.03, 0.06, 0.09, 0.17, 0.27), cifar=(0.01, 0.02, 0.03, 0.05, 0.07))
-    words = context.random.bits("impulse", tuple(x.shape[1:]))
-    flipped = (words >> 8) < round(amount * 2**24)  # top 24 bits: P(flip) = amount
-    salt = (words & 1).to(x.dtype)  # lowest bit: salt or pepper with probability 1/2 each
-    return torch.where(flipped, salt, x)
+    threshold = round(amount * 2**24)
+
+    def salt_pepper_or_keep(words: Tensor) -> Tensor:
+        flipped = ((words >> 8) & 0xFFFFFF) < threshold  # top 24 bits: P(flip) = amount
+        salt = (words & 1) * 255  # lowest bit: salt or pepper with probability 1/2 each
+        return torch.where(flipped, salt, _KEEP).to(torch.uint8)
+
+    replacement = context.random.map_words(("impulse",), tuple(levels.shape[1:]), torch.uint8, salt_pepper_or_keep)
+    return torch.where(replacement == _KEEP, levels, replacement)
 
 
 @register_corruption("speckle_noise")

@@ -17,6 +17,9 @@ from torch import Tensor
 _MASK32 = 0xFFFFFFFF
 _STREAM_SALT = 0x2545F491
 _HASH_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)  # Wellons' lowbias32 constants
+# int32 operands of the CPU path as 0-dim tensors: a Python int operand costs a conversion per operation.
+_INT32_MULTIPLIERS = tuple(torch.tensor(m - 2**32 if m >= 2**31 else m, dtype=torch.int32) for m in _HASH_MULTIPLIERS)
+_INT32_LOW_BITS = {shift: torch.tensor(_MASK32 >> shift, dtype=torch.int32) for shift in (15, 16)}
 _CPU_BLOCK = 1 << 16  # words hashed at a time on the CPU: temporaries stay in cache (about 5x faster)
 
 
@@ -43,11 +46,13 @@ def _hash32_(x: Tensor) -> Tensor:
 
 def _hash32_int32_(x: Tensor) -> Tensor:
     """``_hash32_`` in place on an int32 tensor holding the words' bit patterns (the CPU path: half the memory
-    and a third of the operations). Right shifts are arithmetic, so the sign-extended bits are masked off;
-    products are taken in a uint32 view, where wrapping modulo ``2**32`` is defined behaviour."""
-    for shift, multiplier in zip((16, 15), _HASH_MULTIPLIERS, strict=True):
-        x.bitwise_xor_((x >> shift).bitwise_and_(_MASK32 >> shift)).view(torch.uint32).mul_(multiplier)
-    return x.bitwise_xor_((x >> 16).bitwise_and_(_MASK32 >> 16))
+    and a third of the operations of the int64 path). Right shifts are arithmetic, so the sign-extended bits are
+    masked off. Products wrap modulo ``2**32``: ATen's CPU kernels multiply int32 with the two's-complement
+    ``vpmulld``/``imul`` instructions (a uint32 view would be exact by definition but is not vectorised, 20x
+    slower). ``test_int32_hash_of_the_cpu_path_is_the_integer_hash`` checks this against the integer hash."""
+    for shift, multiplier in zip((16, 15), _INT32_MULTIPLIERS, strict=True):
+        x.bitwise_xor_((x >> shift).bitwise_and_(_INT32_LOW_BITS[shift])).mul_(multiplier)
+    return x.bitwise_xor_((x >> 16).bitwise_and_(_INT32_LOW_BITS[16]))
 
 
 def _as_word_dtype(words: Tensor, dtype: torch.dtype) -> Tensor:
@@ -100,7 +105,7 @@ class RandomStream:
         Word ``e`` of image ``i`` is ``hash(hash(e ^ key_i) ^ key2_i)``, keys derived from (seed, corruption,
         purpose, index). Computed in blocks on the CPU, in one go on CUDA; the blocking does not change the bits.
         """
-        return self._draw((purpose,), shape, torch.int64, lambda words: words.to(torch.int64) & _MASK32)
+        return self.map_words((purpose,), shape, torch.int64, lambda words: words.to(torch.int64) & _MASK32)
 
     def uniform(
         self,
@@ -111,7 +116,7 @@ class RandomStream:
         dtype: torch.dtype = torch.float32,
     ) -> Tensor:
         """Uniform in the open interval ``(low, high)``; float32 uses 23 random bits so 1.0 cannot round in."""
-        return self._draw((purpose,), shape, dtype, lambda words: low + (high - low) * _unit(words, dtype))
+        return self.map_words((purpose,), shape, dtype, lambda words: low + (high - low) * _unit(words, dtype))
 
     def normal(self, purpose: str, shape: tuple[int, ...] = (), mean: float = 0.0, std: float = 1.0) -> Tensor:
         """Gaussian draws by the Box–Muller transform of two independent uniforms."""
@@ -121,12 +126,20 @@ class RandomStream:
             standard = torch.sqrt(-2.0 * torch.log(radius_unit)) * torch.cos(2.0 * math.pi * angle_unit)
             return mean + std * standard
 
-        return self._draw((purpose + "/radius", purpose + "/angle"), shape, torch.float32, box_muller)
+        return self.map_words((purpose + "/radius", purpose + "/angle"), shape, torch.float32, box_muller)
 
-    def _draw(
-        self, purposes: tuple[str, ...], shape: tuple[int, ...], dtype: torch.dtype, transform: Callable[..., Tensor]
+    def map_words(
+        self,
+        purposes: tuple[str, ...],
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        transform: Callable[..., Tensor],
+        *inputs: Tensor,
     ) -> Tensor:
-        """``transform(words_1, ..., words_k)`` of the words of ``purposes``, block by block (elementwise).
+        """``transform(words_1, ..., words_k, input_1, ...)`` of the words of ``purposes`` and the matching
+        elements of ``inputs`` (each ``(N, *shape)``), block by block: ``transform`` must be elementwise and must
+        read words as 32-bit patterns (int32 on the CPU, int64 in ``[0, 2**32)`` on CUDA: mask after right
+        shifts, as ``(words >> 8) & 0xFFFFFF``).
 
         On the CPU the words are hashed in int32 (a quarter of the int64 work; same bits, see ``_hash32_int32_``)
         in blocks that stay in cache, and ``transform`` runs on each block before the next is hashed, so no
@@ -142,13 +155,14 @@ class RandomStream:
             purpose_state = _mix_int(self._state, _text_word(purpose))
             key = (_mix_words(purpose_state, self.indices) ^ _mix_words(_STREAM_SALT, self.indices >> 32))[:, None]
             keys.append((_as_word_dtype(key, word_dtype), _as_word_dtype(_hash32_(key ^ 0x5BD1E995), word_dtype)))
+        flat_inputs = [tensor.reshape(count, numel) for tensor in inputs]
         values = torch.empty(count, numel, dtype=dtype, device=self.device)
         block = max(1, _CPU_BLOCK // max(count, 1)) if on_cpu else max(numel, 1)
         for start in range(0, numel, block):
             stop = min(start + block, numel)
             counter = torch.arange(start, stop, dtype=word_dtype, device=self.device)[None, :]
             words = [hash_(hash_(counter ^ key).bitwise_xor_(second_key)) for key, second_key in keys]
-            values[:, start:stop] = transform(*words)
+            values[:, start:stop] = transform(*words, *(tensor[:, start:stop] for tensor in flat_inputs))
         return values.reshape(count, *shape)
 
     def integers(self, purpose: str, low: int | Tensor, high: int | Tensor, shape: tuple[int, ...] = ()) -> Tensor:
@@ -166,31 +180,30 @@ class RandomStream:
     def poisson(self, purpose: str, rates: Tensor, rate_index: Tensor) -> Tensor:
         """Exact Poisson draws: element ``e`` has rate ``rates[rate_index[e]]`` (``rate_index`` is ``(N, ...)``).
 
-        Inverse-CDF sampling: the smallest ``k`` with ``P(X <= k) >= u``, found by bisection in a table of the
-        CDF for every rate in ``rates``. The table is built on the CPU in float64 (regularised incomplete gamma
-        function) so CPU and CUDA draw identical counts; a small ``rates`` table (e.g. one rate per uint8 grey
-        level) keeps it cheap. The bisection runs over blocks of elements on the CPU, like ``bits``.
+        Inverse-CDF sampling: the smallest ``k`` with ``P(X <= k) >= u``, i.e. the number of CDF entries below
+        ``u``, found by a branchless binary search in a table of the CDF for every rate in ``rates``. The table is
+        built on the CPU in float64 (regularised incomplete gamma function) so CPU and CUDA draw identical
+        counts; a small ``rates`` table (e.g. one rate per uint8 grey level) keeps it cheap. The search runs
+        block by block with the random words (``map_words``).
         """
         rates_cpu = rates.detach().to("cpu", torch.float64)
         top = float(rates_cpu.max()) if rates_cpu.numel() else 0.0
         largest_count = math.ceil(top + 12.0 * math.sqrt(top) + 12.0)
         support = torch.arange(largest_count + 1, dtype=torch.float64)
-        cdf = torch.special.gammaincc(support[None, :] + 1.0, rates_cpu[:, None])
-        cdf[:, -1] = 1.0  # P(X > largest_count) < 1e-25, far below the resolution of u
-        flat_cdf = cdf.reshape(-1).to(self.device)
         steps = math.ceil(math.log2(largest_count + 1))
+        # Rows padded with 1.0 to 2**steps entries, so probes stay inside their row; 1.0 is never below u.
+        cdf = torch.ones(len(rates_cpu), 2**steps, dtype=torch.float64)
+        cdf[:, :largest_count] = torch.special.gammaincc(support[None, :-1] + 1.0, rates_cpu[:, None])
+        # cdf[:, largest_count] stays 1.0: P(X > largest_count) < 1e-25, far below the resolution of u
+        table = cdf.reshape(-1).to(self.device)
 
-        u = self.uniform(purpose, tuple(rate_index.shape[1:]), dtype=torch.float64).reshape(-1)
-        row_start = rate_index.reshape(-1).to(torch.int64) * (largest_count + 1)
-        counts = torch.empty_like(row_start)
-        block = len(u) if self.device.type == "cuda" else _CPU_BLOCK
-        for start in range(0, len(u), block):
-            rows, targets = row_start[start : start + block], u[start : start + block]
-            low, high = torch.zeros_like(rows), torch.full_like(rows, largest_count)
-            for _ in range(steps):
-                middle = (low + high) >> 1
-                reached = torch.take(flat_cdf, rows + middle) >= targets
-                high = torch.where(reached, middle, high)
-                low = torch.where(reached, low, middle + 1)
-            counts[start : start + block] = low
-        return counts.reshape(rate_index.shape)
+        def inverse_cdf(words: Tensor, row_index: Tensor) -> Tensor:
+            u = _unit(words, torch.float64)
+            row_start = row_index.to(torch.int64) * 2**steps
+            below = torch.zeros_like(row_start)  # CDF entries known to be below u
+            for step in (2**power for power in reversed(range(steps))):
+                below += (table.take(row_start + below + (step - 1)) < u) * step
+            return below
+
+        shape = tuple(rate_index.shape[1:])
+        return self.map_words((purpose,), shape, torch.int64, inverse_cdf, rate_index)
