@@ -189,6 +189,17 @@ def test_batched_pixelate_of_the_cuda_path_is_pillows(height: int, width: int, f
     np.testing.assert_array_equal(batched, np.stack(expected))
 
 
+@pytest.mark.parametrize("size", [28, 64])
+def test_motion_blur_by_slices_on_the_cpu_equals_the_gathers_of_the_cuda_path(size: int) -> None:
+    from repro.corruptions.ops import _shifted_sum_by_gathers, _shifted_sum_by_slices, motion_taps
+
+    images = random_images((4, 3, size, size)).to(torch.float32) / 255.0
+    angles = torch.tensor([-135.0, -44.9, 0.0, 30.0], dtype=torch.float64)  # 30 degrees: offsets on .5
+    taps = motion_taps((size, size), 15, 5.0, angles, torch.float32)  # at 28 px the longest shifts leave the image
+    assert taps[3].sum() < taps[3].numel() if size == 28 else taps[3].all()
+    assert torch.equal(_shifted_sum_by_slices(images, *taps), _shifted_sum_by_gathers(images, *taps))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("size", [32, 224])

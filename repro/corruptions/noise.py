@@ -10,8 +10,6 @@ from torch import Tensor
 
 from repro.corruptions.core import CorruptionContext, register_corruption, register_level_corruption
 
-_KEEP = 1  # impulse noise's marker for values left alone (salt is 255, pepper 0)
-
 
 @register_corruption("gaussian_noise")
 def gaussian_noise(x: Tensor, context: CorruptionContext) -> Tensor:
@@ -39,13 +37,12 @@ def impulse_noise(levels: Tensor, context: CorruptionContext) -> Tensor:
     amount = context.pick(imagenet=(0.03, 0.06, 0.09, 0.17, 0.27), cifar=(0.01, 0.02, 0.03, 0.05, 0.07))
     threshold = round(amount * 2**24)
 
-    def salt_pepper_or_keep(words: Tensor) -> Tensor:
+    def salt_and_pepper(words: Tensor, clean: Tensor) -> Tensor:
         flipped = ((words >> 8) & 0xFFFFFF) < threshold  # top 24 bits: P(flip) = amount
-        salt = (words & 1) * 255  # lowest bit: salt or pepper with probability 1/2 each
-        return torch.where(flipped, salt, _KEEP).to(torch.uint8)
+        salt = (words & 1).to(torch.uint8).mul_(255)  # lowest bit: salt or pepper with probability 1/2 each
+        return torch.where(flipped, salt, clean)
 
-    replacement = context.random.map_words(("impulse",), tuple(levels.shape[1:]), torch.uint8, salt_pepper_or_keep)
-    return torch.where(replacement == _KEEP, levels, replacement)
+    return context.random.map_words(("impulse",), tuple(levels.shape[1:]), torch.uint8, salt_and_pepper, levels)
 
 
 @register_corruption("speckle_noise")

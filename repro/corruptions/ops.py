@@ -111,32 +111,63 @@ def motion_blur(x: Tensor, radius: int, sigma: float, angles_deg: Tensor) -> Ten
 
     Tap ``i`` (``0 <= i <= 2 * radius``) shifts the image by ``(-ceil(i sin a - 0.5), -ceil(i cos a - 0.5))``
     with the edge row/column repeated; taps whose shift leaves the image are dropped without renormalising.
-    Loops over the taps (at most 41); each tap is one batched gather.
+    Loops over the taps (at most 41).
     """
-    n, c, h, w = x.shape
+    taps = motion_taps(x.shape[-2:], radius, sigma, angles_deg.to(x.device), x.dtype)
+    shifted_sum = _shifted_sum_by_gathers if x.is_cuda else _shifted_sum_by_slices
+    return shifted_sum(x, *taps)
+
+
+def motion_taps(
+    size: tuple[int, int], radius: int, sigma: float, angles_deg: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The motion blur's taps: ``weights`` ``(T,)``, per-image shifts ``shift_y``, ``shift_x`` ``(N, T)`` and
+    ``inside`` ``(N, T)``, 1 up to the first tap whose shift leaves the image."""
     width = 2 * radius + 1
-    taps = torch.arange(width, dtype=torch.float64, device=x.device)
+    taps = torch.arange(width, dtype=torch.float64, device=angles_deg.device)
     weights = torch.exp(-(taps**2) / (2.0 * sigma**2))
-    weights = (weights / weights.sum()).to(x.dtype)
+    weights = (weights / weights.sum()).to(dtype)
     angles = torch.deg2rad(angles_deg.to(torch.float64))[:, None]
     # Same float64 expression as the reference: at angles like -30 degrees the offsets sit exactly on .5.
     end_y, end_x = width * torch.sin(angles), width * torch.cos(angles)
     length = torch.hypot(end_y, end_x)
-    shift_y = -torch.ceil(taps * end_y / length - 0.5).to(torch.int64)  # (N, taps)
+    shift_y = -torch.ceil(taps * end_y / length - 0.5).to(torch.int64)
     shift_x = -torch.ceil(taps * end_x / length - 0.5).to(torch.int64)
-    inside = ((shift_y.abs() < h) & (shift_x.abs() < w)).to(torch.int32).cummin(dim=1).values  # stop at first miss
+    inside = ((shift_y.abs() < size[0]) & (shift_x.abs() < size[1])).to(torch.int32).cummin(dim=1).values
+    return weights, shift_y, shift_x, inside
 
+
+def _shifted_sum_by_gathers(x: Tensor, weights: Tensor, shift_y: Tensor, shift_x: Tensor, inside: Tensor) -> Tensor:
+    """``sum_i inside[:, i] * weights[i] * x`` shifted by ``(shift_y[:, i], shift_x[:, i])`` with replicated
+    edges, one batched gather per tap: no host sync (the CUDA path)."""
+    n, c, h, w = x.shape
     rows = torch.arange(h, device=x.device)
     cols = torch.arange(w, device=x.device)
     flat = x.reshape(n, c, h * w)
     blurred = torch.zeros_like(flat)
-    for tap in range(width):
+    for tap in range(len(weights)):
         source_rows = (rows[None, :] - shift_y[:, tap, None]).clamp(0, h - 1)
         source_cols = (cols[None, :] - shift_x[:, tap, None]).clamp(0, w - 1)
         source = (source_rows[:, :, None] * w + source_cols[:, None, :]).reshape(n, 1, h * w)
         tap_weight = (weights[tap] * inside[:, tap]).to(x.dtype)[:, None, None]
         blurred += tap_weight * flat.gather(2, source.expand(n, c, h * w))
     return blurred.reshape(n, c, h, w)
+
+
+def _shifted_sum_by_slices(x: Tensor, weights: Tensor, shift_y: Tensor, shift_x: Tensor, inside: Tensor) -> Tensor:
+    """``_shifted_sum_by_gathers`` (same operations, same bits) as windows into one edge-padded copy per image:
+    contiguous rows instead of gathers, about three times faster on the CPU, where reading the shifts back
+    costs nothing."""
+    h, w = x.shape[-2:]
+    pad = int(torch.maximum(shift_y.abs(), shift_x.abs()).mul(inside).max())
+    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate") if pad else x
+    blurred = torch.zeros_like(x)
+    per_image = zip(inside.sum(1).tolist(), shift_y.tolist(), shift_x.tolist(), strict=True)
+    for image, (tap_count, rows, cols) in enumerate(per_image):
+        for tap in range(tap_count):
+            top, left = pad - rows[tap], pad - cols[tap]
+            blurred[image] += weights[tap] * padded[image, :, top : top + h, left : left + w]
+    return blurred
 
 
 def zoom_center(x: Tensor, factor: float) -> Tensor:
