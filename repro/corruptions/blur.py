@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -13,9 +14,11 @@ from repro.corruptions.ops import filter2d, gaussian_blur, motion_blur, quantize
 from repro.corruptions.random_stream import RandomStream
 
 
+@functools.lru_cache(maxsize=16)
 def _disk_kernel(radius: float, alias_blur: float) -> Tensor:
     """The reference's defocus kernel: a normalised disk on a grid of at least +-8 px, anti-aliased by OpenCV
-    ``GaussianBlur`` (3x3 up to radius 8, else 5x5, reflect101 border)."""
+    ``GaussianBlur`` (3x3 up to radius 8, else 5x5, reflect101 border). Returned without its all-zero border
+    rows and columns (the grid is wider than small disks), which only makes the convolution cheaper."""
     extent = 8 if radius <= 8 else math.ceil(radius)
     smoothing_size = 3 if radius <= 8 else 5
     offsets = torch.arange(-extent, extent + 1, dtype=torch.float64)
@@ -24,7 +27,9 @@ def _disk_kernel(radius: float, alias_blur: float) -> Tensor:
     taps = torch.arange(smoothing_size, dtype=torch.float64) - (smoothing_size - 1) / 2
     smoothing = torch.exp(-(taps**2) / (2.0 * alias_blur**2))
     smoothing /= smoothing.sum()
-    return separable_filter(disk[None, None], smoothing, smoothing, "reflect101")[0, 0]
+    kernel = separable_filter(disk[None, None], smoothing, smoothing, "reflect101")[0, 0]
+    border = extent - int(torch.nonzero(kernel).sub(extent).abs().max())
+    return kernel[border : kernel.shape[0] - border, border : kernel.shape[1] - border]
 
 
 @register_corruption("defocus_blur")

@@ -32,8 +32,14 @@ def border_index(size: int, before: int, after: int, mode: BorderMode, device: t
     return torch.where(folded < size, folded, 2 * size - 1 - folded)
 
 
+_TORCH_PAD_MODES = {"replicate": "replicate", "reflect101": "reflect"}
+
+
 def pad2d(x: Tensor, pad_h: int, pad_w: int, mode: BorderMode) -> Tensor:
-    """Pad the last two dims by index gathering, so pads wider than the image are fine (unlike ``F.pad``)."""
+    """Pad the last two dims; by index gathering where ``F.pad`` cannot (symmetric border, pads wider than the
+    image), with ``F.pad`` (several times faster) where it can."""
+    if mode in _TORCH_PAD_MODES and pad_h < x.shape[-2] and pad_w < x.shape[-1]:
+        return F.pad(x, (pad_w, pad_w, pad_h, pad_h), mode=_TORCH_PAD_MODES[mode])
     rows = border_index(x.shape[-2], pad_h, pad_h, mode, x.device)
     cols = border_index(x.shape[-1], pad_w, pad_w, mode, x.device)
     return x.index_select(-2, rows).index_select(-1, cols)
