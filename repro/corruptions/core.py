@@ -84,9 +84,14 @@ def corrupt(images: Tensor, name: str, severity: int, seed: int = 0, indices: Te
         corrupted = function(images.to(torch.float32).div_(255.0).expand(-1, 3, -1, -1), context)
     if images.shape[1] == 1:
         corrupted = luminance(corrupted.clamp(0.0, 1.0))
-    # np.uint8(x * 255) truncates, as the reference does; the 1e-3 guards float32 round-off below an integer.
-    # Clamping after the scaling gives the same levels as clamping to [0, 1] before; the uint8 cast truncates.
-    return (corrupted * 255.0).add_(1e-3).clamp_(0.0, 255.0).to(torch.uint8)
+    return truncate_to_levels(corrupted * 255.0)
+
+
+def truncate_to_levels(values: Tensor) -> Tensor:
+    """Float values on the 0-255 scale -> uint8 levels, in place: ``np.uint8(x * 255)`` truncates, as the
+    reference does; the 1e-3 guards float32 round-off below an integer; clamping to [0, 255] here gives the same
+    levels as clamping to [0, 1] before scaling; the uint8 cast truncates."""
+    return values.add_(1e-3).clamp_(0.0, 255.0).to(torch.uint8)
 
 
 def _check_severity(severity: object) -> None:
