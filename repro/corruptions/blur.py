@@ -80,16 +80,22 @@ def _local_shuffle(x: Tensor, max_delta: int, random: RandomStream, purpose: str
     visit_time = torch.arange(grid_shape[0] * grid_shape[1], device=x.device).reshape(grid_shape)
     visited_earlier = source_visited & (source_visit_row * grid_shape[1] + source_visit_col < visit_time)
 
-    visited_flat = (visit_rows[:, None] * w + visit_cols[None, :]).reshape(-1)
-    target = torch.arange(h * w, device=x.device).repeat(n, 1)
-    target[:, visited_flat] = (source_rows * w + source_cols).reshape(n, -1)
-    resolved = torch.ones(n, h * w, dtype=torch.bool, device=x.device)
-    resolved[:, visited_flat] = ~visited_earlier.reshape(n, -1)
-    while not bool(resolved.all()):
-        target, resolved = (
-            torch.where(resolved, target, target.gather(1, target)),
-            resolved | resolved.gather(1, target),
-        )
+    # The visited grid is the image rectangle rows/columns d + 1 .. H - d / W - d, flipped in both axes.
+    visited = (slice(None), slice(max_delta + 1, h - max_delta + 1), slice(max_delta + 1, w - max_delta + 1))
+    # Pointers, with resolved ones (final source p) stored as ~p = -p - 1: following an unresolved pointer p to
+    # pointer[p] then yields the next pointer, or the resolved source, in this same encoding.
+    pointer = torch.arange(h * w, device=x.device).bitwise_not_().repeat(n, 1)
+    source = (source_rows * w + source_cols).flip(1, 2)
+    pointer.view(n, h, w)[visited] = torch.where(visited_earlier.flip(1, 2), source, ~source)
+    # A chain steps to ever earlier visited pixels, so it is shorter than the visited grid, and pointer jumping
+    # resolves chains of length 2**k in k rounds. The CPU stops as soon as all are resolved; CUDA runs the
+    # bound, which reads nothing back from the device.
+    for _ in range(math.ceil(math.log2(grid_shape[0] * grid_shape[1])) + 1):
+        unresolved = pointer >= 0
+        if not x.is_cuda and not bool(unresolved.any()):
+            break
+        pointer = torch.where(unresolved, pointer.gather(1, pointer.clamp(min=0)), pointer)
+    target = pointer.bitwise_not_()
     flat = x.reshape(n, c, h * w)
     return flat.gather(2, target[:, None, :].expand(n, c, h * w)).reshape(n, c, h, w)
 

@@ -64,7 +64,11 @@ def _correlate_along(x: Tensor, kernel: Tensor, dim: int, mode: BorderMode) -> T
     """1-D correlation along ``dim`` as a loop over the taps: elementwise, so it cannot depend on the batch and
     is never TF32 on CUDA, and on the CPU faster than a convolution with a long one-dimensional kernel."""
     size, radius = x.shape[dim], len(kernel) // 2
-    padded = x.index_select(dim, border_index(size, radius, radius, mode, x.device))
+    if mode in _TORCH_PAD_MODES and radius < size and x.ndim == 4 and dim in (-1, -2, 2, 3):
+        along_width = dim in (-1, 3)
+        padded = F.pad(x, (radius, radius, 0, 0) if along_width else (0, 0, radius, radius), _TORCH_PAD_MODES[mode])
+    else:
+        padded = x.index_select(dim, border_index(size, radius, radius, mode, x.device))
     weights = kernel.tolist()
     result = padded.narrow(dim, 0, size) * weights[0]
     for tap in range(1, len(weights)):
