@@ -15,7 +15,7 @@ from repro.corruptions.core import CorruptionContext, register_corruption, regis
 def gaussian_noise(x: Tensor, context: CorruptionContext) -> Tensor:
     """Additive N(0, std^2) noise."""
     std = context.pick(imagenet=(0.08, 0.12, 0.18, 0.26, 0.38), cifar=(0.04, 0.06, 0.08, 0.09, 0.10))
-    return x + context.random.normal("noise", tuple(x.shape[1:]), std=std)
+    return context.random.normal("noise", tuple(x.shape[1:]), std=std, added_to=x)
 
 
 @register_corruption("shot_noise")

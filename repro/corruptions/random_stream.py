@@ -118,15 +118,26 @@ class RandomStream:
         """Uniform in the open interval ``(low, high)``; float32 uses 23 random bits so 1.0 cannot round in."""
         return self.map_words((purpose,), shape, dtype, lambda words: low + (high - low) * _unit(words, dtype))
 
-    def normal(self, purpose: str, shape: tuple[int, ...] = (), mean: float = 0.0, std: float = 1.0) -> Tensor:
-        """Gaussian draws by the Box–Muller transform of two independent uniforms."""
+    def normal(
+        self,
+        purpose: str,
+        shape: tuple[int, ...] = (),
+        mean: float = 0.0,
+        std: float = 1.0,
+        added_to: Tensor | None = None,
+    ) -> Tensor:
+        """Gaussian draws by the Box–Muller transform of two independent uniforms; ``added_to + draws`` if given
+        (``(N, *shape)``), added block by block, which saves a full-size pass."""
 
-        def box_muller(radius_words: Tensor, angle_words: Tensor) -> Tensor:
+        def box_muller(radius_words: Tensor, angle_words: Tensor, *base: Tensor) -> Tensor:
             radius_unit, angle_unit = _unit(radius_words, torch.float32), _unit(angle_words, torch.float32)
             standard = torch.sqrt(-2.0 * torch.log(radius_unit)) * torch.cos(2.0 * math.pi * angle_unit)
-            return mean + std * standard
+            draws = mean + std * standard
+            return base[0] + draws if base else draws
 
-        return self.map_words((purpose + "/radius", purpose + "/angle"), shape, torch.float32, box_muller)
+        purposes = (purpose + "/radius", purpose + "/angle")
+        bases = () if added_to is None else (added_to,)
+        return self.map_words(purposes, shape, torch.float32, box_muller, *bases)
 
     def map_words(
         self,
