@@ -142,7 +142,7 @@ def zoom_blur(x: Tensor, context: CorruptionContext) -> Tensor:
     total = x.clone()
     for factor in factors:
         total += zoom_center(x, factor)[..., :height, :width]
-    return total / (len(factors) + 1)
+    return total.div_(len(factors) + 1)
 
 
 @register_corruption("gaussian_blur")

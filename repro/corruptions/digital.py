@@ -22,7 +22,7 @@ def contrast(x: Tensor, context: CorruptionContext) -> Tensor:
     """Pull every channel towards its spatial mean."""
     factor = context.pick(imagenet=(0.4, 0.3, 0.2, 0.1, 0.05), cifar=(0.75, 0.5, 0.4, 0.3, 0.15))
     means = x.mean((2, 3), keepdim=True)
-    return (x - means) * factor + means
+    return (x - means).mul_(factor).add_(means)
 
 
 def _sample_symmetric(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:

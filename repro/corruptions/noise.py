@@ -25,7 +25,7 @@ def shot_noise(x: Tensor, context: CorruptionContext) -> Tensor:
     levels = torch.round(x * 255.0).to(torch.int64)
     rate_per_level = torch.arange(256, dtype=torch.float64) / 255.0 * photons
     counts = context.random.poisson("noise", rate_per_level, levels)
-    return counts.to(x.dtype) / photons
+    return counts.to(x.dtype).div_(photons)
 
 
 @register_level_corruption("impulse_noise")
@@ -49,4 +49,4 @@ def impulse_noise(levels: Tensor, context: CorruptionContext) -> Tensor:
 def speckle_noise(x: Tensor, context: CorruptionContext) -> Tensor:
     """Multiplicative noise ``x + x * N(0, std^2)`` (held-out corruption)."""
     std = context.pick(imagenet=(0.15, 0.2, 0.35, 0.45, 0.6), cifar=(0.06, 0.1, 0.12, 0.16, 0.2))
-    return x + x * context.random.normal("noise", tuple(x.shape[1:]), std=std)
+    return context.random.normal("noise", tuple(x.shape[1:]), std=std).mul_(x).add_(x)

@@ -62,6 +62,11 @@ def _as_word_dtype(words: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(dtype)
 
 
+def _word_pattern(word: int, dtype: torch.dtype) -> int:
+    """A 32-bit word as the Python int with its bit pattern in ``dtype`` (int32: signed)."""
+    return word - 2**32 if dtype == torch.int32 and word >= 2**31 else word
+
+
 def _unit(words: Tensor, dtype: torch.dtype) -> Tensor:
     """Words (int64 in ``[0, 2**32)`` or their int32 bit patterns) as uniforms in the open interval (0, 1): all 32
     bits for float64, the top 23 for narrower types so that 1.0 cannot round in."""
@@ -94,6 +99,18 @@ class RandomStream:
         state = _mix_int(_mix_int(_STREAM_SALT, seed & _MASK32), (seed >> 32) & _MASK32)
         self._state = _mix_int(state, _text_word(corruption))
         self.indices = indices.to(torch.int64)
+        # The CPU hashes int32 bit patterns (see _hash32_int32_), CUDA int64 words. The parts of the per-image
+        # keys that do not depend on the purpose are computed once here.
+        on_cpu = self.device.type != "cuda"
+        self._word_dtype, self._hash = (torch.int32, _hash32_int32_) if on_cpu else (torch.int64, _hash32_)
+        self._index_word = _as_word_dtype(_hash32_(self.indices & _MASK32), self._word_dtype)[:, None]
+        self._index_salt = _as_word_dtype(_mix_words(_STREAM_SALT, self.indices >> 32), self._word_dtype)[:, None]
+
+    def _keys(self, purpose: str) -> tuple[Tensor, Tensor]:
+        """The two ``(N, 1)`` per-image keys of ``purpose``: ``mix(purpose state, index)`` and its hash."""
+        purpose_state = _word_pattern(_mix_int(self._state, _text_word(purpose)), self._word_dtype)
+        key = self._hash(self._index_word ^ purpose_state).bitwise_xor_(self._index_salt)
+        return key, self._hash(key ^ _word_pattern(0x5BD1E995, self._word_dtype))
 
     @property
     def device(self) -> torch.device:
@@ -160,12 +177,8 @@ class RandomStream:
         if numel >= 2**32:
             raise ValueError(f"a random draw of {numel} elements per image is larger than the 32-bit counter")
         on_cpu = self.device.type != "cuda"
-        word_dtype, hash_ = (torch.int32, _hash32_int32_) if on_cpu else (torch.int64, _hash32_)
-        keys = []
-        for purpose in purposes:
-            purpose_state = _mix_int(self._state, _text_word(purpose))
-            key = (_mix_words(purpose_state, self.indices) ^ _mix_words(_STREAM_SALT, self.indices >> 32))[:, None]
-            keys.append((_as_word_dtype(key, word_dtype), _as_word_dtype(_hash32_(key ^ 0x5BD1E995), word_dtype)))
+        word_dtype, hash_ = self._word_dtype, self._hash
+        keys = [self._keys(purpose) for purpose in purposes]
         flat_inputs = [tensor.reshape(count, numel) for tensor in inputs]
         values = torch.empty(count, numel, dtype=dtype, device=self.device)
         block = max(1, _CPU_BLOCK // max(count, 1)) if on_cpu else max(numel, 1)

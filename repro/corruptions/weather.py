@@ -65,7 +65,7 @@ def snow(x: Tensor, context: CorruptionContext) -> Tensor:
     flakes = motion_blur(flakes, radius, sigma, angles)
     flakes = (torch.round(flakes * 255.0) / 255.0)[..., :height, :width]
     brightened = torch.maximum(x, luminance(x) * 1.5 + 0.5)
-    return blend * x + (1.0 - blend) * brightened + flakes + flakes.flip(-2, -1)
+    return (blend * x).add_(brightened.mul_(1.0 - blend)).add_(flakes).add_(flakes.flip(-2, -1))
 
 
 def frost_texture_dir() -> Path:
@@ -152,7 +152,7 @@ def frost(x: Tensor, context: CorruptionContext) -> Tensor:
     cols = left[:, None] + torch.arange(width, device=x.device)
     source = starts[choice, None, None] + rows[:, :, None] * texture_widths[:, None, None] + cols[:, None, :]
     crops = pixels[:, source].transpose(0, 1)
-    return image_weight * x + frost_weight * crops
+    return (image_weight * x).add_(crops.mul_(frost_weight))
 
 
 def _plasma_fractal(random: RandomStream, map_size: int, wibble_decay: float) -> Tensor:
@@ -181,8 +181,8 @@ def _plasma_fractal(random: RandomStream, map_size: int, wibble_decay: float) ->
         maps[:, half::step, 0::step] = wibbled_mean(column_diamond_sum, "column_diamond")
         step, wibble, level = half, wibble / wibble_decay, level + 1
 
-    maps = maps - maps.amin((1, 2), keepdim=True)
-    return maps / maps.amax((1, 2), keepdim=True)
+    maps -= maps.amin((1, 2), keepdim=True)
+    return maps.div_(maps.amax((1, 2), keepdim=True))
 
 
 @register_corruption("fog")
@@ -196,7 +196,7 @@ def fog(x: Tensor, context: CorruptionContext) -> Tensor:
     map_size = 2 ** (max(height, width) - 1).bit_length()
     haze = _plasma_fractal(context.random, map_size, wibble_decay)[:, None, :height, :width]
     brightest = x.amax((1, 2, 3), keepdim=True)
-    return (x + strength * haze) * brightest / (brightest + strength)
+    return (x + strength * haze).mul_(brightest).div_(brightest + strength)  # in place: no more full-size buffers
 
 
 @register_corruption("brightness")
