@@ -24,7 +24,14 @@ import torch.nn.functional as F
 
 from repro.corruptions import CORRUPTION_REGISTRY, CORRUPTIONS, EXTRA_CORRUPTIONS, FROST_DIR_ENV, corrupt
 from repro.corruptions.core import CorruptionContext
-from repro.corruptions.random_stream import RandomStream, _as_word_dtype, _hash32_, _hash32_int, _hash32_int32_
+from repro.corruptions.random_stream import (
+    RandomStream,
+    _as_word_dtype,
+    _hash32_,
+    _hash32_int,
+    _hash32_int32_,
+    _unit,
+)
 from repro.corruptions.weather import frost_texture_dir
 from repro.errors import UserError
 
@@ -254,6 +261,14 @@ def test_int32_hash_of_the_cpu_path_is_the_integer_hash() -> None:
     assert patterns.dtype == torch.int32
     hashed = _hash32_int32_(patterns).to(torch.int64) & 0xFFFFFFFF
     assert hashed.tolist() == [_hash32_int(word) for word in words]
+
+
+def test_int32_patterns_of_the_cpu_path_give_the_uniforms_of_the_int64_words_of_the_cuda_path() -> None:
+    words = torch.tensor([0, 1, 511, 512, 0x7FFFFFFF, 0x80000000, 0xFFFFFE00, 0xFFFFFFFF])
+    for dtype in (torch.float32, torch.float64):
+        expected = (words.double() + 0.5) / 2**32 if dtype == torch.float64 else ((words >> 9).double() + 0.5) / 2**23
+        assert torch.equal(_unit(_as_word_dtype(words, torch.int32), dtype), expected.to(dtype))
+        assert torch.equal(_unit(words, dtype), expected.to(dtype))
 
 
 def test_random_draws_depend_on_index_not_on_batch_position() -> None:

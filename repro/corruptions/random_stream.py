@@ -192,14 +192,19 @@ class RandomStream:
     def integers(self, purpose: str, low: int | Tensor, high: int | Tensor, shape: tuple[int, ...] = ()) -> Tensor:
         """Integers uniform in ``[low, high)`` (int64) by multiply-shift on 24 random bits, exact on any device.
 
-        ``low``/``high`` may be per-image ``(N,)`` tensors; their range must be below ``2**24`` (checked on the
-        CPU only).
+        ``low``/``high`` may be per-image ``(N,)`` tensors; their range must be below ``2**24`` (checked for
+        tensors on the CPU only).
         """
         per_image_shape = (-1,) + (1,) * len(shape)
         low_t = torch.as_tensor(low, dtype=torch.int64, device=self.device).reshape(per_image_shape)
         span = torch.as_tensor(high, dtype=torch.int64, device=self.device).reshape(per_image_shape) - low_t
-        # Checked where that is free; on CUDA the check would wait for the device (callers pass valid ranges).
-        if span.device.type == "cpu" and ((span <= 0).any() or (span >= 2**24).any()):
+        # Checked where that is free: for Python ints, and for tensors on the CPU (on CUDA it would wait for the
+        # device; callers pass valid ranges).
+        if isinstance(low, int) and isinstance(high, int):
+            out_of_range = not 0 < high - low < 2**24
+        else:
+            out_of_range = span.device.type == "cpu" and bool((span <= 0).any() or (span >= 2**24).any())
+        if out_of_range:
             raise ValueError("integers() needs 0 < high - low < 2**24")
         return low_t + ((self.bits(purpose, shape) >> 8) * span >> 24)
 
