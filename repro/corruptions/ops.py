@@ -124,8 +124,13 @@ def motion_blur(x: Tensor, radius: int, sigma: float, angles_deg: Tensor) -> Ten
     Loops over the taps (at most 41).
     """
     taps = motion_taps(x.shape[-2:], radius, sigma, angles_deg.to(x.device), x.dtype)
-    shifted_sum = _shifted_sum_by_gathers if x.is_cuda else _shifted_sum_by_slices
-    return shifted_sum(x, *taps)
+    by_slices = not x.is_cuda and x.shape[-2] * x.shape[-1] >= _MIN_PIXELS_FOR_SLICES
+    return (_shifted_sum_by_slices if by_slices else _shifted_sum_by_gathers)(x, *taps)
+
+
+# Below this many pixels per image, one window per image and tap costs more in per-call overhead than it saves
+# (measured: at 28x28 in batches of 256 the gathers are 4x faster, at 224x224 the windows 3.5x).
+_MIN_PIXELS_FOR_SLICES = 64 * 64
 
 
 def motion_taps(
