@@ -147,15 +147,22 @@ def _pixelate_batched(levels: Tensor, small_h: int, small_w: int) -> Tensor:
 
 
 def _per_image_with_pillow(levels: Tensor, operation: Callable[[Image.Image], Image.Image]) -> Tensor:
-    """``operation`` on each uint8 ``(3, H, W)`` image as a Pillow RGB image (CPU tensors only). Pillow merges
-    and splits the channel planes, which is faster than permuting the batch to ``(N, H, W, 3)`` and back."""
+    """``operation`` on each uint8 ``(3, H, W)`` image as a Pillow RGB image (CPU tensors only).
+
+    From 64x64 px Pillow merges and splits the channel planes, which is faster than permuting the batch to
+    ``(N, H, W, 3)`` and back; for smaller images the two extra calls per image cost more than the permutes.
+    """
+    if levels.shape[-2] * levels.shape[-1] < 64 * 64:
+        pixels = levels.permute(0, 2, 3, 1).contiguous().numpy()
+        results = [np.asarray(operation(Image.fromarray(image))) for image in pixels]
+        return torch.from_numpy(np.stack(results)).permute(0, 3, 1, 2)
     planes = levels.contiguous().numpy()
-    results = np.empty_like(planes)
-    for image, result in zip(planes, results, strict=True):
+    channel_planes = np.empty_like(planes)
+    for image, result in zip(planes, channel_planes, strict=True):
         rgb = Image.merge("RGB", [Image.fromarray(plane) for plane in image])
         for channel, plane in enumerate(operation(rgb).split()):
             result[channel] = np.asarray(plane)
-    return torch.from_numpy(results)
+    return torch.from_numpy(channel_planes)
 
 
 @register_level_corruption("pixelate")
