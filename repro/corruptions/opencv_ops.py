@@ -6,6 +6,8 @@ matches OpenCV's integer code paths.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -76,7 +78,8 @@ def chamfer_distance_to(zeros: Tensor, cap: float) -> Tensor:
     """``min(cv2.distanceTransform(~zeros, DIST_L2, 5), cap)``: distance of each pixel to the nearest ``True``.
 
     Pixels outside the image count as far away, as in OpenCV. Relaxation with the 16 chamfer steps until
-    nothing changes; with the cap that is at most ``cap`` rounds. Within a round the neighbours of equal step
+    nothing changes: every step costs at least 1, so with the cap that takes at most ``cap + 1`` rounds, which
+    CUDA runs without reading anything back; the CPU stops early. Within a round the neighbours of equal step
     cost are reduced by minimum first and the cost added once (exact: rounding ``x + c`` is monotone in ``x``),
     sharing the column minima between the diagonal and knight's moves.
     """
@@ -86,7 +89,7 @@ def chamfer_distance_to(zeros: Tensor, cap: float) -> Tensor:
     def rows(tensor: Tensor, dy: int) -> Tensor:  # rows shifted by dy, of a tensor padded by 2 rows
         return tensor[..., 2 + dy : 2 + dy + height, :]
 
-    while True:
+    for _ in range(math.ceil(cap) + 1):
         padded = F.pad(distance, (2, 2, 2, 2), value=cap)
         near_columns = torch.minimum(padded[..., 1 : 1 + width], padded[..., 3 : 3 + width])  # dx = -1, +1
         far_columns = torch.minimum(padded[..., :width], padded[..., 4 : 4 + width])  # dx = -2, +2
@@ -100,9 +103,10 @@ def chamfer_distance_to(zeros: Tensor, cap: float) -> Tensor:
         relaxed = torch.minimum(distance, axis.add_(_AXIS_STEP))
         relaxed = torch.minimum(relaxed, diagonal.add_(_DIAGONAL_STEP))
         relaxed = torch.minimum(relaxed, knight.add_(_KNIGHT_STEP))
-        if torch.equal(relaxed, distance):
-            return distance
+        if not distance.is_cuda and torch.equal(relaxed, distance):
+            break
         distance = relaxed
+    return distance
 
 
 def equalize_histogram(image: Tensor) -> Tensor:
