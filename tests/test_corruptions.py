@@ -271,6 +271,28 @@ def test_int32_patterns_of_the_cpu_path_give_the_uniforms_of_the_int64_words_of_
         assert torch.equal(_unit(words, dtype), expected.to(dtype))
 
 
+def test_the_int64_words_of_the_cuda_path_give_the_draws_of_the_cpu_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from repro.corruptions import random_stream
+
+    indices = torch.tensor([0, 7, 2**40 + 3])
+
+    def draws() -> list[torch.Tensor]:
+        stream = RandomStream(5, "fog", indices)
+        return [
+            stream.bits("b", (3, 40, 41)),
+            stream.uniform("u", (70_000,), -1.0, 2.0),
+            stream.uniform("d", (5,), dtype=torch.float64),
+            stream.normal("n", (2, 300), mean=0.5, std=2.0, added_to=torch.ones(3, 2, 300)),
+            stream.integers("i", 3, 17, (50,)),
+            stream.poisson("p", torch.tensor([0.5, 12.0, 60.0]), torch.tensor([[0, 1, 2, 1]]).repeat(3, 25)),
+        ]
+
+    on_cpu = draws()
+    monkeypatch.setattr(random_stream, "_word_arithmetic", lambda device: (torch.int64, _hash32_))
+    for cpu_draw, cuda_draw in zip(on_cpu, draws(), strict=True):
+        assert torch.equal(cpu_draw, cuda_draw)
+
+
 def test_random_draws_depend_on_index_not_on_batch_position() -> None:
     together = RandomStream(0, "fog", torch.tensor([10, 11])).normal("x", (5,))
     alone = RandomStream(0, "fog", torch.tensor([11])).normal("x", (5,))

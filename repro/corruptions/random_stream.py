@@ -62,6 +62,11 @@ def _as_word_dtype(words: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(dtype)
 
 
+def _word_arithmetic(device: torch.device) -> tuple[torch.dtype, Callable[[Tensor], Tensor]]:
+    """How words are held and hashed on ``device``: int32 bit patterns on the CPU, int64 words on CUDA."""
+    return (torch.int64, _hash32_) if device.type == "cuda" else (torch.int32, _hash32_int32_)
+
+
 def _word_pattern(word: int, dtype: torch.dtype) -> int:
     """A 32-bit word as the Python int with its bit pattern in ``dtype`` (int32: signed)."""
     return word - 2**32 if dtype == torch.int32 and word >= 2**31 else word
@@ -101,8 +106,7 @@ class RandomStream:
         self.indices = indices.to(torch.int64)
         # The CPU hashes int32 bit patterns (see _hash32_int32_), CUDA int64 words. The parts of the per-image
         # keys that do not depend on the purpose are computed once here.
-        on_cpu = self.device.type != "cuda"
-        self._word_dtype, self._hash = (torch.int32, _hash32_int32_) if on_cpu else (torch.int64, _hash32_)
+        self._word_dtype, self._hash = _word_arithmetic(self.device)
         self._index_word = _as_word_dtype(_hash32_(self.indices & _MASK32), self._word_dtype)[:, None]
         self._index_salt = _as_word_dtype(_mix_words(_STREAM_SALT, self.indices >> 32), self._word_dtype)[:, None]
 
