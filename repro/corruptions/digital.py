@@ -195,8 +195,9 @@ def jpeg_compression(levels: Tensor, context: CorruptionContext) -> Tensor:
     def round_trip(image: Image.Image) -> Image.Image:
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=quality)
-        with Image.open(buffer) as compressed:
-            return compressed.convert("RGB")
+        compressed = Image.open(buffer, formats=["JPEG"])  # decodes as RGB, like its source
+        compressed.load()
+        return compressed
 
     return _per_image_with_pillow(levels.cpu(), round_trip).to(levels.device)
 
