@@ -24,7 +24,14 @@ import torch.nn.functional as F
 
 from repro.corruptions import CORRUPTION_REGISTRY, CORRUPTIONS, EXTRA_CORRUPTIONS, FROST_DIR_ENV, corrupt
 from repro.corruptions.core import CorruptionContext
-from repro.corruptions.random_stream import RandomStream, _hash32_, _hash32_int
+from repro.corruptions.random_stream import (
+    RandomStream,
+    _as_word_dtype,
+    _hash32_,
+    _hash32_int,
+    _hash32_int32_,
+    _unit,
+)
 from repro.corruptions.weather import frost_texture_dir
 from repro.errors import UserError
 
@@ -167,6 +174,39 @@ def test_frost_without_textures_says_how_to_get_them(monkeypatch: pytest.MonkeyP
         corrupt(random_images((1, 3, 32, 32)), "frost", 1)
 
 
+@pytest.mark.parametrize(
+    ("height", "width", "factor"), [(224, 224, 0.4), (32, 32, 0.85), (37, 53, 0.3), (28, 28, 0.65)]
+)
+def test_batched_pixelate_of_the_cuda_path_is_pillows(height: int, width: int, factor: float) -> None:
+    from PIL import Image
+
+    from repro.corruptions.digital import _pixelate_batched
+
+    images = random_images((3, 3, height, width))
+    small_h, small_w = int(height * factor), int(width * factor)
+    expected = [
+        np.asarray(
+            Image.fromarray(image.permute(1, 2, 0).numpy())
+            .resize((small_w, small_h), Image.BOX)
+            .resize((width, height), Image.NEAREST)
+        )
+        for image in images
+    ]
+    batched = _pixelate_batched(images, small_h, small_w).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(batched, np.stack(expected))
+
+
+@pytest.mark.parametrize("size", [28, 64])
+def test_motion_blur_by_slices_on_the_cpu_equals_the_gathers_of_the_cuda_path(size: int) -> None:
+    from repro.corruptions.ops import _shifted_sum_by_gathers, _shifted_sum_by_slices, motion_taps
+
+    images = random_images((4, 3, size, size)).to(torch.float32) / 255.0
+    angles = torch.tensor([-135.0, -44.9, 0.0, 30.0], dtype=torch.float64)  # 30 degrees: offsets on .5
+    taps = motion_taps((size, size), 15, 5.0, angles, torch.float32)  # at 28 px the longest shifts leave the image
+    assert taps[3].sum() < taps[3].numel() if size == 28 else taps[3].all()
+    assert torch.equal(_shifted_sum_by_slices(images, *taps), _shifted_sum_by_gathers(images, *taps))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("size", [32, 224])
@@ -212,6 +252,45 @@ def test_tensor_hash_is_the_integer_hash() -> None:
     words = [0, 1, 2, 0x7FFFFFFF, 0x80000000, 0xDEADBEEF, 0xFFFFFFFF]
     assert _hash32_(torch.tensor(words)).tolist() == [_hash32_int(word) for word in words]
     assert len(set(_hash32_(torch.arange(1 << 16)).tolist())) == 1 << 16  # a bijection: no collisions
+
+
+def test_int32_hash_of_the_cpu_path_is_the_integer_hash() -> None:
+    words = [0, 1, 2, 0x7FFF, 0x8000, 0x7FFFFFFF, 0x80000000, 0x80000001, 0xDEADBEEF, 0xFFFFFFFF]
+    words += torch.randint(0, 2**32, (1000,), generator=torch.Generator().manual_seed(0)).tolist()
+    patterns = _as_word_dtype(torch.tensor(words), torch.int32)
+    assert patterns.dtype == torch.int32
+    hashed = _hash32_int32_(patterns).to(torch.int64) & 0xFFFFFFFF
+    assert hashed.tolist() == [_hash32_int(word) for word in words]
+
+
+def test_int32_patterns_of_the_cpu_path_give_the_uniforms_of_the_int64_words_of_the_cuda_path() -> None:
+    words = torch.tensor([0, 1, 511, 512, 0x7FFFFFFF, 0x80000000, 0xFFFFFE00, 0xFFFFFFFF])
+    for dtype in (torch.float32, torch.float64):
+        expected = (words.double() + 0.5) / 2**32 if dtype == torch.float64 else ((words >> 9).double() + 0.5) / 2**23
+        assert torch.equal(_unit(_as_word_dtype(words, torch.int32), dtype), expected.to(dtype))
+        assert torch.equal(_unit(words, dtype), expected.to(dtype))
+
+
+def test_the_int64_words_of_the_cuda_path_give_the_draws_of_the_cpu_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from repro.corruptions import random_stream
+
+    indices = torch.tensor([0, 7, 2**40 + 3])
+
+    def draws() -> list[torch.Tensor]:
+        stream = RandomStream(5, "fog", indices)
+        return [
+            stream.bits("b", (3, 40, 41)),
+            stream.uniform("u", (70_000,), -1.0, 2.0),
+            stream.uniform("d", (5,), dtype=torch.float64),
+            stream.normal("n", (2, 300), mean=0.5, std=2.0, added_to=torch.ones(3, 2, 300)),
+            stream.integers("i", 3, 17, (50,)),
+            stream.poisson("p", torch.tensor([0.5, 12.0, 60.0]), torch.tensor([[0, 1, 2, 1]]).repeat(3, 25)),
+        ]
+
+    on_cpu = draws()
+    monkeypatch.setattr(random_stream, "_word_arithmetic", lambda device: (torch.int64, _hash32_))
+    for cpu_draw, cuda_draw in zip(on_cpu, draws(), strict=True):
+        assert torch.equal(cpu_draw, cuda_draw)
 
 
 def test_random_draws_depend_on_index_not_on_batch_position() -> None:

@@ -35,10 +35,23 @@ class CorruptionContext:
 
 
 CorruptionFunction = Callable[[Tensor, CorruptionContext], Tensor]
-"""Takes float32 ``(N, 3, H, W)`` RGB in [0, 1], returns the corrupted images in the same layout."""
+"""Takes float32 ``(N, 3, H, W)`` RGB in [0, 1], returns the corrupted images in the same layout as a new tensor
+(``corrupt`` finishes it in place: fewer full-size buffers, which cost page faults); or, if registered with
+``register_level_corruption``, uint8 ``(N, 3, H, W)`` RGB levels in and out."""
 
 CORRUPTION_REGISTRY: Registry[CorruptionFunction] = Registry("corruption")
 register_corruption = CORRUPTION_REGISTRY.register
+
+
+def register_level_corruption(name: str) -> Callable[[CorruptionFunction], CorruptionFunction]:
+    """``register_corruption`` for a corruption defined on uint8 levels (Pillow's pixelate, JPEG): it is handed
+    the uint8 images and returns uint8, skipping the float round trip that would cost more than the work."""
+
+    def decorator(function: CorruptionFunction) -> CorruptionFunction:
+        function.takes_levels = True  # type: ignore[attr-defined]
+        return register_corruption(name)(function)
+
+    return decorator
 
 
 def corrupt(images: Tensor, name: str, severity: int, seed: int = 0, indices: Tensor | None = None) -> Tensor:
@@ -63,12 +76,23 @@ def corrupt(images: Tensor, name: str, severity: int, seed: int = 0, indices: Te
         random=RandomStream(seed, name, indices),
         low_resolution=min(height, width) < LOW_RESOLUTION_BELOW,
     )
-    rgb = images.to(torch.float32).div(255.0).expand(-1, 3, -1, -1)
-    corrupted = function(rgb, context).clamp(0.0, 1.0)
+    if getattr(function, "takes_levels", False):
+        corrupted = function(images.expand(-1, 3, -1, -1), context)
+        if images.shape[1] == 3:
+            return corrupted
+        corrupted = corrupted.to(torch.float32).div_(255.0)
+    else:
+        corrupted = function(images.to(torch.float32).div_(255.0).expand(-1, 3, -1, -1), context)
     if images.shape[1] == 1:
-        corrupted = luminance(corrupted)
-    # np.uint8(x * 255) truncates, as the reference does; the 1e-3 guards float32 round-off below an integer.
-    return torch.floor(corrupted * 255.0 + 1e-3).to(torch.uint8)
+        corrupted = luminance(corrupted.clamp_(0.0, 1.0))
+    return truncate_to_levels(corrupted.mul_(255.0))
+
+
+def truncate_to_levels(values: Tensor) -> Tensor:
+    """Float values on the 0-255 scale -> uint8 levels, in place: ``np.uint8(x * 255)`` truncates, as the
+    reference does; the 1e-3 guards float32 round-off below an integer; clamping to [0, 255] here gives the same
+    levels as clamping to [0, 1] before scaling; the uint8 cast truncates."""
+    return values.add_(1e-3).clamp_(0.0, 255.0).to(torch.uint8)
 
 
 def _check_severity(severity: object) -> None:

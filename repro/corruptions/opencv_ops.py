@@ -6,6 +6,8 @@ matches OpenCV's integer code paths.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -16,12 +18,9 @@ _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 _CANNY_SHIFT = 15
 _TAN_22_5_FIXED = 13573  # round(tan(22.5 deg) * 2**15), OpenCV's TG22
 
-# OpenCV's 5x5 chamfer approximation of the Euclidean distance (DIST_L2, maskSize 5).
-_CHAMFER_STEPS = (
-    [((dy, dx), 1.0) for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1))]
-    + [((dy, dx), 1.4) for dy in (-1, 1) for dx in (-1, 1)]
-    + [((dy, dx), 2.1969) for dy, dx in ((-2, -1), (-2, 1), (2, -1), (2, 1), (-1, -2), (1, -2), (-1, 2), (1, 2))]
-)
+# OpenCV's 5x5 chamfer approximation of the Euclidean distance (DIST_L2, maskSize 5): the cost of a step to the
+# 4 axis neighbours, the 4 diagonal ones and the 8 knight's moves away.
+_AXIS_STEP, _DIAGONAL_STEP, _KNIGHT_STEP = 1.0, 1.4, 2.1969
 
 
 def canny(image: Tensor, low: int, high: int) -> Tensor:
@@ -79,19 +78,35 @@ def chamfer_distance_to(zeros: Tensor, cap: float) -> Tensor:
     """``min(cv2.distanceTransform(~zeros, DIST_L2, 5), cap)``: distance of each pixel to the nearest ``True``.
 
     Pixels outside the image count as far away, as in OpenCV. Relaxation with the 16 chamfer steps until
-    nothing changes; with the cap that is at most ``cap`` rounds.
+    nothing changes: every step costs at least 1, so with the cap that takes at most ``cap + 1`` rounds, which
+    CUDA runs without reading anything back; the CPU stops early. Within a round the neighbours of equal step
+    cost are reduced by minimum first and the cost added once (exact: rounding ``x + c`` is monotone in ``x``),
+    sharing the column minima between the diagonal and knight's moves.
     """
     distance = torch.where(zeros, 0.0, cap).to(torch.float32)
     height, width = distance.shape[-2:]
-    while True:
+
+    def rows(tensor: Tensor, dy: int) -> Tensor:  # rows shifted by dy, of a tensor padded by 2 rows
+        return tensor[..., 2 + dy : 2 + dy + height, :]
+
+    for _ in range(math.ceil(cap) + 1):
         padded = F.pad(distance, (2, 2, 2, 2), value=cap)
-        relaxed = distance
-        for (dy, dx), step in _CHAMFER_STEPS:
-            shifted = padded[..., 2 + dy : 2 + dy + height, 2 + dx : 2 + dx + width]
-            relaxed = torch.minimum(relaxed, shifted + step)
-        if torch.equal(relaxed, distance):
-            return distance
+        near_columns = torch.minimum(padded[..., 1 : 1 + width], padded[..., 3 : 3 + width])  # dx = -1, +1
+        far_columns = torch.minimum(padded[..., :width], padded[..., 4 : 4 + width])  # dx = -2, +2
+        centre = padded[..., 2 : 2 + width]
+        axis = torch.minimum(torch.minimum(rows(centre, -1), rows(centre, 1)), rows(near_columns, 0))
+        diagonal = torch.minimum(rows(near_columns, -1), rows(near_columns, 1))
+        knight = torch.minimum(
+            torch.minimum(rows(near_columns, -2), rows(near_columns, 2)),
+            torch.minimum(rows(far_columns, -1), rows(far_columns, 1)),
+        )
+        relaxed = torch.minimum(distance, axis.add_(_AXIS_STEP))
+        relaxed = torch.minimum(relaxed, diagonal.add_(_DIAGONAL_STEP))
+        relaxed = torch.minimum(relaxed, knight.add_(_KNIGHT_STEP))
+        if not distance.is_cuda and torch.equal(relaxed, distance):
+            break
         distance = relaxed
+    return distance
 
 
 def equalize_histogram(image: Tensor) -> Tensor:

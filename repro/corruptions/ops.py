@@ -32,8 +32,14 @@ def border_index(size: int, before: int, after: int, mode: BorderMode, device: t
     return torch.where(folded < size, folded, 2 * size - 1 - folded)
 
 
+_TORCH_PAD_MODES = {"replicate": "replicate", "reflect101": "reflect"}
+
+
 def pad2d(x: Tensor, pad_h: int, pad_w: int, mode: BorderMode) -> Tensor:
-    """Pad the last two dims by index gathering, so pads wider than the image are fine (unlike ``F.pad``)."""
+    """Pad the last two dims; by index gathering where ``F.pad`` cannot (symmetric border, pads wider than the
+    image), with ``F.pad`` (several times faster) where it can."""
+    if mode in _TORCH_PAD_MODES and pad_h < x.shape[-2] and pad_w < x.shape[-1]:
+        return F.pad(x, (pad_w, pad_w, pad_h, pad_h), mode=_TORCH_PAD_MODES[mode])
     rows = border_index(x.shape[-2], pad_h, pad_h, mode, x.device)
     cols = border_index(x.shape[-1], pad_w, pad_w, mode, x.device)
     return x.index_select(-2, rows).index_select(-1, cols)
@@ -58,7 +64,11 @@ def _correlate_along(x: Tensor, kernel: Tensor, dim: int, mode: BorderMode) -> T
     """1-D correlation along ``dim`` as a loop over the taps: elementwise, so it cannot depend on the batch and
     is never TF32 on CUDA, and on the CPU faster than a convolution with a long one-dimensional kernel."""
     size, radius = x.shape[dim], len(kernel) // 2
-    padded = x.index_select(dim, border_index(size, radius, radius, mode, x.device))
+    if mode in _TORCH_PAD_MODES and radius < size and x.ndim == 4 and dim in (-1, -2, 2, 3):
+        along_width = dim in (-1, 3)
+        padded = F.pad(x, (radius, radius, 0, 0) if along_width else (0, 0, radius, radius), _TORCH_PAD_MODES[mode])
+    else:
+        padded = x.index_select(dim, border_index(size, radius, radius, mode, x.device))
     weights = kernel.tolist()
     result = padded.narrow(dim, 0, size) * weights[0]
     for tap in range(1, len(weights)):
@@ -111,32 +121,68 @@ def motion_blur(x: Tensor, radius: int, sigma: float, angles_deg: Tensor) -> Ten
 
     Tap ``i`` (``0 <= i <= 2 * radius``) shifts the image by ``(-ceil(i sin a - 0.5), -ceil(i cos a - 0.5))``
     with the edge row/column repeated; taps whose shift leaves the image are dropped without renormalising.
-    Loops over the taps (at most 41); each tap is one batched gather.
+    Loops over the taps (at most 41).
     """
-    n, c, h, w = x.shape
+    taps = motion_taps(x.shape[-2:], radius, sigma, angles_deg.to(x.device), x.dtype)
+    by_slices = not x.is_cuda and x.shape[-2] * x.shape[-1] >= _MIN_PIXELS_FOR_SLICES
+    return (_shifted_sum_by_slices if by_slices else _shifted_sum_by_gathers)(x, *taps)
+
+
+# Below this many pixels per image, one window per image and tap costs more in per-call overhead than it saves
+# (measured: at 28x28 in batches of 256 the gathers are 4x faster, at 224x224 the windows 3.5x).
+_MIN_PIXELS_FOR_SLICES = 64 * 64
+
+
+def motion_taps(
+    size: tuple[int, int], radius: int, sigma: float, angles_deg: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The motion blur's taps: ``weights`` ``(T,)``, per-image shifts ``shift_y``, ``shift_x`` ``(N, T)`` and
+    ``inside`` ``(N, T)``, 1 up to the first tap whose shift leaves the image."""
     width = 2 * radius + 1
-    taps = torch.arange(width, dtype=torch.float64, device=x.device)
+    taps = torch.arange(width, dtype=torch.float64, device=angles_deg.device)
     weights = torch.exp(-(taps**2) / (2.0 * sigma**2))
-    weights = (weights / weights.sum()).to(x.dtype)
+    weights = (weights / weights.sum()).to(dtype)
     angles = torch.deg2rad(angles_deg.to(torch.float64))[:, None]
     # Same float64 expression as the reference: at angles like -30 degrees the offsets sit exactly on .5.
     end_y, end_x = width * torch.sin(angles), width * torch.cos(angles)
     length = torch.hypot(end_y, end_x)
-    shift_y = -torch.ceil(taps * end_y / length - 0.5).to(torch.int64)  # (N, taps)
+    shift_y = -torch.ceil(taps * end_y / length - 0.5).to(torch.int64)
     shift_x = -torch.ceil(taps * end_x / length - 0.5).to(torch.int64)
-    inside = ((shift_y.abs() < h) & (shift_x.abs() < w)).to(torch.int32).cummin(dim=1).values  # stop at first miss
+    inside = ((shift_y.abs() < size[0]) & (shift_x.abs() < size[1])).to(torch.int32).cummin(dim=1).values
+    return weights, shift_y, shift_x, inside
 
+
+def _shifted_sum_by_gathers(x: Tensor, weights: Tensor, shift_y: Tensor, shift_x: Tensor, inside: Tensor) -> Tensor:
+    """``sum_i inside[:, i] * weights[i] * x`` shifted by ``(shift_y[:, i], shift_x[:, i])`` with replicated
+    edges, one batched gather per tap: no host sync (the CUDA path)."""
+    n, c, h, w = x.shape
     rows = torch.arange(h, device=x.device)
     cols = torch.arange(w, device=x.device)
     flat = x.reshape(n, c, h * w)
     blurred = torch.zeros_like(flat)
-    for tap in range(width):
+    for tap in range(len(weights)):
         source_rows = (rows[None, :] - shift_y[:, tap, None]).clamp(0, h - 1)
         source_cols = (cols[None, :] - shift_x[:, tap, None]).clamp(0, w - 1)
         source = (source_rows[:, :, None] * w + source_cols[:, None, :]).reshape(n, 1, h * w)
         tap_weight = (weights[tap] * inside[:, tap]).to(x.dtype)[:, None, None]
         blurred += tap_weight * flat.gather(2, source.expand(n, c, h * w))
     return blurred.reshape(n, c, h, w)
+
+
+def _shifted_sum_by_slices(x: Tensor, weights: Tensor, shift_y: Tensor, shift_x: Tensor, inside: Tensor) -> Tensor:
+    """``_shifted_sum_by_gathers`` (same operations, same bits) as windows into one edge-padded copy per image:
+    contiguous rows instead of gathers, about three times faster on the CPU, where reading the shifts back
+    costs nothing."""
+    h, w = x.shape[-2:]
+    pad = int(torch.maximum(shift_y.abs(), shift_x.abs()).mul(inside).max())
+    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate") if pad else x
+    blurred = torch.zeros_like(x)
+    per_image = zip(inside.sum(1).tolist(), shift_y.tolist(), shift_x.tolist(), strict=True)
+    for image, (tap_count, rows, cols) in enumerate(per_image):
+        for tap in range(tap_count):
+            top, left = pad - rows[tap], pad - cols[tap]
+            blurred[image] += weights[tap] * padded[image, :, top : top + h, left : left + w]
+    return blurred
 
 
 def zoom_center(x: Tensor, factor: float) -> Tensor:

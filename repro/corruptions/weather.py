@@ -65,7 +65,7 @@ def snow(x: Tensor, context: CorruptionContext) -> Tensor:
     flakes = motion_blur(flakes, radius, sigma, angles)
     flakes = (torch.round(flakes * 255.0) / 255.0)[..., :height, :width]
     brightened = torch.maximum(x, luminance(x) * 1.5 + 0.5)
-    return blend * x + (1.0 - blend) * brightened + flakes + flakes.flip(-2, -1)
+    return (blend * x).add_(brightened.mul_(1.0 - blend)).add_(flakes).add_(flakes.flip(-2, -1))
 
 
 def frost_texture_dir() -> Path:
@@ -99,8 +99,10 @@ def _load_frost_textures(directory: str) -> tuple[Tensor, ...]:
 @functools.lru_cache(maxsize=8)
 def _scaled_frost_textures(
     directory: str, height: int, width: int, low_resolution: bool, device: torch.device
-) -> tuple[Tensor, ...]:
-    """Textures resized for ``height x width`` images, as float ``(3, h, w)`` in [0, 1] on ``device``.
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Textures resized for ``height x width`` images: their float [0, 1] pixels, texture after texture, as one
+    ``(3, total)`` tensor on ``device`` (so that crops of different textures are one gather), with each
+    texture's start in it and its height and width (three ``(5,)`` int64 tensors on ``device``).
 
     ImageNet regime (imagecorruptions): grow the texture to cover the image if needed, then by 1.1 more,
     bicubic. Low resolution (make_cifar_c.py): shrink by 5 with bilinear, or fall back to the ImageNet rule if
@@ -123,36 +125,34 @@ def _scaled_frost_textures(
             factor = max(1.0, height / texture_h, width / texture_w) * 1.1
             size = (math.ceil(texture_h * factor), math.ceil(texture_w * factor))
             resized = F.interpolate(batch, size=size, mode="bicubic", align_corners=False)
-        scaled.append((torch.round(resized[0]).clamp(0, 255) / 255.0).to(device))
-    return tuple(scaled)
+        scaled.append(torch.round(resized[0]).clamp(0, 255) / 255.0)
+    sizes = torch.tensor([texture.shape[-2:] for texture in scaled])
+    starts = torch.cumsum(sizes.prod(1), 0) - sizes.prod(1)
+    pixels = torch.cat([texture.reshape(3, -1) for texture in scaled], 1)
+    return pixels.to(device), starts.to(device), sizes[:, 0].to(device), sizes[:, 1].to(device)
 
 
 @register_corruption("frost")
 def frost(x: Tensor, context: CorruptionContext) -> Tensor:
-    """Blend with a random crop of one of five frost photographs: ``a * x + b * frost``.
-
-    Loops over the five textures (one batched crop per texture).
-    """
+    """Blend with a random crop of one of five frost photographs: ``a * x + b * frost``."""
     image_weight, frost_weight = context.pick(
         imagenet=((1, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75)),
         cifar=((1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)),
     )
     height, width = x.shape[-2:]
-    textures = _scaled_frost_textures(str(frost_texture_dir()), height, width, context.low_resolution, x.device)
-    choice = context.random.integers("texture", 0, len(textures))
-    texture_heights = torch.tensor([t.shape[-2] for t in textures], device=x.device)[choice]
-    texture_widths = torch.tensor([t.shape[-1] for t in textures], device=x.device)[choice]
+    pixels, starts, heights, widths = _scaled_frost_textures(
+        str(frost_texture_dir()), height, width, context.low_resolution, x.device
+    )
+    choice = context.random.integers("texture", 0, len(FROST_TEXTURE_FILES))
+    texture_heights, texture_widths = heights[choice], widths[choice]
     top = context.random.integers("top", 0, (texture_heights - height).clamp(min=1))
     left = context.random.integers("left", 0, (texture_widths - width).clamp(min=1))
 
     rows = top[:, None] + torch.arange(height, device=x.device)
     cols = left[:, None] + torch.arange(width, device=x.device)
-    crops = torch.empty_like(x)
-    for texture_index, texture in enumerate(textures):
-        chosen = torch.nonzero(choice == texture_index).squeeze(1)
-        if len(chosen):
-            crops[chosen] = texture[:, rows[chosen, :, None], cols[chosen, None, :]].transpose(0, 1)
-    return image_weight * x + frost_weight * crops
+    source = starts[choice, None, None] + rows[:, :, None] * texture_widths[:, None, None] + cols[:, None, :]
+    crops = pixels[:, source].transpose(0, 1)
+    return (image_weight * x).add_(crops.mul_(frost_weight))
 
 
 def _plasma_fractal(random: RandomStream, map_size: int, wibble_decay: float) -> Tensor:
@@ -181,8 +181,8 @@ def _plasma_fractal(random: RandomStream, map_size: int, wibble_decay: float) ->
         maps[:, half::step, 0::step] = wibbled_mean(column_diamond_sum, "column_diamond")
         step, wibble, level = half, wibble / wibble_decay, level + 1
 
-    maps = maps - maps.amin((1, 2), keepdim=True)
-    return maps / maps.amax((1, 2), keepdim=True)
+    maps -= maps.amin((1, 2), keepdim=True)
+    return maps.div_(maps.amax((1, 2), keepdim=True))
 
 
 @register_corruption("fog")
@@ -196,7 +196,7 @@ def fog(x: Tensor, context: CorruptionContext) -> Tensor:
     map_size = 2 ** (max(height, width) - 1).bit_length()
     haze = _plasma_fractal(context.random, map_size, wibble_decay)[:, None, :height, :width]
     brightest = x.amax((1, 2, 3), keepdim=True)
-    return (x + strength * haze) * brightest / (brightest + strength)
+    return (x + strength * haze).mul_(brightest).div_(brightest + strength)  # in place: no more full-size buffers
 
 
 @register_corruption("brightness")
