@@ -39,3 +39,22 @@ def test_run_gather_check_rerun(suites_dir: Path, tmp_path: Path) -> None:
 
     listed = _repro("list", env_dir=suites_dir)
     assert "tiny" in listed.stdout and "smoke: 2 runs" in listed.stdout
+
+
+@pytest.mark.slow
+def test_a_suite_file_outside_suites_runs_gathers_and_checks_by_its_path(suites_dir: Path, tmp_path: Path) -> None:
+    """An experiment kept outside suites/ (benchmarks/experiments/) goes through run, gather and check by path."""
+    experiments = tmp_path / "experiments"
+    experiments.mkdir()
+    experiment = experiments / "tiny-experiment.yaml"
+    experiment.write_text((suites_dir / "tiny.yaml").read_text().replace("name: tiny", "name: tiny-experiment"))
+    results = tmp_path / "results"
+    ran = _repro("run", str(experiment), "--tier", "smoke", "--results", str(results), "--no-progress",
+                 env_dir=suites_dir)
+    assert ran.returncode == 0, ran.stderr
+    gathered = _repro("gather", "--results", str(results), str(experiment), env_dir=suites_dir)
+    assert gathered.returncode == 0, gathered.stderr
+    assert (results / "tables" / "tiny-experiment.md").is_file()
+    checked = _repro("check", "--results", str(results), str(experiment), env_dir=suites_dir)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "tiny-experiment" in checked.stdout and "1 passed, 0 failed, 0 not run" in checked.stdout

@@ -198,10 +198,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _suite_refs(suites: list[str]) -> list[str] | None:
+    """Suite arguments as gather and check take them: a suite file that exists as given (one outside suites/),
+    else the suite's name; None for all the suites with records."""
+    return [s if Path(s).is_file() else Path(s).stem for s in suites] or None
+
+
 def _cmd_gather(args: argparse.Namespace) -> int:
     from repro.results.gather import gather
 
-    for results, paths in gather(args.results, [Path(s).stem for s in args.suites] or None):
+    for results, paths in gather(args.results, _suite_refs(args.suites)):
         stale = f" ({results.stale} stale records of an older version or recipe ignored)" if results.stale else ""
         runs = results.frame["run_id"].nunique() if not results.frame.empty else 0
         print(f"{results.name}: {runs} runs{stale}")
@@ -217,7 +223,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from repro.results.gather import run_checks, stale_counts
     from repro.results.tables import markdown
 
-    names = [Path(s).stem for s in args.suites] or None
+    names = _suite_refs(args.suites)
     results = run_checks(args.results, names)
     for name, count in stale_counts(args.results, names).items():
         print(f"{name}: {count} stale records (an older version or recipe) ignored")

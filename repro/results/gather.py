@@ -54,8 +54,10 @@ def stale_counts(results_dir: Path, names: list[str] | None = None) -> dict[str,
 
 def load_results(results_dir: Path, name: str) -> SuiteResults:
     """The records of the suite's current runs, in its expansion order; raises the suite's own error when the
-    suite file is missing or invalid."""
+    suite file is missing or invalid. ``name``: a suite in ``suites/`` or a suite file elsewhere (the
+    experiments in ``benchmarks/experiments/``)."""
     suite, _ = load_suite(resolve_suite_path(name))
+    name = suite.name
     records = iter_records(results_dir, name)
     order = expansion_order(suite)
     stale = sum(r["run_id"] not in order for r in records)
