@@ -203,8 +203,7 @@ class Evaluator:
         method = evaluation.method
         if self.grouped and method.batch_independent and (evaluation.label, key[1]) in self.shared:
             return self.shared[evaluation.label, key[1]]
-        groupable = method.batch_independent or (not method.stateful and groups_batches(evaluation.batch_size,
-                                                                                          self.device.type))
+        groupable = predicts_batches_together(method, evaluation.batch_size, self.device.type)
         group = GROUPED_IMAGES // evaluation.batch_size if self.grouped and groupable else 1
         batches = view_batches(images, labels, order, evaluation.batch_size, device=self.device, mean=self.mean,
                                std=self.std, workers=self.workers, group=max(group, 1), channels_last=self.amp)
@@ -218,14 +217,12 @@ class Evaluator:
         return result
 
     def runs_episodes_together(self, evaluation: Evaluation, setting: str) -> bool:
-        """Whether ``evaluation`` runs its views' episodes side by side: a method that can, reset per view, at a
-        batch size that this device groups (on a CPU, tent at batch 1 runs 2.2x faster side by side, at 16 and 64
-        0.7-0.8x) and that leaves room for two or more episodes per forward."""
+        """Whether ``evaluation`` (reset per view) runs its views' episodes side by side
+        (``runs_episodes_side_by_side``)."""
         method = evaluation.method
-        return (self.grouped and method.parallel_episodes and not getattr(method, "episodic", False)
-                and evaluation.reset == "per_view" and setting in ("episodic", "label_shift")
-                and groups_batches(evaluation.batch_size, self.device.type)
-                and episodes_per_forward(evaluation.batch_size) > 1)
+        return (self.grouped and evaluation.reset == "per_view"
+                and runs_episodes_side_by_side(method, getattr(method, "episodic", False), setting,
+                                               evaluation.batch_size, self.device.type))
 
     def episode_streams(self, evaluation: Evaluation, parts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
                         ) -> list[tuple[Stream, dict[str, float]]]:
@@ -364,8 +361,25 @@ def by_episode(values: torch.Tensor, step_sizes: Sequence[int], count: int) -> t
 
 
 def groups_batches(batch_size: int, device_type: str) -> bool:
-    """Whether stateless methods predict several test batches of this size per forward on this device type."""
+    """Whether several test batches of this size go through one forward on this device type."""
     return batch_size < GROUPED_BELOW.get(device_type, GROUPED_IMAGES + 1)
+
+
+def predicts_batches_together(method: AdaptationMethod | type[AdaptationMethod], batch_size: int,
+                              device_type: str) -> bool:
+    """Whether the evaluator predicts several of a method's test batches per forward: ``source`` always (its
+    predictions ignore the batch), methods that only read each batch's statistics where this device groups."""
+    return method.batch_independent or (not method.stateful and groups_batches(batch_size, device_type))
+
+
+def runs_episodes_side_by_side(method: AdaptationMethod | type[AdaptationMethod], episodic: bool, setting: str,
+                               batch_size: int, device_type: str) -> bool:
+    """Whether the evaluator runs a method's per-view episodes side by side (``AdaptationMethod.episodes``): a
+    method that can and is not reset before every batch, under a setting that resets per view, at a batch size
+    this device groups (on a CPU, tent at batch 1 runs 2.2x faster side by side, at 16 and 64 0.7-0.8x) and that
+    leaves room for two or more episodes per forward."""
+    return (method.parallel_episodes and not episodic and setting in ("episodic", "label_shift")
+            and groups_batches(batch_size, device_type) and episodes_per_forward(batch_size) > 1)
 
 
 def evaluation_passes(method: type[AdaptationMethod], options: dict[str, object], batch_size: int, images: int,
@@ -375,11 +389,10 @@ def evaluation_passes(method: type[AdaptationMethod], options: dict[str, object]
     needs, since small models at small test batches are bound by the cost per pass, not per image."""
     steps = -(-images // batch_size)
     clean_steps = -(-clean_after // batch_size) if method.stateful else 0
-    if method.batch_independent or (not method.stateful and groups_batches(batch_size, device_type)):
+    if predicts_batches_together(method, batch_size, device_type):
         full_batches, partial = divmod(images, batch_size)  # as grouped_chunks cuts them
         return views * (-(-full_batches // episodes_per_forward(batch_size)) + (partial > 0))
-    together = (method.parallel_episodes and not options.get("episodic") and setting in ("episodic", "label_shift")
-                and groups_batches(batch_size, device_type) and episodes_per_forward(batch_size) > 1)
+    together = runs_episodes_side_by_side(method, bool(options.get("episodic")), setting, batch_size, device_type)
     forwards = -(-views // episodes_per_forward(batch_size)) if together else views
     return forwards * (steps + clean_steps)
 

@@ -107,9 +107,9 @@ class Tent(AdaptationMethod):
         """
         if self.episodic:
             raise TypeError("tent: an episodic tent resets before every batch; its episodes cannot run side by side")
-        self.reset()
+        super().reset()  # the episodes' γ, β start from the reset state's
         layers = [m for m in self.model.modules() if isinstance(m, AdaptedBatchNorm)]
-        own = self.adapted_parameters, self.optimizer
+        own = self.adapted_parameters
         episode_parameters = []
         for layer in layers:
             layer.episodes = count
@@ -124,7 +124,7 @@ class Tent(AdaptationMethod):
         finally:
             for layer in layers:
                 layer.episodes = layer.episode_weight = layer.episode_bias = None
-            (self.adapted_parameters, self.optimizer), self.episode_count = own, 1
+            self.adapted_parameters, self.episode_count = own, 1
             self.reset()
 
     def predict(self, batch: torch.Tensor) -> torch.Tensor:
