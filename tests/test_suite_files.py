@@ -97,3 +97,32 @@ def test_percent_claim_compares_relative_to_b() -> None:
     assert result.reproduced == pytest.approx(100 * (880 - 1100) / 1100) and result.status == "pass"
     (absolute,) = check(Suite.model_validate({**ONE_BACKBONE, "references": [{**claim, "percent": False}]}), frame)
     assert absolute.reproduced == pytest.approx(-220) and absolute.status == "fail"
+
+
+EXPERIMENTS = Path(__file__).parents[1] / "benchmarks" / "experiments"
+
+
+def _recipe(run) -> str:
+    """A run's trained-model key with the seed left out: what an experiment must share with the tier it explains."""
+    return model_key({**run.config, "seed": 0})
+
+
+def test_experiments_train_the_recipe_of_the_laptop_tier_they_explain() -> None:
+    """The experiments behind the laptop findings vary only what they say they vary (seeds, epochs, group size,
+    BRN's clipping), so their numbers stand next to the tier's."""
+    baseline, _ = load_suite(SUITES / "fmnist-baseline.yaml")
+    gn_experiment, _ = load_suite(EXPERIMENTS / "gn-close-to-bn.yaml")
+    laptop = {r.setting["normalizer"]: model_key(r.config) for r in expand(baseline, "laptop")}
+    four_epochs = {(r.setting["normalizer"], r.setting["seed"]): model_key(r.config)
+                   for r in expand(gn_experiment, "full") if r.setting["train.epochs"] == 4}
+    assert four_epochs["bn", 0] == laptop["bn"] and four_epochs["gn", 0] == laptop["gn"]
+
+    microbatch, _ = load_suite(SUITES / "fmnist-microbatch.yaml")
+    micro_experiment, _ = load_suite(EXPERIMENTS / "microbatch-laptop.yaml")
+    at_two = {r.setting["normalizer"]: _recipe(r) for r in expand(microbatch, "laptop")
+              if r.setting["train.micro_batch"] == 2}
+    runs = expand(micro_experiment, "full")
+    assert {r.setting["seed"] for r in runs if r.setting["normalizer"] != "brn_clipped_to_bn"} == {1, 2}
+    for run in runs:
+        if run.setting["normalizer"] != "brn_clipped_to_bn":
+            assert _recipe(run) == at_two[run.setting["normalizer"]], run.setting
