@@ -125,7 +125,7 @@ def test_compensation_matches_statistics_recomputed_under_current_weights(rho):
     conv, cbn = _conv_and_cbn(window=4, rho=rho)
     optimizer = torch.optim.SGD(conv.parameters(), lr=0.2)
     inputs, weights = [], []
-    for x in _batches(6):
+    for x in _batches(7):  # 7 iterations in a window of 3: the ring has wrapped past its first slot
         inputs.append(x)
         weights.append(conv.weight.detach().clone())
         out = cbn(conv(x))
@@ -184,10 +184,23 @@ def test_closed_form_statistics_gradients_equal_autograd():
     mean, mean_square = _channel_stats(y)
     mean_grad, = torch.autograd.grad(mean.sum(), conv.weight, retain_graph=True)
     mean_square_grad, = torch.autograd.grad(mean_square.sum(), conv.weight)
-    mean_patches, closed_mean_square_grad = statistics_gradients(conv, x, y.detach())
+    mean_patches, closed_mean_square_grad = (g[0] for g in statistics_gradients(conv, x, y.detach()))
     per_group = mean_grad.reshape(conv.groups, conv.out_channels // conv.groups, -1)
     torch.testing.assert_close(per_group, mean_patches.unsqueeze(1).expand_as(per_group), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(closed_mean_square_grad, mean_square_grad, rtol=1e-12, atol=1e-14)
+
+
+def test_statistics_gradients_of_image_groups_are_each_groups_own():
+    """Micro-batches side by side as channels in one weight-gradient convolution equal one call per micro-batch."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, dtype=DOUBLE)
+    x = torch.randn(6, 4, 9, 9, dtype=DOUBLE)
+    y = conv(x).detach()
+    together = statistics_gradients(conv, x, y, groups=3)
+    for g, (x_group, y_group) in enumerate(zip(x.split(2), y.split(2), strict=True)):
+        alone = statistics_gradients(conv, x_group, y_group)
+        for got, want in zip(together, alone, strict=True):
+            torch.testing.assert_close(got[g], want[0], rtol=1e-12, atol=1e-14)
 
 
 def test_each_micro_batch_position_keeps_its_own_window():

@@ -8,13 +8,17 @@ the convolution that feeds the BN with a first-order Taylor term in that weight 
 Design decisions (see also the class docstrings):
 
 * The gradients are computed in closed form, not with autograd: μ_c is linear in filter c, so ∂μ_c/∂W_c is the
-  mean input patch (one ``unfold`` of the batch-summed input), and ∂ν_c/∂W_c = E[2·y_c·patch] is the conv's own
+  mean input patch (two strided sums of the batch-summed input), and ∂ν_c/∂W_c = E[2·y_c·patch] is the conv's own
   weight gradient for grad_output 2y/M (one ``convolution_backward``). The official code runs two autograd
   backward passes through the conv with a retained graph instead. Extra cost per layer and step: one
-  weight-gradient convolution (on CPU about the cost of the conv's whole backward) plus window-many dot products
-  over the weight; ``repro.train.timing.measure_step_time`` measures it.
-* Σ ∂ν/∂W ⊙ (W_t − W_{t−τ}) is evaluated as ⟨∂ν/∂W, W_t⟩ − ⟨∂ν/∂W, W_{t−τ}⟩ with the second term computed when the
-  iteration is stored, so no copies of old weights are kept.
+  weight-gradient convolution (on CPU about half the cost of the conv's whole backward) plus one batched product
+  of the stored gradients with the current weight; ``repro.train.timing.measure_step_time`` measures it.
+* Σ ∂ν/∂W ⊙ (W_t − W_{t−τ}) is evaluated as ⟨∂ν/∂W, W_t⟩ − ⟨∂ν/∂W, W_{t−τ}⟩, so no copies of old weights are
+  kept; the second term needs no product at all: with y_c = ⟨W_c, patch⟩ + b_c it is 2·(ν_c − b_c·μ_c), and
+  ⟨∂μ_c/∂W_c, W_{t−τ}⟩ is μ_c − b_c.
+* Few operations per layer, whatever the window or the number of micro-batches: each layer keeps its windows in
+  fixed tensors written in turn (``_Windows``), and the batch moments, the pooling and the normalization are
+  autograd functions with closed-form backward passes (one BatchNorm inference kernel normalizes a single group).
 * Biased variance in every path (ν − μ² in the window, like ``nn.BatchNorm2d`` outside it); the official plain-BN
   path normalizes with the unbiased one. Running statistics are BN's (current batch, unbiased variance).
 * Past statistics are constants for backpropagation; gradients flow through the current batch's statistics.
@@ -24,8 +28,6 @@ Design decisions (see also the class docstrings):
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,7 +38,6 @@ from repro.errors import UserError
 from repro.norms.base import (
     Normalizer,
     batchnorm_modules,
-    channel_mean_var,
     conv_feeding_each_batchnorm,
     register_normalizer,
     replace_batchnorms,
@@ -45,51 +46,268 @@ from repro.norms.base import (
 )
 
 
-def statistics_gradients(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Closed-form gradients of the per-channel mean μ and mean square ν of ``y = conv(x)`` w.r.t. the conv weight.
+def statistics_gradients(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, groups: int = 1,
+                         side_by_side: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed-form gradients of the per-channel mean μ and mean square ν of ``y = conv(x)`` w.r.t. the conv weight,
+    for each of ``groups`` equal groups of consecutive images (micro-batches).
 
-    Channel c's statistics depend only on filter c, so only that block of each Jacobian is returned:
-    the mean input patch of each group, shape (groups, C_in/groups·kh·kw), which is ∂μ_c/∂W_c for every output
-    channel c of the group; and ∂ν/∂W with the weight's shape. ``y`` must include the conv's bias, if any.
+    Channel c's statistics depend only on filter c, so only that block of each Jacobian is returned: the mean input
+    patch of each conv group, ``(groups, conv.groups, C_in/conv.groups·kh·kw)``, which is ∂μ_c/∂W_c for every output
+    channel c of that conv group; and ∂ν/∂W, ``(groups, *weight.shape)``, the weight gradient for grad_output 2y/M.
+    ``side_by_side`` computes every group's in one convolution with the groups laid side by side as channels (one
+    launch, on accelerators); else one convolution per group (on CPU, where grouped weight gradients are slow).
+    ``y`` must include the conv's bias, if any.
     """
-    positions = y.shape[2] * y.shape[3]
-    count = y.shape[0] * positions
-    patches = F.unfold(x.sum(0, keepdim=True), conv.kernel_size, conv.dilation, conv.padding, conv.stride)
-    if patches.shape[-1] != positions:
-        raise RuntimeError(f"the BatchNorm input ({tuple(y.shape)}) is not the output of its paired {conv}")
-    mean_patches = patches.sum(-1).view(conv.groups, -1) / count
-    mean_square_grad = torch.nn.grad.conv2d_weight(x, conv.weight.shape, y * (2.0 / count), conv.stride,
-                                                   conv.padding, conv.dilation, conv.groups)
-    return mean_patches, mean_square_grad
+    x_groups, y_groups = x.unflatten(0, (groups, -1)), y.unflatten(0, (groups, -1))
+    count = y_groups.shape[1] * y.shape[2] * y.shape[3]
+    mean_patches = _summed_patches(x_groups.sum(1), conv, y.shape[2:]).view(groups, conv.groups, -1) / count
+    geometry = (conv.stride, conv.padding, conv.dilation)
+    if side_by_side and groups > 1:
+        folded = [t.transpose(0, 1).flatten(1, 2) for t in (x_groups, y_groups)]
+        shape = (groups * conv.out_channels, *conv.weight.shape[1:])
+        output_grads = torch.nn.grad.conv2d_weight(folded[0], shape, folded[1], *geometry, groups * conv.groups)
+        output_grads = output_grads.unflatten(0, (groups, -1))
+    else:
+        output_grads = torch.stack([torch.nn.grad.conv2d_weight(x_group, conv.weight.shape, y_group, *geometry,
+                                                                conv.groups)
+                                    for x_group, y_group in zip(x_groups, y_groups, strict=True)])
+    return mean_patches, output_grads.mul_(2.0 / count)
 
 
-def _dot_with_patches(weight: torch.Tensor, mean_patches: torch.Tensor) -> torch.Tensor:
-    """⟨W_c, mean patch of c's group⟩ for every output channel c."""
-    groups = mean_patches.shape[0]
-    return torch.bmm(weight.reshape(groups, weight.shape[0] // groups, -1), mean_patches.unsqueeze(2)).flatten()
+def _summed_patches(x: torch.Tensor, conv: nn.Conv2d, out_size: torch.Size) -> torch.Tensor:
+    """Σ over output positions of each input patch of ``conv`` on ``x`` (``(G, C_in, H, W)`` → ``(G, C_in, kh,
+    kw)``), as two strided sums (rows, then columns) of the padded input instead of materialising every patch."""
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = conv.kernel_size, conv.stride, conv.dilation, conv.padding
+    rows_out = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    cols_out = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if (rows_out, cols_out) != tuple(out_size):
+        raise RuntimeError(f"the BatchNorm input ({tuple(out_size)}) is not the output of its paired {conv}")
+    padded = F.pad(x, (pw, pw, ph, ph))
+    groups, channels, height, width = padded.shape
+    rows = padded.as_strided((groups, channels, kh, rows_out, width),
+                             (channels * height * width, height * width, dh * width, sh * width, 1)).sum(3)
+    return rows.as_strided((groups, channels, kh, kw, cols_out),
+                           (channels * kh * width, kh * width, width, dw, sw)).sum(4)
 
 
-def _dot_per_channel(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """⟨W_c, grad_c⟩ for every output channel c, without a weight-sized temporary."""
-    channels = weight.shape[0]
-    return torch.bmm(grad.reshape(channels, 1, -1), weight.reshape(channels, -1, 1)).flatten()
+class _BatchMoments(torch.autograd.Function):
+    """Per-group channel mean and biased variance of ``y`` (``(G·m, C, H, W)`` → two ``(G, C)``), in at least
+    float32. The backward is one fused multiply-add over ``y`` instead of autograd's chain of full-size ops."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+        grouped = y.unflatten(0, (groups, -1)).to(torch.promote_types(y.dtype, torch.float32))
+        mean = grouped.mean((1, 3, 4))
+        var = (grouped - mean[:, None, :, None, None]).square().mean((1, 3, 4))
+        ctx.save_for_backward(y, mean)
+        ctx.groups = groups
+        return mean, var
+
+    @staticmethod
+    def backward(ctx, grad_mean: torch.Tensor, grad_var: torch.Tensor) -> tuple[torch.Tensor, None]:
+        y, mean = ctx.saved_tensors
+        count = y.numel() // (ctx.groups * y.shape[1])
+        slope = grad_var * (2.0 / count)  # ∂var/∂y = 2(y − μ)/M, ∂μ/∂y = 1/M
+        offset = grad_mean / count - slope * mean
+        shape = (ctx.groups, 1, -1, 1, 1)
+        grad = torch.addcmul(offset.view(shape), y.unflatten(0, (ctx.groups, -1)), slope.view(shape))
+        return grad.flatten(0, 1).to(y.dtype), None
 
 
-@dataclass(frozen=True)
-class _TaylorTerms:
-    """Closed-form gradients of μ and ν at a past iteration, and their products with that iteration's weight."""
+class _PoolWithPast(torch.autograd.Function):
+    """Pooled μ̄ and σ̄² (``(G, C)``) of the current batch's μ, σ² and the past iterations' compensated μ, ν
+    (constants, ``(G, stored, C)``). Past entries whose ν − μ² is negative are dropped per channel; μ̄ is the mean
+    of the kept μ and σ̄² the mean of the kept ν minus μ̄², written as a sum of non-negative terms.
 
-    mean_patches: torch.Tensor
-    mean_square_grad: torch.Tensor
-    mean_patches_dot_weight: torch.Tensor
-    mean_square_grad_dot_weight: torch.Tensor
+    Backward in closed form: ∂μ̄/∂μ = ∂σ̄²/∂σ² = 1/n and ∂σ̄²/∂μ = 2(μ − μ̄)/n, since σ̄², the spread about μ̄, is
+    stationary in μ̄."""
+
+    @staticmethod
+    def forward(ctx, mean_now: torch.Tensor, var_now: torch.Tensor, past_means: torch.Tensor,
+                past_mean_squares: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        past_vars = past_mean_squares - past_means**2
+        kept = past_vars >= 0
+        count = 1 + kept.sum(1)
+        mean = (mean_now + torch.where(kept, past_means, 0.0).sum(1)) / count
+        var = (var_now + (mean_now - mean) ** 2
+               + torch.where(kept, past_vars + (past_means - mean[:, None]) ** 2, 0.0).sum(1)) / count
+        ctx.save_for_backward(mean_now, mean, count)
+        return mean, var
+
+    @staticmethod
+    def backward(ctx, grad_mean: torch.Tensor, grad_var: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        mean_now, mean, count = ctx.saved_tensors
+        return (grad_mean + 2 * grad_var * (mean_now - mean)) / count, grad_var / count, None, None
 
 
-@dataclass(frozen=True)
-class _PastIteration:
-    mean: torch.Tensor
-    mean_square: torch.Tensor
-    taylor: _TaylorTerms | None  # not computed for the naive average (rho = 0)
+class _Normalize(torch.autograd.Function):
+    """``(y − μ)/std·γ + β`` with per-group, per-channel ``μ`` and ``σ²`` (``(G, C)``) and std = √(σ² + eps)
+    (BN's) or √σ² + eps (the official CBN's), differentiable in y, μ, σ², γ and β. One group runs BatchNorm's fused
+    inference kernels with std² as the running variance and eps 0; several groups one broadcast multiply-add."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor, eps: float, eps_inside_sqrt: bool) -> torch.Tensor:
+        if eps_inside_sqrt:
+            std = (var + eps).sqrt()
+            std_per_var = 0.5 / std  # ∂std/∂σ²
+        else:  # the clamp gives a zero-variance channel a zero, not an infinite, derivative through the sqrt
+            root = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
+            std = root + eps
+            std_per_var = torch.where(var > 0, 0.5 / root, 0.0)
+        ctx.save_for_backward(y, mean, std, std_per_var, weight)
+        if mean.shape[0] == 1:
+            return torch.batch_norm(y, weight, bias, mean[0], std[0].square(), False, 0.0, 0.0,
+                                    torch.backends.cudnn.enabled)
+        scale = weight / std
+        shift = bias - mean * scale
+        return torch.addcmul(_per_image(shift, y), y, _per_image(scale, y)).to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        y, mean, std, std_per_var, weight = ctx.saved_tensors
+        groups = mean.shape[0]
+        if groups == 1:
+            grad_y, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+                grad_out, y, weight, mean[0], std[0].square(), None, None, False, 0.0, [True, True, True])
+            grad_weight, grad_bias = grad_weight.unsqueeze(0), grad_bias.unsqueeze(0)  # Σ g·x̂ and Σ g per group
+        else:
+            grad_y = (grad_out * _per_image(weight / std, y)).to(y.dtype)
+            grad_grouped = grad_out.unflatten(0, (groups, -1))
+            grad_bias = grad_grouped.sum((1, 3, 4), dtype=mean.dtype)
+            grad_times_y = (grad_grouped * y.unflatten(0, (groups, -1))).sum((1, 3, 4), dtype=mean.dtype)
+            grad_weight = (grad_times_y - mean * grad_bias) / std
+        grad_mean = -weight * grad_bias / std
+        grad_var = -weight * grad_weight / std * std_per_var  # ∂(1/std)/∂std = −1/std²; Σ g·(y − μ) = std·grad_γ
+        return grad_y, grad_mean, grad_var, grad_weight.sum(0), grad_bias.sum(0), None, None
+
+
+def _per_image(per_group: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A ``(G, C)`` statistic repeated for each image of its group, shaped to broadcast over ``y``: the result of an
+    operation on ``y`` is then a tensor of its own, not a view of a grouped one."""
+    return per_group.repeat_interleave(y.shape[0] // per_group.shape[0], 0)[:, :, None, None]
+
+
+class _Windows:
+    """The last ``capacity`` iterations of every micro-batch position of one layer, in tensors allocated once and
+    overwritten in turn (a ring per position). Compensating or storing any number of positions is then a fixed
+    handful of batched operations, not a few per position and stored iteration; storing copies only what is new.
+
+    Layouts put the stored iterations next to the dimension a batched matrix product reduces over: statistics
+    ``(P, capacity, 4, C)`` (μ, ν, and their Taylor terms' products with the weight they were stored under,
+    ⟨mean patch, W_τ⟩ and ⟨∂ν/∂W, W_τ⟩), mean patches ``(conv groups, P, capacity, K)``, ∂ν/∂W
+    ``(C, P, capacity, C_in/conv groups·kh·kw)``. Positions that go through one forward together (one pass over the
+    micro-batches) are filled in step, so they share their fill level and next slot.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.filled: list[int] = []
+        self.next_slot: list[int] = []
+        self.statistics: torch.Tensor | None = None
+        self.mean_patches: torch.Tensor | None = None
+        self.mean_square_grad: torch.Tensor | None = None
+
+    @property
+    def positions(self) -> int:
+        return len(self.filled)
+
+    def add_position(self) -> None:
+        self.filled.append(0)
+        self.next_slot.append(0)
+
+    def _ring_state(self, first: int, count: int) -> tuple[int, int]:
+        states = set(zip(self.filled[first:first + count], self.next_slot[first:first + count], strict=True))
+        if len(states) > 1:  # the micro-batch count changed between steps
+            raise RuntimeError("CBN windows of different lengths within one iteration; use the sequential path")
+        return states.pop()
+
+    def _allocate(self, like: torch.Tensor, channels: int, patches: torch.Tensor | None, grads: torch.Tensor | None
+                  ) -> None:
+        """Room for every position so far (positions appear in the first iterations only)."""
+        grow = self.positions - (0 if self.statistics is None else self.statistics.shape[0])
+        if grow <= 0:
+            return
+
+        def extended(old: torch.Tensor | None, shape: tuple[int, ...], dim: int) -> torch.Tensor:
+            new = like.new_zeros(shape)
+            return new if old is None else torch.cat((old, new), dim)
+
+        self.statistics = extended(self.statistics, (grow, self.capacity, 4, channels), 0)
+        if patches is not None:
+            self.mean_patches = extended(self.mean_patches, (patches.shape[1], grow, self.capacity, patches.shape[2]),
+                                         1)
+            self.mean_square_grad = extended(self.mean_square_grad, (channels, grow, self.capacity,
+                                                                     grads[0, 0].numel()), 1)
+
+    def _oldest_first(self, per_slot: torch.Tensor, filled: int, next_slot: int) -> torch.Tensor:
+        """``(positions, capacity, …)`` → the filled slots, oldest iteration first."""
+        if filled < self.capacity:
+            return per_slot[:, :filled]
+        return per_slot.roll(-next_slot, 1) if next_slot else per_slot
+
+    def _weight_products(self, weight: torch.Tensor, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """⟨W_c, mean patch⟩ and ⟨W_c, ∂ν_c/∂W_c⟩ of every slot of ``count`` positions, ``(count, slots, C)``."""
+        patches = self.mean_patches[:, first:first + count]  # (conv groups, count, slots, K)
+        grads = self.mean_square_grad[:, first:first + count]  # (C, count, slots, K)
+        conv_groups, channels = patches.shape[0], grads.shape[0]
+        per_group = weight.reshape(conv_groups, channels // conv_groups, -1)
+        mean_shift = torch.bmm(per_group, patches.reshape(conv_groups, -1, patches.shape[-1]).transpose(1, 2))
+        mean_square_shift = torch.bmm(grads.reshape(channels, -1, grads.shape[-1]), weight.reshape(channels, -1, 1))
+        shape = (channels, count, -1)
+        return mean_shift.reshape(shape).permute(1, 2, 0), mean_square_shift.reshape(shape).permute(1, 2, 0)
+
+    def compensated(self, weight: torch.Tensor, rho: float, first: int, count: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """μ and ν of the stored iterations of positions ``first …`` moved to ``weight`` by ρ times their Taylor
+        terms: two ``(count, stored iterations, C)`` tensors, oldest first."""
+        filled, next_slot = self._ring_state(first, count)
+        if not filled:
+            empty = weight.new_zeros(count, 0, weight.shape[0], dtype=torch.promote_types(weight.dtype, torch.float32))
+            return empty, empty
+        statistics = self.statistics[first:first + count]
+        means, mean_squares = statistics[:, :, 0], statistics[:, :, 1]
+        if rho:
+            mean_shift, mean_square_shift = self._weight_products(weight.to(statistics.dtype), first, count)
+            means = means + rho * (mean_shift - statistics[:, :, 2])
+            mean_squares = mean_squares + rho * (mean_square_shift - statistics[:, :, 3])
+        return self._oldest_first(means, filled, next_slot), self._oldest_first(mean_squares, filled, next_slot)
+
+    def append(self, first: int, means: torch.Tensor, mean_squares: torch.Tensor,
+               taylor: tuple[torch.Tensor, ...] | None = None) -> None:
+        """Store one iteration of positions ``first …`` (``means``: ``(count, C)``). When compensating, ``taylor``
+        holds the mean patches ``(count, conv groups, K)``, ∂ν/∂W ``(count, *weight.shape)`` and their products
+        with the weight they were computed under, ``(count, C)`` each."""
+        count = means.shape[0]
+        filled, slot = self._ring_state(first, count)
+        self._allocate(means, means.shape[1], *(taylor or (None, None))[:2])
+        stored = self.statistics[first:first + count, slot]
+        stored[:, 0], stored[:, 1] = means, mean_squares
+        if taylor is not None:
+            mean_patches, mean_square_grads, stored[:, 2], stored[:, 3] = taylor
+            self.mean_patches[:, first:first + count, slot] = mean_patches.transpose(0, 1)
+            self.mean_square_grad[:, first:first + count, slot] = mean_square_grads.flatten(2).transpose(0, 1)
+        for position in range(first, first + count):
+            self.filled[position] = min(filled + 1, self.capacity)
+            self.next_slot[position] = (slot + 1) % self.capacity
+
+    def entries(self, position: int) -> list[dict[str, Any]]:
+        """The stored iterations of one position, oldest first, as plain tensors (a resumable run's state)."""
+        filled, next_slot = self.filled[position], self.next_slot[position]
+        if not filled:
+            return []
+        one = slice(position, position + 1)
+        statistics = self._oldest_first(self.statistics[one], filled, next_slot)[0]
+        taylor = self.mean_patches is not None
+        if taylor:
+            patches = self._oldest_first(self.mean_patches[:, one].transpose(0, 1), filled, next_slot)[0]
+            grads = self._oldest_first(self.mean_square_grad[:, one].transpose(0, 1), filled, next_slot)[0]
+        return [{"mean": statistics[k, 0].clone(), "mean_square": statistics[k, 1].clone(),
+                 "taylor": None if not taylor else {
+                     "mean_patches": patches[:, k].clone(), "mean_square_grad": grads[:, k].clone(),
+                     "mean_patches_dot_weight": statistics[k, 2].clone(),
+                     "mean_square_grad_dot_weight": statistics[k, 3].clone()}}
+                for k in range(filled)]
 
 
 class CrossIterationBatchNorm2d(nn.BatchNorm2d):
@@ -133,27 +351,28 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         self.iterations_done = 0
         self._micro_batch = 0
         self._weight_version_this_iteration = -1
-        self._windows: list[deque[_PastIteration]] = []
+        self._windows = _Windows(window - 1)
         self._conv_call: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, output) of the conv's last call
 
     def training_state(self) -> dict[str, Any]:
         """Iteration count and the stored past iterations, which a resumed run continues from."""
-        windows = [[{"mean": past.mean, "mean_square": past.mean_square,
-                     "taylor": None if past.taylor is None else dict(vars(past.taylor))} for past in window]
-                   for window in self._windows]
-        return {"iterations_done": self.iterations_done, "windows": windows}
+        return {"iterations_done": self.iterations_done,
+                "windows": [self._windows.entries(p) for p in range(self._windows.positions)]}
 
     def load_training_state(self, state: dict[str, Any]) -> None:
         self.iterations_done = state["iterations_done"]
         self._micro_batch = 0
         device = self.conv.weight.device
-        self._windows = [
-            deque((_PastIteration(past["mean"].to(device), past["mean_square"].to(device),
-                                  None if past["taylor"] is None else
-                                  _TaylorTerms(**{k: v.to(device) for k, v in past["taylor"].items()}))
-                   for past in window), maxlen=self.window - 1)
-            for window in state["windows"]
-        ]
+        self._windows = _Windows(self.window - 1)
+        for position, entries in enumerate(state["windows"]):
+            self._windows.add_position()
+            for past in entries:
+                taylor = past["taylor"]
+                on_device = [tensor.to(device)[None] for tensor in (past["mean"], past["mean_square"], *(
+                    () if taylor is None else (taylor["mean_patches"], taylor["mean_square_grad"],
+                                               taylor["mean_patches_dot_weight"],
+                                               taylor["mean_square_grad_dot_weight"])))]
+                self._windows.append(position, on_device[0], on_device[1], tuple(on_device[2:]) or None)
 
     def end_iteration(self) -> None:
         """Mark an optimizer step: counts towards the burn-in and restarts the micro-batch numbering."""
@@ -173,99 +392,67 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
 
         Returns two (stored iterations, C) tensors, oldest first.
         """
-        entries = self._windows[micro_batch] if micro_batch < len(self._windows) else ()
-        dtype = entries[0].mean.dtype if entries else torch.promote_types(self.conv.weight.dtype, torch.float32)
-        if not entries:
+        if micro_batch >= self._windows.positions:
+            dtype = torch.promote_types(self.conv.weight.dtype, torch.float32)
             empty = self.conv.weight.new_zeros(0, self.num_features, dtype=dtype)
             return empty, empty
-        means = torch.stack([e.mean for e in entries])
-        mean_squares = torch.stack([e.mean_square for e in entries])
-        if self.rho:
-            weight = self.conv.weight.detach().to(dtype)
-            terms = [e.taylor for e in entries]
-            means = means + self.rho * torch.stack(
-                [_dot_with_patches(weight, t.mean_patches) - t.mean_patches_dot_weight for t in terms])
-            mean_squares = mean_squares + self.rho * torch.stack(
-                [_dot_per_channel(weight, t.mean_square_grad) - t.mean_square_grad_dot_weight for t in terms])
-        return means, mean_squares
+        means, mean_squares = self._windows.compensated(self.conv.weight.detach(), self.rho, micro_batch, 1)
+        return means[0], mean_squares[0]
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(y)
         if self.training and self.uses_window():
-            return self._cross_iteration_forward(y)
+            return self._pooled_forward(y, groups=1)
         if self.eps_inside_sqrt:
             return super().forward(y)
         if self.training or self.running_mean is None:
-            mean, var = channel_mean_var(y)
-            self._update_running_statistics(mean, var, y)
-        else:
-            mean, var = self.running_mean, self.running_var
-        return self._normalize(y, mean, var)
+            mean, var = _BatchMoments.apply(y, 1)
+            self._update_running_statistics(mean[0], var[0], y)
+            return self._normalize(y, mean, var)
+        return self._normalize(y, self.running_mean[None], self.running_var[None])
 
-    def ghost_forward(self, y: torch.Tensor, micro_batch: int) -> torch.Tensor:
+    def ghost_forward(self, y: torch.Tensor, micro_batch: int, side_by_side: bool = True) -> torch.Tensor:
         """Training forward over ``G`` consecutive micro-batches in one pass (``repro.norms.ghost``): group g is
         micro-batch position g of this iteration, pools with its own window and is stored there, exactly as G
-        separate forwards would do. Outside the cross-iteration path, the layer's own forward per group."""
+        separate forwards would do. Outside the cross-iteration path, the layer's own forward per group.
+        ``side_by_side``: per-group work in one kernel with the groups as channels (``statistics_gradients``)."""
         if not self.uses_window():
             return torch.cat([self.forward(chunk) for chunk in y.split(micro_batch)])
         self._check_input_dim(y)
-        conv_call, self._conv_call = self._conv_call, None
-        if conv_call is None or conv_call[1] is not y:
-            raise RuntimeError(f"CrossIterationBatchNorm2d must be applied to the output of its {self.conv} directly, "
-                               "once per call of the conv")
-        groups = y.shape[0] // micro_batch
-        positions = [self._start_micro_batch() for _ in range(groups)]
-        lengths = {len(self._windows[p]) for p in positions}
-        if len(lengths) > 1:  # windows filled unevenly (micro-batch count changed): pool group by group
-            raise RuntimeError("CBN windows of different lengths within one iteration; use the sequential path")
-        grouped = y.unflatten(0, (groups, micro_batch))
-        dtype = torch.promote_types(y.dtype, torch.float32)
-        mean_now = grouped.to(dtype).mean((1, 3, 4))
-        var_now = (grouped.to(dtype) - mean_now[:, None, :, None, None]).square().mean((1, 3, 4))
-        with torch.no_grad():
-            past = [self.compensated_past_statistics(p) for p in positions]
-            past_means = torch.stack([m for m, _ in past])  # (G, stored iterations, C)
-            past_vars = torch.stack([q for _, q in past]) - past_means**2
-            kept = past_vars >= 0
-            count = 1 + kept.sum(1)
-            mean_of_past = torch.where(kept, past_means, 0.0).sum(1)
-        mean = (mean_now + mean_of_past) / count
-        var = (var_now + (mean_now - mean) ** 2
-               + torch.where(kept, past_vars + (past_means - mean[:, None]) ** 2, 0.0).sum(1)) / count
-        values_per_channel = micro_batch * y.shape[2] * y.shape[3]
-        if values_per_channel <= 1:
-            raise ValueError(f"expected more than 1 value per channel when training, got {micro_batch} images "
-                             f"of {tuple(y.shape[1:])}")
-        if self.running_mean is not None:
-            running_statistics_in_order(self, mean_now.detach(),
-                                        var_now.detach() * (values_per_channel / (values_per_channel - 1)))
-        self._store_groups(positions, conv_call[0], y, mean_now.detach(), var_now.detach())
-        return self._normalize(y, mean, var, groups)
+        return self._pooled_forward(y, y.shape[0] // micro_batch, side_by_side)
 
     def _remember_conv_call(self, conv: nn.Conv2d, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         if self.training and self.uses_window():
             self._conv_call = (args[0], output)
 
-    def _cross_iteration_forward(self, y: torch.Tensor) -> torch.Tensor:
+    def _pooled_forward(self, y: torch.Tensor, groups: int, side_by_side: bool = True) -> torch.Tensor:
+        """Group g of ``y`` is the next micro-batch of this iteration: it is normalized with its statistics pooled
+        with its own window's (compensated) ones, and stored there."""
         conv_call, self._conv_call = self._conv_call, None
         if conv_call is None or conv_call[1] is not y:
             raise RuntimeError(f"CrossIterationBatchNorm2d must be applied to the output of its {self.conv} directly, "
                                "once per call of the conv")
-        x = conv_call[0]
-        micro_batch = self._start_micro_batch()
-        mean_now, var_now = channel_mean_var(y)
+        values_per_channel = y.shape[0] // groups * y.shape[2] * y.shape[3]
+        if values_per_channel <= 1:
+            raise ValueError(f"expected more than 1 value per channel when training, got {y.shape[0] // groups} "
+                             f"images of {tuple(y.shape[1:])}")
+        first = self._start_micro_batch()
+        for _ in range(groups - 1):
+            self._start_micro_batch()
+        mean_now, var_now = _BatchMoments.apply(y, groups)  # (G, C)
         with torch.no_grad():
-            past_means, past_mean_squares = self.compensated_past_statistics(micro_batch)
-            past_vars = past_mean_squares - past_means**2
-            kept = past_vars >= 0
-            count = 1 + kept.sum(0)
-            mean_of_past = torch.where(kept, past_means, 0.0).sum(0)
-        mean = (mean_now + mean_of_past) / count
-        # mean of the kept ν minus μ̄², written as a sum of non-negative terms
-        var = (var_now + (mean_now - mean) ** 2
-               + torch.where(kept, past_vars + (past_means - mean) ** 2, 0.0).sum(0)) / count
-        self._update_running_statistics(mean_now, var_now, y)
-        self._store(micro_batch, x, y, mean_now.detach(), var_now.detach())
+            past_means, past_mean_squares = self._windows.compensated(self.conv.weight.detach(), self.rho, first,
+                                                                      groups)  # (G, stored iterations, C)
+        mean, var = _PoolWithPast.apply(mean_now, var_now, past_means, past_mean_squares)
+        if self.running_mean is not None:
+            unbiased = var_now.detach() * (values_per_channel / (values_per_channel - 1))
+            if groups == 1:
+                factor = running_average_factor(self)
+                self.running_mean.lerp_(mean_now[0].detach().to(self.running_mean.dtype), factor)
+                self.running_var.lerp_(unbiased[0].to(self.running_var.dtype), factor)
+            else:
+                running_statistics_in_order(self, mean_now.detach(), unbiased)
+        self._store(first, conv_call[0], y, mean_now.detach(), var_now.detach(), side_by_side)
         return self._normalize(y, mean, var)
 
     def _start_micro_batch(self) -> int:
@@ -278,47 +465,26 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
                                "after every optimizer step (the 'cbn' normalizer's after_step does)")
         micro_batch = self._micro_batch
         self._micro_batch += 1
-        while len(self._windows) <= micro_batch:
-            self._windows.append(deque(maxlen=self.window - 1))
+        while self._windows.positions <= micro_batch:
+            self._windows.add_position()
         return micro_batch
 
     @torch.no_grad()
-    def _store(self, micro_batch: int, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> None:
-        taylor = None
-        if self.rho:
-            dtype = torch.promote_types(y.dtype, torch.float32)
-            mean_patches, mean_square_grad = statistics_gradients(self.conv, x.to(dtype), y.to(dtype))
-            weight = self.conv.weight.detach().to(dtype)
-            taylor = _TaylorTerms(mean_patches, mean_square_grad, _dot_with_patches(weight, mean_patches),
-                                  _dot_per_channel(weight, mean_square_grad))
-        self._windows[micro_batch].append(_PastIteration(mean, var + mean**2, taylor))
-
-    @torch.no_grad()
-    def _store_groups(self, positions: list[int], x: torch.Tensor, y: torch.Tensor, means: torch.Tensor,
-                      variances: torch.Tensor) -> None:
-        """``_store`` for every group of a one-pass forward, with one weight-gradient convolution for all groups."""
-        groups = len(positions)
-        taylor: list[_TaylorTerms | None] = [None] * groups
-        if self.rho:
-            dtype = torch.promote_types(y.dtype, torch.float32)
-            conv = self.conv
-            x_groups = x.to(dtype).unflatten(0, (groups, -1))
-            y_groups = y.to(dtype).unflatten(0, (groups, -1))
-            count = y_groups.shape[1] * y.shape[2] * y.shape[3]
-            patches = F.unfold(x_groups.sum(1), conv.kernel_size, conv.dilation, conv.padding, conv.stride)
-            mean_patches = patches.sum(-1).view(groups, conv.groups, -1) / count
-            # the groups side by side as channels: one grouped weight-gradient convolution computes every group's
-            side_by_side = [t.transpose(0, 1).flatten(1, 2) for t in (x_groups, y_groups * (2.0 / count))]
-            mean_square_grads = torch.nn.grad.conv2d_weight(
-                side_by_side[0], (groups * conv.out_channels, *conv.weight.shape[1:]), side_by_side[1], conv.stride,
-                conv.padding, conv.dilation, groups * conv.groups).unflatten(0, (groups, -1))
-            weight = conv.weight.detach().to(dtype)
-            for g in range(groups):
-                taylor[g] = _TaylorTerms(mean_patches[g], mean_square_grads[g],
-                                         _dot_with_patches(weight, mean_patches[g]),
-                                         _dot_per_channel(weight, mean_square_grads[g]))
-        for g, position in enumerate(positions):
-            self._windows[position].append(_PastIteration(means[g], variances[g] + means[g] ** 2, taylor[g]))
+    def _store(self, first: int, x: torch.Tensor, y: torch.Tensor, means: torch.Tensor, variances: torch.Tensor,
+               side_by_side: bool) -> None:
+        """Store each group's statistics (and Taylor terms) in the windows of positions ``first …``."""
+        mean_squares = variances + means**2
+        if not self.rho:
+            self._windows.append(first, means, mean_squares)
+            return
+        dtype = torch.promote_types(y.dtype, torch.float32)
+        mean_patches, mean_square_grads = statistics_gradients(self.conv, x.to(dtype), y.to(dtype), means.shape[0],
+                                                               side_by_side)
+        # their products with the weight they came from, in closed form: y_c = ⟨W_c, patch⟩ + b_c, so
+        # ⟨W_c, mean patch⟩ = μ_c − b_c and ⟨W_c, ∂ν_c/∂W_c⟩ = E[2·y_c·(y_c − b_c)] = 2·(ν_c − b_c·μ_c)
+        bias = 0.0 if self.conv.bias is None else self.conv.bias.detach().to(dtype)
+        self._windows.append(first, means, mean_squares,
+                             (mean_patches, mean_square_grads, means - bias, 2 * (mean_squares - bias * means)))
 
     @torch.no_grad()
     def _update_running_statistics(self, mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor) -> None:
@@ -334,17 +500,12 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
         self.running_var.lerp_((var * (count / (count - 1))).to(self.running_var.dtype), factor)
 
-    def _normalize(self, y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, groups: int = 1) -> torch.Tensor:
-        """``y`` normalized with per-channel statistics, ``(C,)``, or per group of ``y``'s images, ``(groups, C)``."""
-        if self.eps_inside_sqrt:
-            inv_std = torch.rsqrt(var + self.eps)
-        else:  # clamp so that a zero-variance channel gets a zero, not a NaN, gradient through the sqrt
-            inv_std = 1.0 / (var.clamp_min(torch.finfo(var.dtype).tiny).sqrt() + self.eps)
-        scale = inv_std * self.weight if self.affine else inv_std
-        shift = self.bias - mean * scale if self.affine else -mean * scale
-        grouped = y.unflatten(0, (groups, -1))
-        out = grouped * scale.view(groups, 1, -1, 1, 1) + shift.view(groups, 1, -1, 1, 1)
-        return out.flatten(0, 1).to(y.dtype)
+    def _normalize(self, y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """``y`` normalized with statistics per group of its images and channel, ``(groups, C)``."""
+        weight = self.weight if self.affine else torch.ones_like(mean[0])
+        bias = self.bias if self.affine else torch.zeros_like(mean[0])
+        return _Normalize.apply(y, mean, var.to(mean.dtype), weight.to(mean.dtype), bias.to(mean.dtype), self.eps,
+                                self.eps_inside_sqrt)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, window={self.window}, rho={self.rho}, "

@@ -49,7 +49,7 @@ def _ghost_forward(bn: nn.modules.batchnorm._BatchNorm, micro_batch: int, x: tor
     if not bn.training or groups <= 1 or x.shape[0] % micro_batch:
         return type(bn).forward(bn, x)
     if isinstance(bn, CrossIterationBatchNorm2d):  # its windows, one per group
-        return bn.ghost_forward(x, micro_batch)
+        return bn.ghost_forward(x, micro_batch, side_by_side=grouped_statistics(x))
     if not grouped_statistics(x):  # the layer's own forward per group, in order: the sequential arithmetic itself
         return torch.cat([type(bn).forward(bn, chunk) for chunk in x.split(micro_batch)])
     bn._check_input_dim(x)
