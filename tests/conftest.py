@@ -8,6 +8,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # that their records can equal in-process ones bit for bit (a float sum's order depends on the thread count)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -47,6 +48,21 @@ references:
     source: test
     tiers: [smoke]
 """
+
+
+#: what a run measures about the machine (time, memory) rather than computes; the rest must be identical
+_MEASURED = re.compile(r"(_s|_ms|images_per_s|peak_memory_mb)$")
+
+
+def computed_fields(record: dict) -> dict:
+    """The parts of a record that must not depend on where or alongside what the run ran."""
+    def strip(values: dict) -> dict:
+        return {k: v for k, v in values.items() if not _MEASURED.search(k)}
+
+    return {"run_id": record["run_id"], "status": record["status"], "config": record["config"],
+            "setting": record["setting"], "metrics": strip(record["metrics"]),
+            "curve": [strip(point) for point in record["curve"]], "rows": record["rows"],
+            "suite_version": record["suite_version"], "tier": record["tier"]}
 
 
 @pytest.fixture

@@ -10,10 +10,10 @@ import pytest
 
 from repro.cli import main
 from repro.execute.archive import unpack
-from repro.execute.campaign import Campaign, order_runs, parse_duration, plan_suite
-from repro.execute.estimate import Estimator
+from repro.execute.campaign import Campaign, PlannedRun, order_runs, parse_duration, plan_suite, window_seconds
+from repro.execute.estimate import Estimate, Estimator
 from repro.results.records import is_complete, iter_records
-from tests.conftest import TINY_SUITE
+from tests.conftest import TINY_SUITE, computed_fields
 
 
 @pytest.fixture
@@ -81,10 +81,24 @@ def test_plan_json_lists_pending_runs_and_minutes(campaign_suite: str, tmp_path:
                                                   capsys: pytest.CaptureFixture) -> None:
     assert main(["campaign", campaign_suite, "--tier", "smoke", "--plan", "--json", "--plan-device", "h200",
                  "--results", str(tmp_path)]) == 0
-    plan = json.loads(capsys.readouterr().out.strip())
+    plan, totals = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines())
     assert plan["suite"] == "tiny4" and plan["tier"] == "smoke" and plan["device"] == "h200"
     assert plan["pending_runs"] == 16 and plan["estimated_minutes"] > 0
     assert plan["estimate_basis"] == ["cost model (h200, uncalibrated)"]
+    assert totals["total_minutes"] == plan["estimated_minutes"] and totals["workers"] == 1
+    assert totals["window_minutes"] == pytest.approx(plan["estimated_minutes"], abs=0.02)  # one run at a time
+
+
+def test_window_on_workers_waits_for_a_model_being_trained() -> None:
+    """Estimates 4 (trains model k), 1 (loads k), 2 on two workers: the second waits for the first to end at 4,
+    the third fills the other worker meanwhile, so the window ends at 4 + 1."""
+    def planned(seconds: float, key: str | None) -> PlannedRun:
+        return PlannedRun(suite=None, path=Path("x"), run=None, references=1, phase=0, model_key=key,
+                          estimate=Estimate(seconds, "given"))
+
+    assert window_seconds([planned(4, "k"), planned(1, "k"), planned(2, None)], workers=2) == 5
+    assert window_seconds([planned(3, None), planned(3, None), planned(2, None), planned(2, None)], workers=2) == 5
+    assert window_seconds([planned(3, None), planned(2, None)], workers=1) == 5
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("9m", 540), ("90s", 90), ("1h30m", 5400), ("45", 45)])
@@ -132,3 +146,26 @@ def test_calibration_sums_the_runs_that_did_their_own_work(campaign_suite: str, 
     assert estimate.basis == f"cost model x {expected_scale:.2f} (calibrated on cpu records)"
     assert estimate.seconds == pytest.approx(expected_scale * modelled_seconds(unseen, training_workload(unseen),
                                                                                "cpu"))
+
+
+@pytest.mark.slow
+def test_workers_record_what_one_process_records_and_wait_for_a_model_being_trained(suites_dir: Path,
+                                                                                      tmp_path: Path) -> None:
+    """Two suites train the same two models; on two workers the second suite's runs wait for the first's and load
+    the saved models instead of training them again beside it."""
+    for name in ("saver", "reader"):
+        saving = "citation: none\ntask_options: {save_checkpoint: true}"
+        text = TINY_SUITE.format(name=name).replace("citation: none", saving)
+        (suites_dir / f"{name}.yaml").write_text(textwrap.dedent(text))
+    records = {}
+    for workers in (1, 2):
+        results = tmp_path / f"workers-{workers}"
+        summary = Campaign(["saver", "reader"], "smoke", 600.0, results, device="cpu", workers=workers,
+                           echo=lambda _: None).run()
+        assert len(summary.ran) == 4 and summary.statuses == {"ok": 4}
+        records[workers] = [r for suite in ("saver", "reader") for r in iter_records(results, suite)]
+    assert [computed_fields(r) for r in records[2]] == [computed_fields(r) for r in records[1]]
+    for normalizer in ("bn", "gn"):
+        pair = [r for r in records[2] if r["setting"]["normalizer"] == normalizer]
+        loaded = [bool(r["extra"].get("from_checkpoint")) for r in pair]
+        assert sorted(loaded) == [False, True], "trained beside the run that was training the same model"

@@ -21,24 +21,11 @@ from repro.execute.local import run_workers
 from repro.results.records import RECORD_SCHEMA, iter_records, write_json_atomic
 from repro.suite import run_suite
 from repro.suite.runner import expand_tier
-
-#: what a run measures about the machine (time, memory) rather than computes; the rest must be identical
-_MEASURED = re.compile(r"(_s|_ms|images_per_s|peak_memory_mb)$")
-
-
-def _computed(record: dict) -> dict:
-    """The parts of a record that must not depend on where or alongside what the run ran."""
-    def strip(values: dict) -> dict:
-        return {k: v for k, v in values.items() if not _MEASURED.search(k)}
-
-    return {"run_id": record["run_id"], "status": record["status"], "config": record["config"],
-            "setting": record["setting"], "metrics": strip(record["metrics"]),
-            "curve": [strip(point) for point in record["curve"]], "rows": record["rows"],
-            "suite_version": record["suite_version"], "tier": record["tier"]}
+from tests.conftest import computed_fields
 
 
 def _by_id(results: Path) -> dict[str, dict]:
-    return {record["run_id"]: _computed(record) for record in iter_records(results, "tiny")}
+    return {record["run_id"]: computed_fields(record) for record in iter_records(results, "tiny")}
 
 
 @pytest.fixture

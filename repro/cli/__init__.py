@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     campaign.add_argument("--json", action="store_true", help="with --plan: one JSON object per suite")
     campaign.add_argument("--plan-device", default=None, help="with --plan: device kind to estimate for "
                           "(h200, cpu; default this machine's)")
+    campaign.add_argument("--workers", type=int, default=1, help="runs at once, in spawned processes sharing the "
+                          "device (default 1); with --plan, the window this takes is estimated too")
     campaign.add_argument("--progress", action="store_true", help="per-epoch progress bars")
     campaign.add_argument("--checkpoint-every", default="10m", help="resumable training state interval (default "
                           "10m); a run is also saved when the deadline stops it")
@@ -272,17 +274,25 @@ def _campaign_suites(names: list[str]) -> list[str]:
 def _cmd_campaign(args: argparse.Namespace) -> int:
     import json
 
-    from repro.execute.campaign import Campaign, parse_duration
+    from repro.execute.campaign import Campaign, order_runs, parse_duration, window_seconds
     from repro.results.check import failing
 
+    if args.workers < 1:
+        raise UserError(f"--workers {args.workers}: must be at least 1")
     campaign = Campaign(_campaign_suites(args.suites), args.tier, parse_duration(args.budget), args.results,
                         device=args.device, data_dir=args.data_dir, archive=args.archive, progress=args.progress,
-                        checkpoint_every_s=parse_duration(args.checkpoint_every, "--checkpoint-every"))
+                        checkpoint_every_s=parse_duration(args.checkpoint_every, "--checkpoint-every"),
+                        workers=args.workers)
     if args.plan:
         kind = args.plan_device or campaign.executor_kind
-        plans = [plan.as_dict(kind) for plan in campaign.plans(kind)]
+        suite_plans = campaign.plans(kind)
+        plans = [plan.as_dict(kind) for plan in suite_plans]
+        ready = [plan for plan in suite_plans if not plan.skipped_reason]
+        window = window_seconds(order_runs(ready), args.workers) / 60
         if args.json:
             print("\n".join(json.dumps(plan) for plan in plans))
+            print(json.dumps({"total_minutes": round(sum(p["estimated_minutes"] for p in plans if not p["skipped"]),
+                                                     2), "workers": args.workers, "window_minutes": round(window, 2)}))
             return 0
         for plan in plans:
             state = f"  data not present: {plan['skipped'][:80]}" if plan["skipped"] else ""
@@ -290,6 +300,9 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
                   f"{plan['estimated_minutes']:>9.1f} min on {kind}  ({'; '.join(plan['estimate_basis'])}){state}")
         total = sum(plan["estimated_minutes"] for plan in plans if not plan["skipped"])
         print(f"total: {total:.1f} device-minutes on {kind} for the suites whose data is here")
+        if args.workers > 1:
+            print(f"on {args.workers} workers: {window:.1f} min, if each run takes its estimate beside "
+                  f"{args.workers - 1} others")
         return 0
     summary = campaign.run()
     print(f"campaign: {len(summary.ran)} ran ({summary.statuses}), {len(summary.not_started)} not started, "

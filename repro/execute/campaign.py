@@ -13,10 +13,17 @@ their estimates drop its training. A run whose estimate does not fit in the time
 shorter runs still may be. Training checks the deadline after every epoch and stops there with a resumable
 checkpoint (``repro.train.resume``), so the next campaign or ``repro run`` continues it; no record is written
 for an unfinished run. Only data already on disk is used: the hub is switched off.
+
+With ``workers`` > 1 the runs go, in that order, to that many spawned processes sharing the device (small models
+at 28 px leave a large GPU mostly idle): a run starts when a process is free and its estimate fits in the time
+left; a run that loads a model another running run is training waits for it, and later runs go first meanwhile.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import heapq
+import multiprocessing
 import os
 import re
 import time
@@ -149,6 +156,25 @@ def order_runs(plans: list[SuitePlan]) -> list[PlannedRun]:
     return ordered
 
 
+def window_seconds(ordered: list[PlannedRun], workers: int) -> float:
+    """How long ``ordered`` takes on ``workers`` processes dispatched as a campaign dispatches them, each run
+    taking its estimate: a free process takes the first run that does not wait for a model being trained."""
+    running: list[tuple[float, int, str | None]] = []  # (end, tie-break, model key), a heap
+    queue, now = list(ordered), 0.0
+    while queue or running:
+        training = {key for _, _, key in running if key}
+        for item in list(queue):
+            if len(running) >= workers:
+                break
+            if item.model_key and item.model_key in training:
+                continue
+            queue.remove(item)
+            heapq.heappush(running, (now + item.estimate.seconds, id(item), item.model_key))
+            training.add(item.model_key)
+        now = heapq.heappop(running)[0]
+    return now
+
+
 def suite_data_present(plan: SuitePlan, ctx) -> str | None:
     """None when the datasets of the plan's runs load here; else why not (the loader's own message)."""
     try:
@@ -167,6 +193,7 @@ class CampaignSummary:
     stopped_at_deadline: list[str] = field(default_factory=list)
     statuses: dict[str, int] = field(default_factory=dict)
     archive: Path | None = None
+    trained: set[str] = field(default_factory=set)  # model keys this campaign trained and saved
 
 
 class Campaign:
@@ -175,7 +202,7 @@ class Campaign:
     def __init__(self, suites: list[str], tier: str, budget_s: float, results_dir: Path, *, device: str = "auto",
                  data_dir: Path | None = None, archive: Path | None = None, progress: bool = False,
                  echo: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
-                 checkpoint_every_s: float | None = None) -> None:
+                 checkpoint_every_s: float | None = None, workers: int = 1) -> None:
         from repro.suite.runner import resolve_device
         from repro.tasks import RunContext
 
@@ -190,6 +217,7 @@ class Campaign:
         self.ctx = RunContext(self.device, results_dir, data_dir, progress, deadline=self.deadline - CLOSING_RESERVE_S,
                               clock=clock, checkpoint_every_s=checkpoint_every_s)
         self.archive = archive
+        self.data_dir, self.checkpoint_every_s, self.workers = data_dir, checkpoint_every_s, workers
         self.log_path = results_dir / "campaign.log"
         self._echo = echo
         self.checks: list = []  # the closing check's results (repro.results.check.CheckResult)
@@ -220,9 +248,6 @@ class Campaign:
         return plans
 
     def run(self) -> CampaignSummary:
-        from repro.suite.runner import RunRecorder, SuiteRunSummary, report_outcome
-        from repro.tasks.base import model_key
-
         summary = CampaignSummary(archive=self.archive)
         plans = self.plans()
         for plan in plans:
@@ -230,41 +255,103 @@ class Campaign:
                 self.log(f"{plan.suite.name}: skipped, data not present: {plan.skipped_reason}")
         ready = [plan for plan in plans if not plan.skipped_reason]
         ordered = order_runs(ready)
-        self.log(f"campaign {self.tier} on {self.device}: {len(ordered)} pending runs in "
+        lanes = f" on {self.workers} workers" if self.workers > 1 else ""
+        self.log(f"campaign {self.tier} on {self.device}{lanes}: {len(ordered)} pending runs in "
                  f"{', '.join(p.suite.name for p in ready) or 'no suite'}; {self.left() / 60:.1f} min budget")
-        trained: set[str] = set()
-        recorders = {}
-        for index, item in enumerate(ordered, 1):
-            cached = item.model_key is not None and (
-                item.model_key in trained or (self.results_dir / "checkpoints" / f"{item.model_key}.pt").is_file())
-            estimate = self._estimate(item, cached)
-            needed = SAFETY_FACTOR * estimate.seconds + CLOSING_RESERVE_S
-            prefix = f"[{index}/{len(ordered)}] {item.label}"
-            if needed > self.left():
-                summary.not_started.append(item.run.run_id)
-                self.log(f"{prefix}: not started, needs ~{estimate.seconds / 60:.1f} min ({estimate.basis}), "
-                         f"{self.left() / 60:.1f} min left")
-                continue
-            self.log(f"{prefix}: start, ~{estimate.seconds / 60:.1f} min ({estimate.basis}), "
-                     f"{item.references} references")
-            if item.suite.name not in recorders:
-                recorders[item.suite.name] = RunRecorder(item.suite, item.path, self.tier, self.ctx)
-            result = recorders[item.suite.name].run(item.run)
-            if result is None:
-                self.log(f"{prefix}: being run, or completed, by another process; skipped")
-                continue
-            outcome, error = result
-            report_outcome(SuiteRunSummary(item.suite.name, self.tier), item.run, prefix, outcome, error, self.log)
-            if outcome.status == "stopped":
-                summary.stopped_at_deadline.append(item.run.run_id)
-                continue
-            summary.ran.append(item.run.run_id)
-            summary.statuses[outcome.status] = summary.statuses.get(outcome.status, 0) + 1
-            if item.model_key is not None:
-                trained.add(model_key(item.run.config))
-            self.refresh_archive(ready, final=False)
+        queue = [(f"[{index}/{len(ordered)}] {item.label}", item) for index, item in enumerate(ordered, 1)]
+        if self.workers > 1:
+            self._run_on_workers(queue, ready, summary)
+        else:
+            self._run_here(queue, ready, summary)
         self.close(ready)
         return summary
+
+    def _run_here(self, queue: list[tuple[str, PlannedRun]], plans: list[SuitePlan], summary: CampaignSummary
+                  ) -> None:
+        from repro.suite.runner import RunRecorder
+
+        recorders = {}
+        for prefix, item in queue:
+            if not self._may_start(prefix, item, summary):
+                continue
+            if item.suite.name not in recorders:
+                recorders[item.suite.name] = RunRecorder(item.suite, item.path, self.tier, self.ctx)
+            self._finish(prefix, item, recorders[item.suite.name].run(item.run), plans, summary)
+
+    def _run_on_workers(self, queue: list[tuple[str, PlannedRun]], plans: list[SuitePlan],
+                        summary: CampaignSummary) -> None:
+        """The queue on ``workers`` spawned processes: free processes take the first runs that may start."""
+        import torch
+
+        from repro.execute.local import runs_per_device, start_worker, visible_gpus
+
+        context = multiprocessing.get_context("spawn")
+        gpus = visible_gpus() if self.device.type == "cuda" else []
+        threads = max(1, torch.get_num_threads() // self.workers)
+        context_of_runs = {"device": str(self.device), "results_dir": self.results_dir, "data_dir": self.data_dir,
+                           "checkpoint_every_s": self.checkpoint_every_s,
+                           "runs_sharing_device": runs_per_device(self.workers, gpus)}
+        running: dict[concurrent.futures.Future, tuple[str, PlannedRun]] = {}
+        with concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context, initializer=start_worker,
+                                                    initargs=(context.Value("i", 0), gpus, threads)) as pool:
+            try:
+                while queue or running:
+                    training = {item.model_key for _, item in running.values()
+                                if item.model_key and not self._model_saved(item, summary)}
+                    for entry in list(queue):
+                        if len(running) >= self.workers:
+                            break
+                        prefix, item = entry
+                        if item.model_key in training:  # it loads the model that run saves
+                            continue
+                        queue.remove(entry)
+                        if self._may_start(prefix, item, summary):
+                            running[pool.submit(_run_in_worker, item.path, self.tier, item.run.run_id,
+                                                context_of_runs, self.deadline - self.clock())] = entry
+                            if item.model_key and not self._model_saved(item, summary):
+                                training.add(item.model_key)
+                    done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                    for future in done:
+                        prefix, item = running.pop(future)
+                        self._finish(prefix, item, future.result(), plans, summary)
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+
+    def _may_start(self, prefix: str, item: PlannedRun, summary: CampaignSummary) -> bool:
+        """Whether the run's estimate (with its model trained already, or not) fits in the time left; logged."""
+        estimate = self._estimate(item, self._model_saved(item, summary))
+        if SAFETY_FACTOR * estimate.seconds + CLOSING_RESERVE_S > self.left():
+            summary.not_started.append(item.run.run_id)
+            self.log(f"{prefix}: not started, needs ~{estimate.seconds / 60:.1f} min ({estimate.basis}), "
+                     f"{self.left() / 60:.1f} min left")
+            return False
+        self.log(f"{prefix}: start, ~{estimate.seconds / 60:.1f} min ({estimate.basis}), {item.references} references")
+        return True
+
+    def _model_saved(self, item: PlannedRun, summary: CampaignSummary) -> bool:
+        """Whether the trained model the run loads (if any) is saved already, so that the run does not train it."""
+        return item.model_key is not None and (
+            item.model_key in summary.trained or (self.results_dir / "checkpoints" / f"{item.model_key}.pt").is_file())
+
+    def _finish(self, prefix: str, item: PlannedRun, result: tuple | None, plans: list[SuitePlan],
+                summary: CampaignSummary) -> None:
+        from repro.suite.runner import SuiteRunSummary, report_outcome
+        from repro.tasks.base import model_key
+
+        if result is None:
+            self.log(f"{prefix}: being run, or completed, by another process; skipped")
+            return
+        outcome, error = result
+        report_outcome(SuiteRunSummary(item.suite.name, self.tier), item.run, prefix, outcome, error, self.log)
+        if outcome.status == "stopped":
+            summary.stopped_at_deadline.append(item.run.run_id)
+            return
+        summary.ran.append(item.run.run_id)
+        summary.statuses[outcome.status] = summary.statuses.get(outcome.status, 0) + 1
+        if item.model_key is not None:
+            summary.trained.add(model_key(item.run.config))
+        self.refresh_archive(plans, final=False)
 
     def _estimate(self, item: PlannedRun, model_trained: bool) -> Estimate:
         """Estimated again before each start: the records written so far calibrate it to this device, under
@@ -305,3 +392,25 @@ class Campaign:
         size = pack(self.results_dir, [plan.suite.name for plan in plans], self.archive, log=self.log_path)
         if final:
             self.log(f"archive {self.archive}: {size / 2**20:.2f} MiB")
+
+
+_WORKER_CONTEXTS: dict[str, Any] = {}
+
+
+def _run_in_worker(suite_path: Path, tier: str, run_id: str, context: dict[str, Any], seconds_left: float):
+    """One campaign run in a worker process, with the campaign's deadline (sent as the time left, since clocks
+    are per process); datasets stay loaded in the worker between its runs."""
+    from repro.suite.runner import RunRecorder, expand_tier, resolve_device
+    from repro.tasks import RunContext
+
+    key = repr(sorted(context.items()))
+    if key not in _WORKER_CONTEXTS:
+        _WORKER_CONTEXTS[key] = RunContext(resolve_device(context["device"]), context["results_dir"],
+                                           context["data_dir"], progress=False,
+                                           checkpoint_every_s=context["checkpoint_every_s"],
+                                           runs_sharing_device=context["runs_sharing_device"])
+    ctx = _WORKER_CONTEXTS[key]
+    ctx.deadline = ctx.clock() + seconds_left - CLOSING_RESERVE_S
+    suite, path, runs = expand_tier(suite_path, tier)
+    run = next(run for run in runs if run.run_id == run_id)
+    return RunRecorder(suite, path, tier, ctx).run(run)

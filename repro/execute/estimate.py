@@ -155,6 +155,7 @@ class Estimator:
         self.kind = kind
         self._measured: dict[str, list[float]] = {}
         self._calibration: dict[str, list[float]] = {}  # task -> [measured seconds, modelled seconds], summed
+        self._sharing: dict[str, set[int]] = {}  # task -> runs side by side on the device when they were measured
         for record in iter_records(results_dir):
             if record.get("status") not in COMPLETE_STATUSES or record_device_kind(record) != kind:
                 continue
@@ -179,6 +180,9 @@ class Estimator:
                 sums = self._calibration.setdefault(task, [0.0, 0.0])
                 sums[0] += wall
                 sums[1] += modelled
+                sharing = (record.get("provenance") or {}).get("runs_sharing_device")
+                if isinstance(sharing, int):
+                    self._sharing.setdefault(task, set()).add(sharing)
 
     def estimate(self, config: dict[str, Any], workload: Workload) -> Estimate:
         measured = self._measured.get(seedless_key(config))
@@ -188,8 +192,9 @@ class Estimator:
         calibration = self._calibration.get(config.get("task", "train"))
         if calibration and calibration[1] > 0:
             scale = calibration[0] / calibration[1]
-            return Estimate(seconds * scale,
-                            f"cost model x {scale:.2f} (calibrated on {self.kind} records)")
+            sharing = sorted(self._sharing.get(config.get("task", "train"), ()))
+            made = f", made {' or '.join(map(str, sharing))} to a device" if sharing else ""
+            return Estimate(seconds * scale, f"cost model x {scale:.2f} (calibrated on {self.kind} records{made})")
         return Estimate(seconds, f"cost model ({self.kind}, uncalibrated)")
 
 

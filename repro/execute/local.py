@@ -71,7 +71,7 @@ def visible_gpus() -> list[str]:
     return [str(index) for index in range(torch.cuda.device_count())]
 
 
-def _start_worker(counter, gpus: list[str], threads: int) -> None:
+def start_worker(counter, gpus: list[str], threads: int) -> None:
     """Pin this worker to its GPU before CUDA starts, and give it its share of the CPU threads."""
     with counter.get_lock():
         index = counter.value
@@ -81,12 +81,19 @@ def _start_worker(counter, gpus: list[str], threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run_in_worker(request: SuiteRequest, run_id: str) -> tuple[str, tuple[RunOutcome, str | None] | None]:
+def runs_per_device(workers: int, gpus: list[str]) -> int:
+    """How many of ``workers`` processes share one device: all of them on CPU or one GPU, else round-robin."""
+    return -(-workers // len(gpus)) if gpus else workers
+
+
+def _run_in_worker(request: SuiteRequest, run_id: str, sharing: int
+                   ) -> tuple[str, tuple[RunOutcome, str | None] | None]:
     key = (request.suite, request.tier)
     if key not in _RECORDERS:
         suite, path, runs = expand_tier(request.suite, request.tier)
         ctx = RunContext(resolve_device(request.device), request.results_dir, request.data_dir, progress=False,
-                         retrain=request.force, checkpoint_every_s=request.checkpoint_every_s)
+                         retrain=request.force, checkpoint_every_s=request.checkpoint_every_s,
+                         runs_sharing_device=sharing)
         _RECORDERS[key] = RunRecorder(suite, path, request.tier, ctx), {run.run_id: run for run in runs}
     recorder, runs_by_id = _RECORDERS[key]
     return run_id, recorder.run(runs_by_id[run_id])
@@ -113,8 +120,9 @@ def run_workers(request: SuiteRequest, workers: int, echo: Callable[[str], None]
     counter = context.Value("i", 0)
     by_id = {run.run_id: run for run in pending}
     with concurrent.futures.ProcessPoolExecutor(min(workers, len(pending)), mp_context=context,
-                                                initializer=_start_worker, initargs=(counter, gpus, threads)) as pool:
-        futures = [pool.submit(_run_in_worker, request, run.run_id) for run in pending]
+                                                initializer=start_worker, initargs=(counter, gpus, threads)) as pool:
+        sharing = runs_per_device(min(workers, len(pending)), gpus)
+        futures = [pool.submit(_run_in_worker, request, run.run_id, sharing) for run in pending]
         try:
             for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
                 run_id, result = future.result()

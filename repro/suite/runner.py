@@ -166,6 +166,7 @@ class RunRecorder:
             "provenance": {
                 **provenance(ctx.device, ctx.data_fingerprint(run.config["dataset"]), data.source, self.suite_sha),
                 "processes": 1 if data_parallel is None else data_parallel.world_size,
+                "runs_sharing_device": ctx.runs_sharing_device,
                 **job_provenance(),
             },
         }

@@ -66,6 +66,8 @@ class RunContext:
     checkpoint_every_s: float | None = None
     #: ``repro run --force``: train again even when a checkpoint of the same training exists
     retrain: bool = False
+    #: runs that the executor runs side by side on this run's device (``--workers``); their wall times are shares
+    runs_sharing_device: int = 1
     _datasets: dict[str, ImageDataset] = field(default_factory=dict)
     _fingerprints: dict[str, str] = field(default_factory=dict)
 
