@@ -1,6 +1,7 @@
 """The ``tta`` task and the on-the-fly corrupted view, on tiny generated datasets."""
 
 import textwrap
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from repro.corruptions import corrupt
-from repro.data import TensorSplit
+from repro.data import TensorSplit, corrupted
 from repro.data.corrupted import GeneratedView, subset_view
 from repro.errors import UserError
 from repro.results.records import iter_records
@@ -58,7 +59,24 @@ def run_rows(tmp_path: Path, name: str, **kwargs) -> list[dict]:
     return records
 
 
-def test_generated_view_is_corrupt_of_the_same_indices_whatever_the_batch(tmp_path):
+@pytest.fixture
+def views_in_memory(monkeypatch: pytest.MonkeyPatch) -> OrderedDict:
+    """An empty in-memory view store for the test."""
+    store = OrderedDict()
+    monkeypatch.setattr(corrupted, "_views_in_memory", store)
+    return store
+
+
+@pytest.fixture
+def no_views_in_memory(views_in_memory: OrderedDict, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(corrupted, "VIEWS_IN_MEMORY_BYTES", {})
+
+
+def _measured_removed(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "ms_per_image"} for row in rows]
+
+
+def test_generated_view_is_corrupt_of_the_same_indices_whatever_the_batch(tmp_path, no_views_in_memory):
     images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (10, 1, 28, 28), dtype=np.uint8))
     split = TensorSplit(images, torch.arange(10))
     expected = corrupt(images, "glass_blur", 3, seed=7, indices=torch.arange(10))
@@ -71,6 +89,38 @@ def test_generated_view_is_corrupt_of_the_same_indices_whatever_the_batch(tmp_pa
     again = GeneratedView(split, seed=7, cache_dir=tmp_path)
     assert torch.equal(again("glass_blur", 3)[0], expected) and again.images == 0  # read back, not recomputed
     assert not torch.equal(GeneratedView(split, seed=8)("glass_blur", 3)[0], expected)
+
+
+def test_views_stay_in_memory_within_a_budget(views_in_memory, monkeypatch: pytest.MonkeyPatch):
+    split = TensorSplit(torch.randint(0, 256, (10, 1, 28, 28), dtype=torch.uint8), torch.arange(10))
+    monkeypatch.setattr(corrupted, "VIEWS_IN_MEMORY_BYTES", {"cpu": split.images.numel()})  # one view's bytes
+    first = GeneratedView(split, seed=7)
+    fog, _ = first("fog", 2)
+    later = GeneratedView(TensorSplit(split.images.clone(), split.labels.clone()), seed=7)  # an equal split
+    assert later("fog", 2)[0] is fog and later.images == 0
+    later("contrast", 2)  # over the budget with fog: fog goes
+    assert list(views_in_memory) == [(later.key, "cpu", "contrast", 2)]
+    assert torch.equal(later("fog", 2)[0], fog) and later.images == 20
+
+
+def test_a_suite_run_after_another_takes_its_views_from_memory_with_the_same_rows(tmp_path, views_in_memory,
+                                                                                  monkeypatch):
+    """bn's run corrupts the views; gn's, next, finds them in memory. The rows equal those of runs that each
+    corrupted their own views (memory off)."""
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "alone").mkdir()
+    kept = run_rows(tmp_path / "kept", "memory")
+    computed = {r["setting"]["normalizer"]: bool(r["extra"].get("corruption_images_per_s")) for r in kept}
+    assert computed == {"bn": True, "gn": False}  # in the suite's order
+    assert len(views_in_memory) == 4
+    monkeypatch.setattr(corrupted, "VIEWS_IN_MEMORY_BYTES", {})
+    views_in_memory.clear()
+    alone = run_rows(tmp_path / "alone", "memory")
+    assert all(r["extra"].get("corruption_images_per_s") for r in alone)
+    def rows(records: list[dict]) -> dict:
+        return {r["setting"]["normalizer"]: _measured_removed(r["rows"]) for r in records}
+
+    assert rows(kept) == rows(alone)
 
 
 def test_subset_view_keeps_the_same_rows_as_a_subset_split():

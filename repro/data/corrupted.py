@@ -14,9 +14,11 @@ an optional disk cache) and has the same signature, so evaluation code does not 
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -123,6 +125,21 @@ def imagenet_c_view(root: Path | str, *, crop_size: int = 224, classes: list[str
 
 #: Bump when a change to ``repro.corruptions`` changes its output, so that cached views are not reused.
 CACHE_VERSION = 1
+#: Bytes of generated views one process keeps in memory, by device type. The runs of a suite corrupt the same test
+#: split with the same seed, so every run after the first takes its views from here; the least recently used go
+#: first. A view larger than the budget is not kept.
+VIEWS_IN_MEMORY_BYTES = {"cuda": 8 << 30, "cpu": 2 << 30}
+_views_in_memory: OrderedDict[tuple[str, str, str, int], torch.Tensor] = OrderedDict()
+
+
+def _keep_in_memory(key: tuple[str, str, str, int], images: torch.Tensor) -> None:
+    budget = VIEWS_IN_MEMORY_BYTES.get(images.device.type, 0)
+    size = images.numel() * images.element_size()
+    if size > budget:
+        return
+    _views_in_memory[key] = images
+    while sum(kept.numel() * kept.element_size() for kept in _views_in_memory.values()) > budget:
+        _views_in_memory.popitem(last=False)
 
 
 class GeneratedView:
@@ -132,7 +149,9 @@ class GeneratedView:
     depend on ``batch_size``, which only bounds the memory of one ``corrupt`` call. The whole corrupted view is
     returned as one tensor on ``device`` (a 50,000-image ImageNet view is 7.5 GB of uint8). With ``cache_dir``
     each view is also written there as ``.npy``, keyed by the split's fingerprint, the seed and ``CACHE_VERSION``,
-    and read back instead of recomputed. ``images`` and ``seconds`` count what was computed (the throughput).
+    and read back instead of recomputed. Views also stay in this process's memory, on their device, for the next
+    run of the same split and seed (``VIEWS_IN_MEMORY_BYTES``); they are shared, so callers must not modify them.
+    ``images`` and ``seconds`` count what was computed (the throughput).
     """
 
     def __init__(self, split: TensorSplit, *, seed: int = 0, device: torch.device | str = "cpu",
@@ -145,17 +164,27 @@ class GeneratedView:
         self.images = 0
         self.seconds = 0.0
 
+    @functools.cached_property
+    def key(self) -> str:
+        """What a view's pixels depend on besides the corruption and severity."""
+        return f"{self.split.fingerprint()}-seed{self.seed}-v{CACHE_VERSION}"
+
     def cache_path(self, corruption: str, severity: int) -> Path | None:
         if self.cache_dir is None:
             return None
-        key = f"{self.split.fingerprint()}-seed{self.seed}-v{CACHE_VERSION}"
-        return self.cache_dir / key / f"{corruption}-{severity}.npy"
+        return self.cache_dir / self.key / f"{corruption}-{severity}.npy"
 
     def __call__(self, corruption: str, severity: int) -> tuple[torch.Tensor, torch.Tensor]:
         _check_severity(severity)
+        in_memory = (self.key, str(self.device), corruption, severity)
+        if in_memory in _views_in_memory:
+            _views_in_memory.move_to_end(in_memory)
+            return _views_in_memory[in_memory], self.split.labels
         path = self.cache_path(corruption, severity)
         if path is not None and path.is_file():
-            return torch.from_numpy(np.load(path)).to(self.device), self.split.labels
+            images = torch.from_numpy(np.load(path)).to(self.device)
+            _keep_in_memory(in_memory, images)
+            return images, self.split.labels
         began = time.perf_counter()
         parts = []
         for start in range(0, len(self.split), self.batch_size):
@@ -169,6 +198,7 @@ class GeneratedView:
         self.images += len(images)
         if path is not None:
             _save_npy_atomic(path, images.cpu().numpy())
+        _keep_in_memory(in_memory, images)
         return images, self.split.labels
 
 

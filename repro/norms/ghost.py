@@ -9,8 +9,8 @@ running statistics then agree with the sequential passes to float rounding (``te
 
 Batch Renorm reads its running statistics in training: each group is renormalized against the running statistics
 its own pass would see (updated by the groups before it), also in closed form. Cross-Iteration BN pools group g
-with the window of micro-batch position g and stores it there (``CrossIterationBatchNorm2d.ghost_forward``, one
-weight-gradient convolution for all groups). Not exact, so kept sequential by the trainer: random layers
+with the window of micro-batch position g and stores it there (``CrossIterationBatchNorm2d.ghost_forward``; on a
+GPU one weight-gradient convolution for all groups). Not exact, so kept sequential by the trainer: random layers
 (dropout, drop-path: a whole-batch mask draws other random numbers), and mixup (drawn per chunk).
 """
 
