@@ -176,10 +176,11 @@ def test_entries_with_negative_compensated_variance_are_dropped():
     torch.testing.assert_close(out[:, 1:], _normalized(y_new, mean_pooled, var_pooled, cbn, True)[:, 1:])
 
 
-def test_closed_form_statistics_gradients_equal_autograd():
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_closed_form_statistics_gradients_equal_autograd(memory_format):
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, stride=2, padding=(1, 2), dilation=2, groups=2, bias=True, dtype=DOUBLE)
-    x = torch.randn(5, 4, 11, 9, dtype=DOUBLE)
+    x = torch.randn(5, 4, 11, 9, dtype=DOUBLE).contiguous(memory_format=memory_format)
     y = conv(x)
     mean, mean_square = _channel_stats(y)
     mean_grad, = torch.autograd.grad(mean.sum(), conv.weight, retain_graph=True)

@@ -82,10 +82,10 @@ def _summed_patches(x: torch.Tensor, conv: nn.Conv2d, out_size: torch.Size) -> t
     cols_out = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     if (rows_out, cols_out) != tuple(out_size):
         raise RuntimeError(f"the BatchNorm input ({tuple(out_size)}) is not the output of its paired {conv}")
-    padded = F.pad(x, (pw, pw, ph, ph))
+    padded = F.pad(x, (pw, pw, ph, ph)).contiguous()  # the strides below assume a contiguous layout
     groups, channels, height, width = padded.shape
     rows = padded.as_strided((groups, channels, kh, rows_out, width),
-                             (channels * height * width, height * width, dh * width, sh * width, 1)).sum(3)
+                             (channels * height * width, height * width, dh * width, sh * width, 1)).sum(3).contiguous()
     return rows.as_strided((groups, channels, kh, kw, cols_out),
                            (channels * kh * width, kh * width, width, dw, sw)).sum(4)
 
