@@ -65,6 +65,16 @@ def computed_fields(record: dict) -> dict:
             "suite_version": record["suite_version"], "tier": record["tier"]}
 
 
+@pytest.fixture(autouse=True)
+def fresh_views_in_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts without the corrupted views earlier tests left in memory (``repro.data.corrupted``)."""
+    from collections import OrderedDict
+
+    from repro.data import corrupted
+
+    monkeypatch.setattr(corrupted, "_views_in_memory", OrderedDict())
+
+
 @pytest.fixture
 def suites_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A suites/ folder holding ``tiny.yaml``; REPRO_SUITES_DIR points at it."""

@@ -60,11 +60,9 @@ def run_rows(tmp_path: Path, name: str, **kwargs) -> list[dict]:
 
 
 @pytest.fixture
-def views_in_memory(monkeypatch: pytest.MonkeyPatch) -> OrderedDict:
-    """An empty in-memory view store for the test."""
-    store = OrderedDict()
-    monkeypatch.setattr(corrupted, "_views_in_memory", store)
-    return store
+def views_in_memory() -> OrderedDict:
+    """The test's in-memory view store (empty at the start: ``fresh_views_in_memory`` in conftest)."""
+    return corrupted._views_in_memory
 
 
 @pytest.fixture
@@ -129,8 +127,8 @@ def test_subset_view_keeps_the_same_rows_as_a_subset_split():
     assert torch.equal(images, split.subset(7).images) and torch.equal(labels, split.subset(7).labels)
 
 
-def test_rows_cover_methods_corruptions_severities_and_batch_sizes(tmp_path):
-    records = run_rows(tmp_path, "tta-rows")
+def test_rows_cover_methods_corruptions_severities_and_batch_sizes(tmp_path, no_views_in_memory):
+    records = run_rows(tmp_path, "tta-rows")  # each run corrupts its own views, and reports their throughput
     assert len(records) == 2  # one run per model: methods and batch sizes are rows, not runs
     for record in records:
         rows = record["rows"]
