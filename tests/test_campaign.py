@@ -1,8 +1,12 @@
 """``repro campaign``: a budget that is kept, complete records only, resumption, and an archive that unpacks."""
 
 import json
+import multiprocessing
+import os
+import signal
 import tarfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -169,3 +173,28 @@ def test_workers_record_what_one_process_records_and_wait_for_a_model_being_trai
         pair = [r for r in records[2] if r["setting"]["normalizer"] == normalizer]
         loaded = [bool(r["extra"].get("from_checkpoint")) for r in pair]
         assert sorted(loaded) == [False, True], "trained beside the run that was training the same model"
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_loses_only_its_runs(campaign_suite: str, tmp_path: Path) -> None:
+    """SIGKILL one of two workers once a run has completed: the campaign ends without raising, names the runs it
+    lost, and still leaves every completed record, the check and the archive."""
+    results, archive = tmp_path / "results", tmp_path / "window.tar.gz"
+    campaign = Campaign([campaign_suite], "smoke", 600.0, results, device="cpu", archive=archive, workers=2,
+                        echo=lambda _: None)
+    outcome: dict[str, object] = {}
+    thread = threading.Thread(target=lambda: outcome.update(summary=campaign.run()))
+    thread.start()
+    deadline = time.monotonic() + 300
+    while not list(results.glob("runs/tiny4/*.json")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    workers = multiprocessing.active_children()
+    assert workers, "no worker processes found"
+    os.kill(workers[0].pid, signal.SIGKILL)
+    thread.join(300)
+    summary = outcome["summary"]
+    assert summary.lost and summary.ran and len(summary.ran) + len(summary.lost) + len(summary.not_started) == 16
+    records = _records(results)
+    assert set(records) == set(summary.ran) and all(is_complete(r) for r in records.values())
+    assert campaign.checks and archive.is_file()
+    assert "lost, a worker process died" in (results / "campaign.log").read_text()

@@ -305,9 +305,10 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
                   f"{args.workers - 1} others")
         return 0
     summary = campaign.run()
+    lost = f", {len(summary.lost)} lost with their worker process" if summary.lost else ""
     print(f"campaign: {len(summary.ran)} ran ({summary.statuses}), {len(summary.not_started)} not started, "
-          f"{len(summary.stopped_at_deadline)} stopped at the deadline with a resumable checkpoint")
-    return 1 if summary.statuses.get("failed") or failing(campaign.checks, strict=False) else 0
+          f"{len(summary.stopped_at_deadline)} stopped at the deadline with a resumable checkpoint{lost}")
+    return 1 if summary.statuses.get("failed") or summary.lost or failing(campaign.checks, strict=False) else 0
 
 
 def _cmd_unpack(args: argparse.Namespace) -> int:

@@ -194,6 +194,7 @@ class CampaignSummary:
     statuses: dict[str, int] = field(default_factory=dict)
     archive: Path | None = None
     trained: set[str] = field(default_factory=set)  # model keys this campaign trained and saved
+    lost: list[str] = field(default_factory=list)  # runs whose worker process died
 
 
 class Campaign:
@@ -313,10 +314,29 @@ class Campaign:
                     done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
                     for future in done:
                         prefix, item = running.pop(future)
-                        self._finish(prefix, item, future.result(), plans, summary)
+                        try:
+                            result = future.result()
+                        except concurrent.futures.process.BrokenProcessPool:
+                            self._lose_workers(prefix, item, queue, running, summary)
+                            return
+                        self._finish(prefix, item, result, plans, summary)
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
+
+    def _lose_workers(self, prefix: str, item: PlannedRun, queue: list[tuple[str, PlannedRun]],
+                      running: dict[concurrent.futures.Future, tuple[str, PlannedRun]],
+                      summary: CampaignSummary) -> None:
+        """A worker process died (killed, out of memory): the pool is unusable. The runs it held have no record;
+        the campaign ends here, and still gathers, checks and archives what completed."""
+        for lost_prefix, lost in [(prefix, item), *running.values()]:
+            summary.lost.append(lost.run.run_id)
+            self.log(f"{lost_prefix}: lost, a worker process died; no record (a later campaign runs it again)")
+        for waiting_prefix, waiting in queue:
+            summary.not_started.append(waiting.run.run_id)
+            self.log(f"{waiting_prefix}: not started, the worker processes are gone")
+        running.clear()
+        queue.clear()
 
     def _may_start(self, prefix: str, item: PlannedRun, summary: CampaignSummary) -> bool:
         """Whether the run's estimate (with its model trained already, or not) fits in the time left; logged."""
