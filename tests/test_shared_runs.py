@@ -5,6 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from repro.execute.base import SuiteRequest
+from repro.execute.campaign import Campaign, order_runs, plan_suite
+from repro.execute.estimate import Estimator
+from repro.execute.local import run_workers
 from repro.results.records import iter_records
 from repro.suite import run_suite
 from repro.suite.expand import expand
@@ -105,3 +109,33 @@ def test_a_train_run_reports_the_same_training_saved_by_another_suite(tmp_path: 
     summary = run_suite("saver", "smoke", results_dir=results, device="cpu", progress=False, echo=lambda _: None,
                         force=True)
     assert summary.ran and "from_checkpoint" not in iter_records(results, "saver")[0]["extra"]
+
+
+def test_a_campaign_orders_a_shared_run_right_after_the_run_it_copies(tmp_path: Path):
+    """fmnist-microbatch's full tier: its shared runs cost nothing, so by value alone they would come first and,
+    finding no record to copy, compute their numbers themselves."""
+    plan = plan_suite("fmnist-microbatch", "full", tmp_path, Estimator(tmp_path, "h200"), set())
+    ordered = order_runs([plan])
+    position = {item.run.run_id: index for index, item in enumerate(ordered)}
+    shared = [item for item in ordered if item.run.shared_with]
+    assert len(shared) == 24
+    assert all(position[item.run.shared_with] < position[item.run.run_id] for item in shared)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor", ["repro run --workers", "repro campaign --workers"])
+def test_workers_copy_a_shared_run_instead_of_computing_it_beside_its_primary(
+        executor: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    suites = tmp_path / "suites"
+    _write_suite(suites, mixup=0.0)
+    monkeypatch.setenv("REPRO_SUITES_DIR", str(suites))
+    results = tmp_path / "results"
+    if executor == "repro run --workers":
+        run_workers(SuiteRequest("shared", "smoke", "cpu", results, progress=False), 2, echo=lambda _: None)
+    else:
+        Campaign(["shared"], "smoke", 600.0, results, device="cpu", workers=2, echo=lambda _: None).run()
+    records = {(r["setting"]["normalizer"], r["setting"]["train.micro_batch"]): r
+               for r in iter_records(results, "shared")}
+    assert len(records) == 4
+    assert records[("gn", 8)]["shared_from"] == records[("gn", 4)]["run_id"]
+    assert records[("gn", 8)]["metrics"]["top1"] == records[("gn", 4)]["metrics"]["top1"]

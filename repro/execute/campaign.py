@@ -135,7 +135,8 @@ def trains_or_loads_saved_model(task: str, config: dict[str, Any]) -> bool:
 
 def order_runs(plans: list[SuitePlan]) -> list[PlannedRun]:
     """Phases first; within a phase, most references per estimated minute; runs sharing a model together, the
-    train task's first (it saves the model with its training record, which the others then load)."""
+    train task's first (it saves the model with its training record, which the others then load); a run that
+    reports another's numbers (``shared_with``) right after that run, whose record it copies."""
     runs = [item for plan in plans for item in plan.runs]
 
     def value(item: PlannedRun) -> float:
@@ -143,17 +144,28 @@ def order_runs(plans: list[SuitePlan]) -> list[PlannedRun]:
         return item.references / minutes
 
     runs.sort(key=lambda item: (item.phase, -value(item)))
+    pending = {(item.suite.name, item.run.run_id) for item in runs}
+    followers: dict[tuple[str, str], list[PlannedRun]] = {}
+    for item in runs:
+        if shared_primary(item) in pending:
+            followers.setdefault(shared_primary(item), []).append(item)
     ordered, placed = [], set()
     for item in runs:
-        if id(item) in placed:
+        if id(item) in placed or shared_primary(item) in followers:
             continue
         group = [item] if item.model_key is None else sorted(
             (other for other in runs if other.model_key == item.model_key and id(other) not in placed),
             key=lambda other: other.suite.task != "train")
         for member in group:
-            placed.add(id(member))
-            ordered.append(member)
+            for placing in (member, *followers.get((member.suite.name, member.run.run_id), ())):
+                placed.add(id(placing))
+                ordered.append(placing)
     return ordered
+
+
+def shared_primary(item: PlannedRun) -> tuple[str, str] | None:
+    """The (suite, run id) whose record the run reports, if it shares one (``repro.suite.expand``)."""
+    return (item.suite.name, item.run.shared_with) if item.run.shared_with else None
 
 
 def window_seconds(ordered: list[PlannedRun], workers: int) -> float:
@@ -299,16 +311,18 @@ class Campaign:
                 while queue or running:
                     training = {item.model_key for _, item in running.values()
                                 if item.model_key and not self._model_saved(item, summary)}
+                    in_flight = {(item.suite.name, item.run.run_id) for _, item in running.values()}
                     for entry in list(queue):
                         if len(running) >= self.workers:
                             break
                         prefix, item = entry
-                        if item.model_key in training:  # it loads the model that run saves
-                            continue
+                        if item.model_key in training or shared_primary(item) in in_flight:
+                            continue  # it loads the model that run saves, or copies that run's record
                         queue.remove(entry)
                         if self._may_start(prefix, item, summary):
                             running[pool.submit(_run_in_worker, item.path, self.tier, item.run.run_id,
                                                 context_of_runs, self.deadline - self.clock())] = entry
+                            in_flight.add((item.suite.name, item.run.run_id))
                             if item.model_key and not self._model_saved(item, summary):
                                 training.add(item.model_key)
                     done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)

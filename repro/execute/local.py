@@ -122,16 +122,28 @@ def run_workers(request: SuiteRequest, workers: int, echo: Callable[[str], None]
     with concurrent.futures.ProcessPoolExecutor(min(workers, len(pending)), mp_context=context,
                                                 initializer=start_worker, initargs=(counter, gpus, threads)) as pool:
         sharing = runs_per_device(min(workers, len(pending)), gpus)
-        futures = [pool.submit(_run_in_worker, request, run.run_id, sharing) for run in pending]
+        # a run that reports another's numbers starts when that run has ended, so that it copies its record
+        followers: dict[str, list] = {}
+        for run in pending:
+            if run.shared_with in by_id:
+                followers.setdefault(run.shared_with, []).append(run)
+        running = {pool.submit(_run_in_worker, request, run.run_id, sharing)
+                   for run in pending if run.shared_with not in by_id}
+        done = 0
         try:
-            for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
-                run_id, result = future.result()
-                run, prefix = by_id[run_id], f"[{done}/{len(pending)}] {by_id[run_id].label}"
-                if result is None:
-                    summary.skipped.append(run_id)
-                    echo(f"{prefix}: being run, or completed, by another process; skipped")
-                    continue
-                report_outcome(summary, run, prefix, *result, echo)
+            while running:
+                finished, running = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in finished:
+                    run_id, result = future.result()
+                    running |= {pool.submit(_run_in_worker, request, follower.run_id, sharing)
+                                for follower in followers.pop(run_id, ())}
+                    done += 1
+                    run, prefix = by_id[run_id], f"[{done}/{len(pending)}] {by_id[run_id].label}"
+                    if result is None:
+                        summary.skipped.append(run_id)
+                        echo(f"{prefix}: being run, or completed, by another process; skipped")
+                        continue
+                    report_outcome(summary, run, prefix, *result, echo)
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
