@@ -202,22 +202,25 @@ class _Windows:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.filled: list[int] = []
-        self.next_slot: list[int] = []
+        self.stored: list[int] = []  # iterations stored so far, per position
         self.statistics: torch.Tensor | None = None
         self.mean_patches: torch.Tensor | None = None
         self.mean_square_grad: torch.Tensor | None = None
 
     @property
     def positions(self) -> int:
-        return len(self.filled)
+        return len(self.stored)
 
     def add_position(self) -> None:
-        self.filled.append(0)
-        self.next_slot.append(0)
+        self.stored.append(0)
 
-    def _ring_state(self, first: int, count: int) -> tuple[int, int]:
-        states = set(zip(self.filled[first:first + count], self.next_slot[first:first + count], strict=True))
+    def ring_state(self, position: int) -> tuple[int, int]:
+        """The position's filled slots and the slot its next iteration overwrites."""
+        stored = self.stored[position]
+        return min(stored, self.capacity), stored % self.capacity
+
+    def _shared_ring_state(self, first: int, count: int) -> tuple[int, int]:
+        states = {self.ring_state(position) for position in range(first, first + count)}
         if len(states) > 1:  # the micro-batch count changed between steps
             raise RuntimeError("CBN windows of different lengths within one iteration; use the sequential path")
         return states.pop()
@@ -261,7 +264,7 @@ class _Windows:
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """μ and ν of the stored iterations of positions ``first …`` moved to ``weight`` by ρ times their Taylor
         terms: two ``(count, stored iterations, C)`` tensors, oldest first."""
-        filled, next_slot = self._ring_state(first, count)
+        filled, next_slot = self._shared_ring_state(first, count)
         if not filled:
             empty = weight.new_zeros(count, 0, weight.shape[0], dtype=torch.promote_types(weight.dtype, torch.float32))
             return empty, empty
@@ -279,7 +282,7 @@ class _Windows:
         holds the mean patches ``(count, conv groups, K)``, ∂ν/∂W ``(count, *weight.shape)`` and their products
         with the weight they were computed under, ``(count, C)`` each."""
         count = means.shape[0]
-        filled, slot = self._ring_state(first, count)
+        _, slot = self._shared_ring_state(first, count)
         self._allocate(means, means.shape[1], *(taylor or (None, None))[:2])
         stored = self.statistics[first:first + count, slot]
         stored[:, 0], stored[:, 1] = means, mean_squares
@@ -288,12 +291,11 @@ class _Windows:
             self.mean_patches[:, first:first + count, slot] = mean_patches.transpose(0, 1)
             self.mean_square_grad[:, first:first + count, slot] = mean_square_grads.flatten(2).transpose(0, 1)
         for position in range(first, first + count):
-            self.filled[position] = min(filled + 1, self.capacity)
-            self.next_slot[position] = (slot + 1) % self.capacity
+            self.stored[position] += 1
 
     def entries(self, position: int) -> list[dict[str, Any]]:
         """The stored iterations of one position, oldest first, as plain tensors (a resumable run's state)."""
-        filled, next_slot = self.filled[position], self.next_slot[position]
+        filled, next_slot = self.ring_state(position)
         if not filled:
             return []
         one = slice(position, position + 1)
@@ -444,14 +446,11 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
             past_means, past_mean_squares = self._windows.compensated(self.conv.weight.detach(), self.rho, first,
                                                                       groups)  # (G, stored iterations, C)
         mean, var = _PoolWithPast.apply(mean_now, var_now, past_means, past_mean_squares)
-        if self.running_mean is not None:
+        if groups == 1:
+            self._update_running_statistics(mean_now[0].detach(), var_now[0].detach(), y)
+        elif self.running_mean is not None:
             unbiased = var_now.detach() * (values_per_channel / (values_per_channel - 1))
-            if groups == 1:
-                factor = running_average_factor(self)
-                self.running_mean.lerp_(mean_now[0].detach().to(self.running_mean.dtype), factor)
-                self.running_var.lerp_(unbiased[0].to(self.running_var.dtype), factor)
-            else:
-                running_statistics_in_order(self, mean_now.detach(), unbiased)
+            running_statistics_in_order(self, mean_now.detach(), unbiased)
         self._store(first, conv_call[0], y, mean_now.detach(), var_now.detach(), side_by_side)
         return self._normalize(y, mean, var)
 
