@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import heapq
-import multiprocessing
 import os
 import re
 import time
@@ -294,49 +293,40 @@ class Campaign:
     def _run_on_workers(self, queue: list[tuple[str, PlannedRun]], plans: list[SuitePlan],
                         summary: CampaignSummary) -> None:
         """The queue on ``workers`` spawned processes: free processes take the first runs that may start."""
-        import torch
+        from repro.execute.base import SuiteRequest
+        from repro.execute.local import run_in_worker, worker_pool
 
-        from repro.execute.local import runs_per_device, start_worker, visible_gpus
-
-        context = multiprocessing.get_context("spawn")
-        gpus = visible_gpus() if self.device.type == "cuda" else []
-        threads = max(1, torch.get_num_threads() // self.workers)
-        context_of_runs = {"device": str(self.device), "results_dir": self.results_dir, "data_dir": self.data_dir,
-                           "checkpoint_every_s": self.checkpoint_every_s,
-                           "runs_sharing_device": runs_per_device(self.workers, gpus)}
         running: dict[concurrent.futures.Future, tuple[str, PlannedRun]] = {}
-        with concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context, initializer=start_worker,
-                                                    initargs=(context.Value("i", 0), gpus, threads)) as pool:
-            try:
-                while queue or running:
-                    training = {item.model_key for _, item in running.values()
-                                if item.model_key and not self._model_saved(item, summary)}
-                    in_flight = {(item.suite.name, item.run.run_id) for _, item in running.values()}
-                    for entry in list(queue):
-                        if len(running) >= self.workers:
-                            break
-                        prefix, item = entry
-                        if item.model_key in training or shared_primary(item) in in_flight:
-                            continue  # it loads the model that run saves, or copies that run's record
-                        queue.remove(entry)
-                        if self._may_start(prefix, item, summary):
-                            running[pool.submit(_run_in_worker, item.path, self.tier, item.run.run_id,
-                                                context_of_runs, self.deadline - self.clock())] = entry
-                            in_flight.add((item.suite.name, item.run.run_id))
-                            if item.model_key and not self._model_saved(item, summary):
-                                training.add(item.model_key)
-                    done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
-                    for future in done:
-                        prefix, item = running.pop(future)
-                        try:
-                            result = future.result()
-                        except concurrent.futures.process.BrokenProcessPool:
-                            self._lose_workers(prefix, item, queue, running, summary)
-                            return
-                        self._finish(prefix, item, result, plans, summary)
-            except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
+        with worker_pool(self.workers, self.device) as (pool, sharing):
+            while queue or running:
+                training = {item.model_key for _, item in running.values()
+                            if item.model_key and not self._model_saved(item, summary)}
+                in_flight = {(item.suite.name, item.run.run_id) for _, item in running.values()}
+                for entry in list(queue):
+                    if len(running) >= self.workers:
+                        break
+                    prefix, item = entry
+                    if item.model_key in training or shared_primary(item) in in_flight:
+                        continue  # it loads the model that run saves, or copies that run's record
+                    queue.remove(entry)
+                    if self._may_start(prefix, item, summary):
+                        request = SuiteRequest(str(item.path), self.tier, str(self.device), self.results_dir,
+                                               self.data_dir, progress=False,
+                                               checkpoint_every_s=self.checkpoint_every_s)
+                        seconds_left = self.deadline - CLOSING_RESERVE_S - self.clock()
+                        running[pool.submit(run_in_worker, request, item.run.run_id, sharing, seconds_left)] = entry
+                        in_flight.add((item.suite.name, item.run.run_id))
+                        if item.model_key and not self._model_saved(item, summary):
+                            training.add(item.model_key)
+                done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    prefix, item = running.pop(future)
+                    try:
+                        _, result = future.result()
+                    except concurrent.futures.process.BrokenProcessPool:
+                        self._lose_workers(prefix, item, queue, running, summary)
+                        return
+                    self._finish(prefix, item, result, plans, summary)
 
     def _lose_workers(self, prefix: str, item: PlannedRun, queue: list[tuple[str, PlannedRun]],
                       running: dict[concurrent.futures.Future, tuple[str, PlannedRun]],
@@ -371,7 +361,6 @@ class Campaign:
     def _finish(self, prefix: str, item: PlannedRun, result: tuple | None, plans: list[SuitePlan],
                 summary: CampaignSummary) -> None:
         from repro.suite.runner import SuiteRunSummary, report_outcome
-        from repro.tasks.base import model_key
 
         if result is None:
             self.log(f"{prefix}: being run, or completed, by another process; skipped")
@@ -384,7 +373,7 @@ class Campaign:
         summary.ran.append(item.run.run_id)
         summary.statuses[outcome.status] = summary.statuses.get(outcome.status, 0) + 1
         if item.model_key is not None:
-            summary.trained.add(model_key(item.run.config))
+            summary.trained.add(item.model_key)
         self.refresh_archive(plans, final=False)
 
     def _estimate(self, item: PlannedRun, model_trained: bool) -> Estimate:
@@ -427,24 +416,3 @@ class Campaign:
         if final:
             self.log(f"archive {self.archive}: {size / 2**20:.2f} MiB")
 
-
-_WORKER_CONTEXTS: dict[str, Any] = {}
-
-
-def _run_in_worker(suite_path: Path, tier: str, run_id: str, context: dict[str, Any], seconds_left: float):
-    """One campaign run in a worker process, with the campaign's deadline (sent as the time left, since clocks
-    are per process); datasets stay loaded in the worker between its runs."""
-    from repro.suite.runner import RunRecorder, expand_tier, resolve_device
-    from repro.tasks import RunContext
-
-    key = repr(sorted(context.items()))
-    if key not in _WORKER_CONTEXTS:
-        _WORKER_CONTEXTS[key] = RunContext(resolve_device(context["device"]), context["results_dir"],
-                                           context["data_dir"], progress=False,
-                                           checkpoint_every_s=context["checkpoint_every_s"],
-                                           runs_sharing_device=context["runs_sharing_device"])
-    ctx = _WORKER_CONTEXTS[key]
-    ctx.deadline = ctx.clock() + seconds_left - CLOSING_RESERVE_S
-    suite, path, runs = expand_tier(suite_path, tier)
-    run = next(run for run in runs if run.run_id == run_id)
-    return RunRecorder(suite, path, tier, ctx).run(run)

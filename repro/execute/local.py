@@ -10,9 +10,10 @@ per-process thread count.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import multiprocessing
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,9 @@ from repro.suite.runner import (
 from repro.tasks.base import RunContext, RunOutcome
 from repro.train.distributed import DataParallel
 
-_RECORDERS: dict[tuple[str, str], tuple[RunRecorder, dict]] = {}
+#: per worker process: one context per place runs go (its datasets stay loaded), one recorder per suite and tier
+_CONTEXTS: dict[tuple, RunContext] = {}
+_RECORDERS: dict[tuple, tuple[RunRecorder, dict]] = {}
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ def visible_gpus() -> list[str]:
     return [str(index) for index in range(torch.cuda.device_count())]
 
 
-def start_worker(counter, gpus: list[str], threads: int) -> None:
+def _start_worker(counter, gpus: list[str], threads: int) -> None:
     """Pin this worker to its GPU before CUDA starts, and give it its share of the CPU threads."""
     with counter.get_lock():
         index = counter.value
@@ -86,14 +89,36 @@ def runs_per_device(workers: int, gpus: list[str]) -> int:
     return -(-workers // len(gpus)) if gpus else workers
 
 
-def _run_in_worker(request: SuiteRequest, run_id: str, sharing: int
-                   ) -> tuple[str, tuple[RunOutcome, str | None] | None]:
-    key = (request.suite, request.tier)
+@contextlib.contextmanager
+def worker_pool(workers: int, device: torch.device) -> Iterator[tuple[concurrent.futures.ProcessPoolExecutor, int]]:
+    """``workers`` spawned processes, each pinned to a GPU (round-robin) or sharing the one device, with their share
+    of this process's CPU threads; and how many of them share a device. Pending work is cancelled on an error."""
+    gpus = visible_gpus() if device.type == "cuda" else []
+    context = multiprocessing.get_context("spawn")
+    threads = max(1, torch.get_num_threads() // workers)
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                                                initargs=(context.Value("i", 0), gpus, threads)) as pool:
+        try:
+            yield pool, runs_per_device(workers, gpus)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def run_in_worker(request: SuiteRequest, run_id: str, sharing: int, seconds_left: float | None = None
+                  ) -> tuple[str, tuple[RunOutcome, str | None] | None]:
+    """One run in a worker process, exactly as the sequential loop runs it. ``seconds_left`` is a campaign's
+    deadline, sent as the time left since clocks are per process."""
+    where = (request.device, request.results_dir, request.data_dir, request.force, request.checkpoint_every_s, sharing)
+    if where not in _CONTEXTS:
+        _CONTEXTS[where] = RunContext(resolve_device(request.device), request.results_dir, request.data_dir,
+                                      progress=False, retrain=request.force,
+                                      checkpoint_every_s=request.checkpoint_every_s, runs_sharing_device=sharing)
+    ctx = _CONTEXTS[where]
+    ctx.deadline = None if seconds_left is None else ctx.clock() + seconds_left
+    key = (request.suite, request.tier, where)
     if key not in _RECORDERS:
         suite, path, runs = expand_tier(request.suite, request.tier)
-        ctx = RunContext(resolve_device(request.device), request.results_dir, request.data_dir, progress=False,
-                         retrain=request.force, checkpoint_every_s=request.checkpoint_every_s,
-                         runs_sharing_device=sharing)
         _RECORDERS[key] = RunRecorder(suite, path, request.tier, ctx), {run.run_id: run for run in runs}
     recorder, runs_by_id = _RECORDERS[key]
     return run_id, recorder.run(runs_by_id[run_id])
@@ -115,36 +140,27 @@ def run_workers(request: SuiteRequest, workers: int, echo: Callable[[str], None]
          f"on {workers} workers, {placement} -> {request.results_dir}")
     if not pending:
         return summary
-    threads = max(1, torch.get_num_threads() // workers)
-    context = multiprocessing.get_context("spawn")
-    counter = context.Value("i", 0)
     by_id = {run.run_id: run for run in pending}
-    with concurrent.futures.ProcessPoolExecutor(min(workers, len(pending)), mp_context=context,
-                                                initializer=start_worker, initargs=(counter, gpus, threads)) as pool:
-        sharing = runs_per_device(min(workers, len(pending)), gpus)
-        # a run that reports another's numbers starts when that run has ended, so that it copies its record
-        followers: dict[str, list] = {}
-        for run in pending:
-            if run.shared_with in by_id:
-                followers.setdefault(run.shared_with, []).append(run)
-        running = {pool.submit(_run_in_worker, request, run.run_id, sharing)
+    # a run that reports another's numbers starts when that run has ended, so that it copies its record
+    followers: dict[str, list] = {}
+    for run in pending:
+        if run.shared_with in by_id:
+            followers.setdefault(run.shared_with, []).append(run)
+    with worker_pool(min(workers, len(pending)), device) as (pool, sharing):
+        running = {pool.submit(run_in_worker, request, run.run_id, sharing)
                    for run in pending if run.shared_with not in by_id}
         done = 0
-        try:
-            while running:
-                finished, running = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in finished:
-                    run_id, result = future.result()
-                    running |= {pool.submit(_run_in_worker, request, follower.run_id, sharing)
-                                for follower in followers.pop(run_id, ())}
-                    done += 1
-                    run, prefix = by_id[run_id], f"[{done}/{len(pending)}] {by_id[run_id].label}"
-                    if result is None:
-                        summary.skipped.append(run_id)
-                        echo(f"{prefix}: being run, or completed, by another process; skipped")
-                        continue
-                    report_outcome(summary, run, prefix, *result, echo)
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+        while running:
+            finished, running = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                run_id, result = future.result()
+                running |= {pool.submit(run_in_worker, request, follower.run_id, sharing)
+                            for follower in followers.pop(run_id, ())}
+                done += 1
+                run, prefix = by_id[run_id], f"[{done}/{len(pending)}] {by_id[run_id].label}"
+                if result is None:
+                    summary.skipped.append(run_id)
+                    echo(f"{prefix}: being run, or completed, by another process; skipped")
+                    continue
+                report_outcome(summary, run, prefix, *result, echo)
     return summary
