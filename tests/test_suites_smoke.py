@@ -37,3 +37,20 @@ def test_smoke_tier_runs_and_passes_its_checks(path: Path, tmp_path: Path) -> No
     assert not missing, f"results/ lacks the smoke records {missing}: run the suite's smoke tier and commit them"
     comparison = compare(committed, tmp_path, tolerance=1.0, suites=[suite.name])
     assert comparison.verdict != "differs", report(comparison, committed, tmp_path)
+
+
+EXPERIMENTS = sorted((ROOT / "benchmarks" / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_experiment_smoke_tier_runs_and_gathers(path: Path, tmp_path: Path) -> None:
+    """The experiments kept outside suites/ (benchmarks/experiments/) run their smoke tiers too, so that a change
+    that breaks them shows in CI rather than when someone reruns a finding."""
+    suite, _ = load_suite(path)
+    summary = run_suite(path, "smoke", device="cpu", results_dir=tmp_path, progress=False, echo=lambda _: None)
+    assert not summary.failed, [read_record(record_path(tmp_path, suite.name, r))["error"] for r in summary.failed]
+    assert len(summary.ran) == len(expand(suite, "smoke"))
+    gather(tmp_path, [path])
+    assert (tmp_path / "tables" / f"{suite.name}.csv").is_file()
+    assert [c for c in run_checks(tmp_path, [path]) if c.tier == "smoke" and c.status != "pass"] == []
