@@ -59,7 +59,7 @@ def test_campaign_keeps_its_budget_resumes_and_archives(campaign_suite: str, tmp
 
 
 def test_order_serves_one_seed_of_every_referenced_setting_first(campaign_suite: str, tmp_path: Path) -> None:
-    plan = plan_suite(campaign_suite, "smoke", tmp_path, Estimator(tmp_path, "cpu"), set())
+    plan = plan_suite(campaign_suite, "smoke", tmp_path, Estimator(tmp_path, "cpu"), {})
     ordered = order_runs([plan])
     assert [item.run.setting["seed"] for item in ordered[:2]] == [0, 0]
     assert [item.phase for item in ordered] == [0, 0] + [1] * 14
@@ -94,13 +94,15 @@ def test_plan_json_lists_pending_runs_and_minutes(campaign_suite: str, tmp_path:
 
 
 def test_window_on_workers_waits_for_a_model_being_trained() -> None:
-    """Estimates 4 (trains model k), 1 (loads k), 2 on two workers: the second waits for the first to end at 4,
-    the third fills the other worker meanwhile, so the window ends at 4 + 1."""
-    def planned(seconds: float, key: str | None) -> PlannedRun:
+    """Estimates 4 (trains and saves model k), 1 (loads k), 2 on two workers: the second waits for the first to
+    end at 4, the third fills the other worker meanwhile, so the window ends at 4 + 1. A run that trains k without
+    saving it makes no one wait: there is nothing to load when it ends."""
+    def planned(seconds: float, key: str | None, saves: bool = False) -> PlannedRun:
         return PlannedRun(suite=None, path=Path("x"), run=None, references=1, phase=0, model_key=key,
-                          estimate=Estimate(seconds, "given"))
+                          estimate=Estimate(seconds, "given"), saves_model=saves)
 
-    assert window_seconds([planned(4, "k"), planned(1, "k"), planned(2, None)], workers=2) == 5
+    assert window_seconds([planned(4, "k", saves=True), planned(1, "k"), planned(2, None)], workers=2) == 5
+    assert window_seconds([planned(4, "k"), planned(1, "k"), planned(2, None)], workers=2) == 4
     assert window_seconds([planned(3, None), planned(3, None), planned(2, None), planned(2, None)], workers=2) == 5
     assert window_seconds([planned(3, None), planned(2, None)], workers=1) == 5
 
@@ -120,7 +122,7 @@ def test_calibration_sums_the_runs_that_did_their_own_work(campaign_suite: str, 
     loaded from the checkpoint cache and runs on generated stand-in data do not count."""
     from repro.execute.estimate import modelled_seconds, training_workload
 
-    plan = plan_suite(campaign_suite, "smoke", tmp_path, Estimator(tmp_path, "cpu"), set())
+    plan = plan_suite(campaign_suite, "smoke", tmp_path, Estimator(tmp_path, "cpu"), {})
     runs = [item.run for item in plan.runs]
     record_dir = tmp_path / "runs" / "tiny4"
     record_dir.mkdir(parents=True)
@@ -152,15 +154,79 @@ def test_calibration_sums_the_runs_that_did_their_own_work(campaign_suite: str, 
                                                                                "cpu"))
 
 
+def test_costs_are_fitted_once_records_span_three_workloads(campaign_suite: str, tmp_path: Path) -> None:
+    """Records of workloads that differ in epochs and in evaluation passes, timed as t = a·FLOP time + b·passes + c:
+    the estimator recovers a, b and c and predicts an unseen workload with them; a diverged run (it stopped early)
+    is left out. Records that differ in their epochs only cannot separate the costs: one scale instead."""
+    from repro.execute.estimate import cost_terms, training_workload
+
+    plan = plan_suite(campaign_suite, "smoke", tmp_path, Estimator(tmp_path, "cpu"), {})
+    record_dir = tmp_path / "runs" / "tiny4"
+    record_dir.mkdir(parents=True)
+    a, b, c = 0.5, 0.012, 3.0
+
+    def wall(config: dict) -> float:
+        terms = cost_terms(config, training_workload(config), "cpu")
+        return a * terms.flop_seconds + b * terms.passes + c
+
+    workloads = [(1, 1000), (2, 1000), (4, 1000), (2, 1), (8, 1)]  # (epochs, evaluation batch)
+
+    def write(index: int, epochs: int, eval_batch_size: int) -> None:
+        item = plan.runs[index]
+        config = json.loads(json.dumps(item.run.config))
+        config["train"].update(epochs=epochs, eval_batch_size=eval_batch_size)
+        diverged = index == 4
+        record = {"schema": 1, "suite": "tiny4", "suite_version": 1, "run_id": f"run{index}",
+                  "status": "diverged" if diverged else "ok", "tier": "smoke", "setting": item.run.setting,
+                  "config": config, "metrics": {"top1": None if diverged else 50.0},
+                  "wall_time_s": 1.0 if diverged else wall(config),
+                  "provenance": {"device": "cpu", "device_name": "cpu"}}
+        (record_dir / f"run{index}.json").write_text(json.dumps(record))
+
+    unseen = json.loads(json.dumps(plan.runs[5].run.config))
+    unseen["train"].update(epochs=5, eval_batch_size=7)
+    for index in range(3):
+        write(index, *workloads[index])
+    assert Estimator(tmp_path, "cpu").estimate(unseen, training_workload(unseen)).basis.startswith("cost model x ")
+    for index in range(3, 5):
+        write(index, *workloads[index])
+    estimate = Estimator(tmp_path, "cpu").estimate(unseen, training_workload(unseen))
+    assert estimate.seconds == pytest.approx(wall(unseen), rel=1e-6)
+    assert estimate.basis.startswith("cost model fitted to 4 cpu records (0.50 x FLOP time + 12.00 ms per pass + "
+                                     "3.0 s per run")
+
+
+def test_a_train_run_of_a_saved_recipe_is_planned_as_reporting_it(suites_dir: Path, tmp_path: Path) -> None:
+    """reader trains saver's two models without saving them: listed first or second, its runs are planned after
+    saver's, without their training (the cost model's per-run cost only), and its own models are not waited for."""
+    from repro.execute.estimate import DEVICE_RATES
+
+    saving = "citation: none\ntask_options: {save_checkpoint: true}"
+    (suites_dir / "saver.yaml").write_text(textwrap.dedent(TINY_SUITE.format(name="saver").replace("citation: none",
+                                                                                                     saving)))
+    (suites_dir / "reader.yaml").write_text(textwrap.dedent(TINY_SUITE.format(name="reader")))
+    for suites in (["reader", "saver"], ["saver", "reader"]):
+        plans = Campaign(suites, "smoke", 600.0, tmp_path, device="cpu", echo=lambda _: None).plans(kind="cpu")
+        by_suite = {plan.suite.name: plan for plan in plans}
+        assert all(item.saves_model for item in by_suite["saver"].runs)
+        assert not any(item.saves_model for item in by_suite["reader"].runs)
+        assert [item.estimate.seconds for item in by_suite["reader"].runs] == [DEVICE_RATES["cpu"].seconds_per_run] * 2
+        assert all(item.estimate.seconds > DEVICE_RATES["cpu"].seconds_per_run for item in by_suite["saver"].runs)
+        ordered = order_runs(plans)
+        for item in by_suite["reader"].runs:
+            saver_first = [other for other in ordered if other.model_key == item.model_key]
+            assert [other.suite.name for other in saver_first] == ["saver", "reader"]
+
+
 @pytest.mark.slow
 def test_workers_record_what_one_process_records_and_wait_for_a_model_being_trained(suites_dir: Path,
                                                                                       tmp_path: Path) -> None:
-    """Two suites train the same two models; on two workers the second suite's runs wait for the first's and load
-    the saved models instead of training them again beside it."""
-    for name in ("saver", "reader"):
-        saving = "citation: none\ntask_options: {save_checkpoint: true}"
-        text = TINY_SUITE.format(name=name).replace("citation: none", saving)
-        (suites_dir / f"{name}.yaml").write_text(textwrap.dedent(text))
+    """Two suites train the same two models, the first saving them; on two workers the second suite's runs wait for
+    the first's and report the saved trainings instead of training them again beside it."""
+    saving = "citation: none\ntask_options: {save_checkpoint: true}"
+    (suites_dir / "saver.yaml").write_text(textwrap.dedent(TINY_SUITE.format(name="saver").replace("citation: none",
+                                                                                                     saving)))
+    (suites_dir / "reader.yaml").write_text(textwrap.dedent(TINY_SUITE.format(name="reader")))
     records = {}
     for workers in (1, 2):
         results = tmp_path / f"workers-{workers}"
@@ -172,7 +238,7 @@ def test_workers_record_what_one_process_records_and_wait_for_a_model_being_trai
     for normalizer in ("bn", "gn"):
         pair = [r for r in records[2] if r["setting"]["normalizer"] == normalizer]
         loaded = [bool(r["extra"].get("from_checkpoint")) for r in pair]
-        assert sorted(loaded) == [False, True], "trained beside the run that was training the same model"
+        assert loaded == [False, True], "trained beside the run that was training the same model"
 
 
 @pytest.mark.slow

@@ -114,7 +114,7 @@ def test_a_train_run_reports_the_same_training_saved_by_another_suite(tmp_path: 
 def test_a_campaign_orders_a_shared_run_right_after_the_run_it_copies(tmp_path: Path):
     """fmnist-microbatch's full tier: its shared runs cost nothing, so by value alone they would come first and,
     finding no record to copy, compute their numbers themselves."""
-    plan = plan_suite("fmnist-microbatch", "full", tmp_path, Estimator(tmp_path, "h200"), set())
+    plan = plan_suite("fmnist-microbatch", "full", tmp_path, Estimator(tmp_path, "h200"), {})
     ordered = order_runs([plan])
     position = {item.run.run_id: index for index, item in enumerate(ordered)}
     shared = [item for item in ordered if item.run.shared_with]

@@ -7,12 +7,13 @@ Order, across suites:
 2. the other seeds of those settings;
 3. runs that no reference needs.
 
-Within each phase, runs go by references served per estimated minute. Runs that reuse one trained model
-(``quantize`` and ``tta`` tasks, through the checkpoint cache) are kept together, and once the model exists
-their estimates drop its training. A run whose estimate does not fit in the time left is not started; later,
-shorter runs still may be. Training checks the deadline after every epoch and stops there with a resumable
-checkpoint (``repro.train.resume``), so the next campaign or ``repro run`` continues it; no record is written
-for an unfinished run. Only data already on disk is used: the hub is switched off.
+Within each phase, runs go by references served per estimated minute. Runs that reuse one trained model through the
+checkpoint cache are kept together, the run that saves it first: ``quantize`` and ``tta`` runs load it, and a
+``train`` run reports another suite's saved training of the same recipe (fmnist-baseline's BN model is
+fmnist-normalizers'). Once the model exists their estimates drop its training. A run whose estimate does not fit in the
+time left is not started; later, shorter runs still may be. Training checks the deadline after every epoch and stops
+there with a resumable checkpoint (``repro.train.resume``), so the next campaign or ``repro run`` continues it; no
+record is written for an unfinished run. Only data already on disk is used: the hub is switched off.
 
 With ``workers`` > 1 the runs go, in that order, to that many spawned processes sharing the device (small models
 at 28 px leave a large GPU mostly idle): a run starts when a process is free and its estimate fits in the time
@@ -61,6 +62,8 @@ class PlannedRun:
     phase: int
     model_key: str | None
     estimate: Estimate | None = None
+    #: the run leaves its trained model in the checkpoint cache for the runs that share ``model_key``
+    saves_model: bool = False
 
     @property
     def label(self) -> str:
@@ -98,8 +101,11 @@ def references_needing(suite: Suite, tier: str, setting: dict[str, Any]) -> int:
 
 
 def plan_suite(suite_ref: str | Path, tier: str, results_dir: Path, estimator: Estimator,
-               cached_models: set[str]) -> SuitePlan:
-    """The suite's pending runs at ``tier`` with their phase, references and estimates (not yet ordered)."""
+               saved_models: dict[str, str | None]) -> SuitePlan:
+    """The suite's pending runs at ``tier`` with their phase, references and estimates (not yet ordered).
+
+    ``saved_models``: the checkpoint cache as ``repro.tasks.base.saved_trainings`` describes it
+    (``Campaign.plans`` then counts the models the campaign's other runs save)."""
     from repro.suite.runner import expand_tier
     from repro.tasks.base import TASKS, model_key
 
@@ -113,30 +119,60 @@ def plan_suite(suite_ref: str | Path, tier: str, results_dir: Path, estimator: E
             continue
         references = references_needing(suite, tier, run.setting)
         phase = 2 if not references else (0 if run.setting["seed"] == seeds[0] else 1)
-        key = model_key(run.config) if trains_or_loads_saved_model(suite.task, run.config) else None
-        item = PlannedRun(suite, path, run, references, phase, key)
+        key = model_key(run.config) if uses_model_cache(suite.task, run.config) else None
+        item = PlannedRun(suite, path, run, references, phase, key, saves_model=saves_model(suite.task, run.config))
         if run.shared_with:  # reports an earlier run's numbers (repro.suite.expand): nothing to compute
             item.estimate = Estimate(0.0, "shared with another run")
         else:
-            item.estimate = estimator.estimate(run.config, task.workload(run.config, key in cached_models,
-                                                                         device_type(estimator.kind)))
+            ready = model_ready(item, saved_models)
+            workload = task.workload(run.config, ready, device_type(estimator.kind))
+            item.estimate = estimator.estimate(run.config, workload, ready)
         planned.append(item)
     return SuitePlan(suite, path, tier, planned, complete)
 
 
-def trains_or_loads_saved_model(task: str, config: dict[str, Any]) -> bool:
-    """Whether a run's trained model goes through the checkpoint cache: tasks that evaluate trained models load or
-    train-and-save it, and a train task saves it when asked (``save_checkpoint``)."""
+def uses_model_cache(task: str, config: dict[str, Any]) -> bool:
+    """Whether a run's trained model may come from the checkpoint cache: tasks that evaluate trained models load
+    it, and a train task reports another suite's saved training of the same recipe."""
+    return task in ("quantize", "tta", "train") and not config["model"].get("pretrained")
+
+
+def saves_model(task: str, config: dict[str, Any]) -> bool:
+    """Whether a run leaves its trained model in the checkpoint cache: tasks that evaluate trained models save
+    what they train, and a train task does when asked (``save_checkpoint``)."""
     if task in ("quantize", "tta"):
         return not config["model"].get("pretrained")
     return task == "train" and bool(config.get("task_options", {}).get("save_checkpoint"))
 
 
+def model_ready(item: PlannedRun, saved_models: dict[str, str | None]) -> bool:
+    """Whether the run's model is in ``saved_models`` in a form the run uses instead of training: any checkpoint
+    for the tasks that evaluate it, another suite's saved training for a train run
+    (``repro.tasks.base.reports_saved_training``)."""
+    if item.model_key is None or item.model_key not in saved_models:
+        return False
+    if item.suite.task != "train":
+        return True
+    return saved_models[item.model_key] not in (None, item.suite.name)
+
+
+def trainers(plans: list[SuitePlan]) -> dict[str, PlannedRun]:
+    """Model key -> the run that trains and saves the model for the others that use it: a train run before the
+    tasks that evaluate models (its saved training is then reported by other suites' train runs too), else the
+    first in the suites' order."""
+    savers = [item for plan in plans for item in plan.runs if item.saves_model]
+    first: dict[str, PlannedRun] = {}
+    for item in sorted(savers, key=lambda item: item.suite.task != "train"):
+        first.setdefault(item.model_key, item)
+    return first
+
+
 def order_runs(plans: list[SuitePlan]) -> list[PlannedRun]:
-    """Phases first; within a phase, most references per estimated minute; runs sharing a model together, the
-    train task's first (it saves the model with its training record, which the others then load); a run that
-    reports another's numbers (``shared_with``) right after that run, whose record it copies."""
+    """Phases first; within a phase, most references per estimated minute; runs sharing a model together, the one
+    that trains and saves it first (``trainers``); a run that reports another's numbers (``shared_with``) right
+    after that run, whose record it copies."""
     runs = [item for plan in plans for item in plan.runs]
+    first = trainers(plans)
 
     def value(item: PlannedRun) -> float:
         minutes = max(item.estimate.seconds / 60, 1e-3)
@@ -154,7 +190,7 @@ def order_runs(plans: list[SuitePlan]) -> list[PlannedRun]:
             continue
         group = [item] if item.model_key is None else sorted(
             (other for other in runs if other.model_key == item.model_key and id(other) not in placed),
-            key=lambda other: other.suite.task != "train")
+            key=lambda other: other is not first.get(other.model_key))
         for member in group:
             for placing in (member, *followers.get((member.suite.name, member.run.run_id), ())):
                 placed.add(id(placing))
@@ -169,8 +205,9 @@ def shared_primary(item: PlannedRun) -> tuple[str, str] | None:
 
 def window_seconds(ordered: list[PlannedRun], workers: int) -> float:
     """How long ``ordered`` takes on ``workers`` processes dispatched as a campaign dispatches them, each run
-    taking its estimate: a free process takes the first run that does not wait for a model being trained."""
-    running: list[tuple[float, int, str | None]] = []  # (end, tie-break, model key), a heap
+    taking its estimate: a free process takes the first run that does not wait for a model being trained (and
+    saved) by a running run."""
+    running: list[tuple[float, int, str | None]] = []  # (end, tie-break, key of the model it saves), a heap
     queue, now = list(ordered), 0.0
     while queue or running:
         training = {key for _, _, key in running if key}
@@ -180,8 +217,9 @@ def window_seconds(ordered: list[PlannedRun], workers: int) -> float:
             if item.model_key and item.model_key in training:
                 continue
             queue.remove(item)
-            heapq.heappush(running, (now + item.estimate.seconds, id(item), item.model_key))
-            training.add(item.model_key)
+            saving = item.model_key if item.saves_model else None
+            heapq.heappush(running, (now + item.estimate.seconds, id(item), saving))
+            training.add(saving)
         now = heapq.heappop(running)[0]
     return now
 
@@ -204,7 +242,7 @@ class CampaignSummary:
     stopped_at_deadline: list[str] = field(default_factory=list)
     statuses: dict[str, int] = field(default_factory=dict)
     archive: Path | None = None
-    trained: set[str] = field(default_factory=set)  # model keys this campaign trained and saved
+    trained: dict[str, str] = field(default_factory=dict)  # model key -> suite, for the models this campaign saved
     lost: list[str] = field(default_factory=list)  # runs whose worker process died
 
 
@@ -233,6 +271,7 @@ class Campaign:
         self.log_path = results_dir / "campaign.log"
         self._echo = echo
         self.checks: list = []  # the closing check's results (repro.results.check.CheckResult)
+        self._saved_before: dict[str, str | None] = {}  # the checkpoint cache when the campaign was planned
 
     def log(self, line: str) -> None:
         stamped = f"{time.strftime('%H:%M:%S')} {line}"
@@ -246,17 +285,25 @@ class Campaign:
 
     def plans(self, kind: str | None = None) -> list[SuitePlan]:
         from repro.results.provenance import device_name
+        from repro.tasks.base import TASKS, saved_trainings
 
         kind = kind or device_kind(device_name(self.device), self.device.type)
         estimator = Estimator(self.results_dir, kind)
-        cached = {path.stem for path in (self.results_dir / "checkpoints").glob("*.pt")}
+        self._saved_before = saved_trainings(self.results_dir)
         plans = []
         for name in self.suites:
-            plan = plan_suite(name, self.tier, self.results_dir, estimator, cached)
+            plan = plan_suite(name, self.tier, self.results_dir, estimator, self._saved_before)
             plan.skipped_reason = suite_data_present(plan, self.ctx) if plan.runs else None
             plans.append(plan)
-            if not plan.skipped_reason:  # a model this campaign trains and saves is trained once
-                cached |= {item.model_key for item in plan.runs if item.model_key}
+        ready = [plan for plan in plans if not plan.skipped_reason]
+        # a model this campaign trains and saves is trained once: the runs that use it drop its training
+        for key, trainer in trainers(ready).items():
+            for item in (item for plan in ready for item in plan.runs if item.model_key == key):
+                if item is trainer or item.run.shared_with or model_ready(item, self._saved_before):
+                    continue
+                if model_ready(item, {key: trainer.suite.name}):
+                    workload = TASKS.get(item.suite.task).workload(item.run.config, True, device_type(kind))
+                    item.estimate = estimator.estimate(item.run.config, workload, model_loaded=True)
         return plans
 
     def run(self) -> CampaignSummary:
@@ -300,7 +347,7 @@ class Campaign:
         with worker_pool(self.workers, self.device) as (pool, sharing):
             while queue or running:
                 training = {item.model_key for _, item in running.values()
-                            if item.model_key and not self._model_saved(item, summary)}
+                            if item.saves_model and not self._model_saved(item, summary)}
                 in_flight = {(item.suite.name, item.run.run_id) for _, item in running.values()}
                 for entry in list(queue):
                     if len(running) >= self.workers:
@@ -316,7 +363,7 @@ class Campaign:
                         seconds_left = self.deadline - CLOSING_RESERVE_S - self.clock()
                         running[pool.submit(run_in_worker, request, item.run.run_id, sharing, seconds_left)] = entry
                         in_flight.add((item.suite.name, item.run.run_id))
-                        if item.model_key and not self._model_saved(item, summary):
+                        if item.saves_model and not self._model_saved(item, summary):
                             training.add(item.model_key)
                 done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
                 for future in done:
@@ -354,9 +401,8 @@ class Campaign:
         return True
 
     def _model_saved(self, item: PlannedRun, summary: CampaignSummary) -> bool:
-        """Whether the trained model the run loads (if any) is saved already, so that the run does not train it."""
-        return item.model_key is not None and (
-            item.model_key in summary.trained or (self.results_dir / "checkpoints" / f"{item.model_key}.pt").is_file())
+        """Whether the trained model the run uses (if any) is saved already, so that the run does not train it."""
+        return model_ready(item, {**self._saved_before, **summary.trained})
 
     def _finish(self, prefix: str, item: PlannedRun, result: tuple | None, plans: list[SuitePlan],
                 summary: CampaignSummary) -> None:
@@ -372,8 +418,8 @@ class Campaign:
             return
         summary.ran.append(item.run.run_id)
         summary.statuses[outcome.status] = summary.statuses.get(outcome.status, 0) + 1
-        if item.model_key is not None:
-            summary.trained.add(item.model_key)
+        if item.saves_model and outcome.status == "ok":
+            summary.trained.setdefault(item.model_key, item.suite.name)
         self.refresh_archive(plans, final=False)
 
     def _estimate(self, item: PlannedRun, model_trained: bool) -> Estimate:
@@ -383,7 +429,7 @@ class Campaign:
 
         estimator = Estimator(self.results_dir, self.executor_kind)
         workload = TASKS.get(item.suite.task).workload(item.run.config, model_trained, device_type(estimator.kind))
-        return estimator.estimate(item.run.config, workload)
+        return estimator.estimate(item.run.config, workload, model_trained)
 
     @property
     def executor_kind(self) -> str:

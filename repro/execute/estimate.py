@@ -2,15 +2,18 @@
 
 Three bases, best first:
 
-1. ``measured``: complete records of the same configuration (any seed) on the same device kind; their mean
-   wall time. The seed changes no shape, so it changes the time only by noise.
-2. ``cost model, calibrated``: the cost model below, scaled by the ratio of measured to modelled time summed
-   over the records of the same task on this device kind (a memory probe and a 30-epoch training run err
-   differently; the sums weigh the long runs, whose time a plan is mostly made of). Records that did not do
-   their own work are left out: runs that report another's numbers (``shared_from``) and trainings loaded from
-   the checkpoint cache; an evaluation that loaded its model is compared with the cost of evaluating only. So
-   are runs on generated stand-in data without explicit subsets (smoke tiers of datasets not here), whose size
-   the cost model does not know.
+1. ``measured``: complete records of the same configuration (any seed) on the same device kind that trained, or
+   loaded, their model as the run will; their mean wall time. The seed changes no shape, so it changes the time
+   only by noise.
+2. ``cost model, fitted``: where the records of the same task on this device kind determine them (workloads that
+   differ in more than their length), the cost model's three terms (FLOP time, passes, runs) are refitted to their
+   wall times by non-negative least squares, ``t = a·FLOP time + b·passes + c``: a per-pass and a per-run cost
+   measured on the device instead of guessed. Otherwise ``calibrated``: the cost model scaled by the ratio of
+   measured to modelled time summed over those records (the sums weigh the long runs, whose time a plan is mostly
+   made of). Only runs that did their own whole work count: not runs that report another's numbers
+   (``shared_from``), trainings loaded from the checkpoint cache, or diverged runs (they stopped early); an
+   evaluation that loaded its model is compared with the cost of evaluating only. Nor do runs on generated stand-in
+   data without explicit subsets (smoke tiers of datasets not here), whose size the cost model does not know.
 3. ``cost model``: the images a run pushes through its model times the model's forward FLOPs (counted once per
    architecture by ``torch.utils.flop_counter`` on a one-image batch), over a per-device rate, plus a fixed
    cost per pass (kernel launches, Python): small models at 28 px are launch-bound, not FLOP-bound.
@@ -130,14 +133,73 @@ def split_sizes(dataset: dict[str, Any]) -> tuple[int, int]:
             min(dataset.get("test_subset") or full_test, full_test))
 
 
-def modelled_seconds(config: dict[str, Any], workload: Workload, kind: str) -> float:
+@dataclass(frozen=True)
+class CostTerms:
+    """A run's work in the cost model's units: seconds of FLOPs at the device's prior rate, and passes."""
+
+    flop_seconds: float
+    passes: int
+
+
+def cost_terms(config: dict[str, Any], workload: Workload, kind: str) -> CostTerms:
     rate = DEVICE_RATES.get(kind, DEVICE_RATES["h200"])
     _, _, chans, size, classes = DATASET_SHAPES.get(config["dataset"]["name"], (0, 0, 3, 32, 10))
     normalizer = config["normalizer"]
     flops = forward_flops(config["backbone"], normalizer["name"], json.dumps(normalizer["options"], sort_keys=True),
                           bool(config["model"].get("small_input")), size, chans, classes)
-    total = flops * (3 * workload.train_images + workload.forward_images)
-    return total / rate.flops_per_s + workload.passes * rate.seconds_per_pass + rate.seconds_per_run
+    return CostTerms(flops * (3 * workload.train_images + workload.forward_images) / rate.flops_per_s,
+                     workload.passes)
+
+
+def prior_seconds(terms: CostTerms, kind: str) -> float:
+    """The uncalibrated cost model: the device's prior per-pass and per-run costs added to the FLOP time."""
+    rate = DEVICE_RATES.get(kind, DEVICE_RATES["h200"])
+    return terms.flop_seconds + terms.passes * rate.seconds_per_pass + rate.seconds_per_run
+
+
+def modelled_seconds(config: dict[str, Any], workload: Workload, kind: str) -> float:
+    return prior_seconds(cost_terms(config, workload, kind), kind)
+
+
+@dataclass(frozen=True)
+class FittedCosts:
+    """``t = flop_scale·FLOP time + seconds_per_pass·passes + seconds_per_run``, fitted to measured runs."""
+
+    flop_scale: float
+    seconds_per_pass: float
+    seconds_per_run: float
+
+    def seconds(self, terms: CostTerms) -> float:
+        return self.flop_scale * terms.flop_seconds + self.seconds_per_pass * terms.passes + self.seconds_per_run
+
+
+def fit_costs(rows: list[tuple[CostTerms, float]]) -> FittedCosts | None:
+    """Non-negative least squares of measured seconds on (FLOP time, passes, 1); None unless the rows determine the
+    three costs: workloads that are not all on one line of the (FLOP time, passes) plane (runs that differ only in
+    their number of epochs scale both terms alike, so they cannot tell a pass's cost from a FLOP's). Three unknowns:
+    the best non-negative solution over every subset of the terms (the active-set solution, by enumeration)."""
+    import itertools
+
+    import numpy as np
+
+    features = np.array([[terms.flop_seconds, terms.passes, 1.0] for terms, _ in rows])
+    if np.linalg.matrix_rank(features / np.maximum(np.abs(features).max(axis=0), 1e-12), tol=1e-6) < 3:
+        return None
+    measured = np.array([seconds for _, seconds in rows])
+    best: tuple[float, np.ndarray] | None = None
+    for size in (1, 2, 3):
+        for columns in itertools.combinations(range(3), size):
+            solution, *_ = np.linalg.lstsq(features[:, columns], measured, rcond=None)
+            if (solution < 0).any():
+                continue
+            coefficients = np.zeros(3)
+            coefficients[list(columns)] = solution
+            residual = float(np.sum((features @ coefficients - measured) ** 2))
+            if best is None or residual < best[0]:
+                best = (residual, coefficients)
+    if best is None:
+        return None
+    return FittedCosts(*(float(value) for value in best[1]))
 
 
 @dataclass(frozen=True)
@@ -153,8 +215,8 @@ class Estimator:
         from repro.results.records import COMPLETE_STATUSES, iter_records
 
         self.kind = kind
-        self._measured: dict[str, list[float]] = {}
-        self._calibration: dict[str, list[float]] = {}  # task -> [measured seconds, modelled seconds], summed
+        self._measured: dict[tuple[str, bool], list[float]] = {}  # (config, model loaded) -> wall times
+        self._runs: dict[str, list[tuple[CostTerms, float]]] = {}  # task -> (cost terms, measured seconds)
         self._sharing: dict[str, set[int]] = {}  # task -> runs side by side on the device when they were measured
         for record in iter_records(results_dir):
             if record.get("status") not in COMPLETE_STATUSES or record_device_kind(record) != kind:
@@ -167,35 +229,46 @@ class Estimator:
             task = config.get("task", "train")
             if loaded and task == "train":  # the wall time of a training done elsewhere, maybe on another device
                 continue
-            self._measured.setdefault(seedless_key(config), []).append(float(wall))
+            self._measured.setdefault((seedless_key(config), loaded), []).append(float(wall))
             dataset = config.get("dataset", {})
             if dataset.get("generated") and not (dataset.get("train_subset") and dataset.get("test_subset")):
                 continue  # a small stand-in whose size the cost model does not know
+            if record["status"] != "ok":  # diverged: it stopped before doing its whole workload
+                continue
             workload = _workload_of(config, device_type(kind), loaded)
             if workload is not None:
                 try:
-                    modelled = modelled_seconds(config, workload, kind)
+                    terms = cost_terms(config, workload, kind)
                 except Exception:  # a backbone this version cannot build: no calibration from it
                     continue
-                sums = self._calibration.setdefault(task, [0.0, 0.0])
-                sums[0] += wall
-                sums[1] += modelled
+                self._runs.setdefault(task, []).append((terms, float(wall)))
                 sharing = (record.get("provenance") or {}).get("runs_sharing_device")
                 if isinstance(sharing, int):
                     self._sharing.setdefault(task, set()).add(sharing)
+        self._fits = {task: fit_costs(rows) for task, rows in self._runs.items()}
 
-    def estimate(self, config: dict[str, Any], workload: Workload) -> Estimate:
-        measured = self._measured.get(seedless_key(config))
+    def estimate(self, config: dict[str, Any], workload: Workload, model_loaded: bool = False) -> Estimate:
+        """``workload`` as the run's task computes it; ``model_loaded``: the run's trained model comes from the
+        checkpoint cache (records of runs that trained it measure something else)."""
+        measured = self._measured.get((seedless_key(config), model_loaded))
         if measured:
             return Estimate(statistics.fmean(measured), f"measured ({len(measured)} records on {self.kind})")
-        seconds = modelled_seconds(config, workload, self.kind)
-        calibration = self._calibration.get(config.get("task", "train"))
-        if calibration and calibration[1] > 0:
-            scale = calibration[0] / calibration[1]
-            sharing = sorted(self._sharing.get(config.get("task", "train"), ()))
-            made = f", made {' or '.join(map(str, sharing))} to a device" if sharing else ""
-            return Estimate(seconds * scale, f"cost model x {scale:.2f} (calibrated on {self.kind} records{made})")
-        return Estimate(seconds, f"cost model ({self.kind}, uncalibrated)")
+        task = config.get("task", "train")
+        rows = self._runs.get(task)
+        if not rows:
+            return Estimate(modelled_seconds(config, workload, self.kind), f"cost model ({self.kind}, uncalibrated)")
+        sharing = sorted(self._sharing.get(task, ()))
+        made = f", made {' or '.join(map(str, sharing))} to a device" if sharing else ""
+        fitted = self._fits[task]
+        if fitted is not None:
+            return Estimate(fitted.seconds(cost_terms(config, workload, self.kind)),
+                            f"cost model fitted to {len(rows)} {self.kind} records ({fitted.flop_scale:.2f} x FLOP "
+                            f"time + {1000 * fitted.seconds_per_pass:.2f} ms per pass + "
+                            f"{fitted.seconds_per_run:.1f} s per run{made})")
+        modelled = sum(prior_seconds(terms, self.kind) for terms, _ in rows)
+        scale = sum(seconds for _, seconds in rows) / modelled
+        return Estimate(modelled_seconds(config, workload, self.kind) * scale,
+                        f"cost model x {scale:.2f} (calibrated on {self.kind} records{made})")
 
 
 def _workload_of(config: dict[str, Any], on: str, model_loaded: bool) -> Workload | None:

@@ -251,6 +251,29 @@ def load_checkpoint(model: torch.nn.Module, run: RunSpec, ctx: RunContext) -> di
     return None
 
 
+def reports_saved_training(saved: dict[str, Any], suite: str) -> bool:
+    """Whether a ``train`` run of ``suite`` reports the training a checkpoint holds instead of training: one saved
+    with its result (curve, timings) by another suite. A suite never reuses its own, so ``--force`` and a rerun of
+    a suite train again."""
+    return "result" in saved and saved.get("suite") != suite
+
+
+def saved_trainings(results_dir: Path) -> dict[str, str | None]:
+    """Model key -> the suite that saved the checkpoint's training with its result (None: weights and metrics only,
+    which tasks that evaluate a model load but a ``train`` run does not report). Storages are memory-mapped, not
+    read, so this costs a file's header each."""
+    saved: dict[str, str | None] = {}
+    for path in sorted((results_dir / "checkpoints").glob("*.pt")):
+        if path.name.endswith(".resume.pt"):
+            continue
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # unreadable: whoever loads it moves it aside and trains again
+            continue
+        saved[path.stem] = payload.get("suite") if "result" in payload else None
+    return saved
+
+
 def train_or_load(run: RunSpec, ctx: RunContext, *, save: bool = True) -> TrainedModel:
     """The run's model trained with its recipe: loaded when a checkpoint of the same training exists.
 
@@ -265,6 +288,6 @@ def train_or_load(run: RunSpec, ctx: RunContext, *, save: bool = True) -> Traine
     cfg = TrainConfig.model_validate(run.config["train"])
     result = train_and_evaluate(model, data, cfg, device=ctx.device, seed=run.config["seed"], progress=ctx.progress,
                                 description=run.label, resume=ctx.resume_policy(run))
-    if save and result.status == "ok":
-        save_checkpoint(model, result.metrics, run, ctx)
+    if save and result.status == "ok":  # with the result: a train run of another suite reports it
+        save_checkpoint(model, result.metrics, run, ctx, result)
     return TrainedModel(model, data, result.status, result.metrics, from_checkpoint=False, result=result)

@@ -20,6 +20,7 @@ from repro.tasks.base import (
     build_run_model,
     load_checkpoint,
     register_task,
+    reports_saved_training,
     save_checkpoint,
 )
 from repro.train import TrainConfig, TrainResult, train_and_evaluate
@@ -74,9 +75,7 @@ class TrainTask(Task):
         cfg = TrainConfig.model_validate(run.config["train"])
         is_main = data_parallel is None or data_parallel.is_main
         saved = load_checkpoint(model, run, ctx)
-        if saved is not None and "result" in saved and saved["suite"] != run.suite:
-            # another suite's same training: reported, not repeated (a suite never reuses its own, so --force
-            # and a rerun of a suite train again)
+        if saved is not None and reports_saved_training(saved, run.suite):  # reported, not repeated
             model.to(ctx.device)
             result = TrainResult("ok", saved["metrics"], **saved["result"],
                                  extra={"from_checkpoint": saved["model_key"]})
