@@ -510,3 +510,18 @@ def test_random_corruptions_match_the_reference_on_its_own_draws(name: str, size
             change, expected_change = np.abs(result - image).mean(), np.abs(expected - image).mean()
             assert (difference > 1).mean() < 0.005, (severity, seed, (difference > 1).mean())
             assert abs(change - expected_change) <= 0.005 * expected_change + 0.02, (severity, seed)
+
+
+@pytest.mark.parametrize("density", [0.0005, 0.003, 0.05])
+def test_chamfer_distance_matches_opencv_on_both_paths(density: float) -> None:
+    """Both forms of the distance (the CPU's row scans, CUDA's relaxation, run here on the CPU) agree with
+    ``cv2.distanceTransform(DIST_L2, 5)`` capped at 20 to float32 rounding, image by image, sparse and dense."""
+    cv2 = pytest.importorskip("cv2")
+    from repro.corruptions.opencv_ops import _chamfer_by_relaxation, _chamfer_by_row_scans
+
+    zeros = torch.rand(4, 1, 61, 47, generator=torch.Generator().manual_seed(0)) < density
+    zeros[0] = False  # no edge at all: everything at the cap
+    expected = np.stack([np.minimum(cv2.distanceTransform((~z[0].numpy()).astype(np.uint8), cv2.DIST_L2, 5), 20.0)
+                         for z in zeros])[:, None]
+    for form in (_chamfer_by_row_scans, _chamfer_by_relaxation):
+        np.testing.assert_allclose(form(zeros, 20.0).numpy(), expected, rtol=0, atol=1e-5)
