@@ -7,11 +7,13 @@ configuration is timed in alternating rounds and its fastest round kept):
    (``repro.norms.ghost``), per normalizer and micro-batch, at a fixed optimizer batch;
 2. the trainer (``train_and_evaluate``, progress off) against a bare loop (index, normalize, forward, loss,
    backward, SGD step) on the same model, batch, precision (bf16 autocast and channels-last on CUDA) and device;
+   with ``--compile MODE``, also the bare loop with its model through ``torch.compile`` (what compiling the
+   trainer's step would gain, and what the compilation costs);
 3. the TTA evaluator (``evaluate_views``) against a plain per-batch loop, for ``source`` and ``ptbn``;
 4. CBN's step time against BN's at one micro-batch size (goal: at most 1.5x), both paths.
 
     python benchmarks/train_throughput.py --out throughput_cpu.md
-    python benchmarks/train_throughput.py --device cuda --steps 50 --out throughput_cuda.md
+    python benchmarks/train_throughput.py --device cuda --steps 50 --compile reduce-overhead --out throughput_cuda.md
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tta-images", type=int, default=256, help="images in the TTA view (default: 256)")
     parser.add_argument("--tta-batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default: 1)")
+    parser.add_argument("--compile", metavar="MODE", help="also time the bare loop through torch.compile in this "
+                        "mode (default, reduce-overhead: with CUDA graphs, ...); the epoch that compiles is apart")
     parser.add_argument("--out", type=Path, help="also write the markdown tables here")
     return parser.parse_args()
 
@@ -151,28 +155,45 @@ def trainer_table(args: argparse.Namespace, device: torch.device) -> list[str]:
         result = train_and_evaluate(model_for("bn", args), data, cfg, device=device, seed=0, progress=False)
         return 1 / result.images_per_s
 
-    def bare() -> float:
+    def bare_loop(compile_mode: str | None = None) -> Callable[[], float]:
+        """Seconds per image of one epoch of the bare loop, on one model kept across rounds (compiled once)."""
         model = model_for("bn", args).to(device).train()
         if on_cuda:
             model.to(memory_format=torch.channels_last)
+        forward = model if compile_mode is None else torch.compile(model, mode=compile_mode, dynamic=False)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4,
                                     fused=on_cuda or None)
-        order = torch.randperm(n, device=device)
-        synchronize(device)
-        start = time.perf_counter()
-        for index in order.split(args.batch):
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device, True):
-                logits = model(normalize(images[index]))
-            F.cross_entropy(logits.float(), labels[index]).backward()
-            optimizer.step()
-        synchronize(device)
-        return (time.perf_counter() - start) / n
 
-    times = best_of(args.rounds, {"trainer": trainer, "bare": bare})
-    return ["| loop | img/s | trainer / bare |", "|---|---|---|",
-            f"| bare PyTorch | {1 / times['bare']:.0f} | |",
-            f"| repro trainer | {1 / times['trainer']:.0f} | {times['bare'] / times['trainer']:.2f} |"]
+        def epoch() -> float:
+            order = torch.randperm(n, device=device)
+            synchronize(device)
+            start = time.perf_counter()
+            for index in order.split(args.batch):
+                optimizer.zero_grad(set_to_none=True)
+                with autocast(device, True):
+                    logits = forward(normalize(images[index]))
+                F.cross_entropy(logits.float(), labels[index]).backward()
+                optimizer.step()
+            synchronize(device)
+            return (time.perf_counter() - start) / n
+
+        return epoch
+
+    loops = {"trainer": trainer, "bare": bare_loop()}
+    first_compiled_s = None
+    if args.compile:
+        compiled = bare_loop(args.compile)
+        first_compiled_s = compiled() * n  # this epoch compiles: reported apart, and not among the rounds
+        loops["compiled"] = compiled
+    times = best_of(args.rounds, loops)
+    lines = ["| loop | img/s | vs bare |", "|---|---|---|",
+             f"| bare PyTorch | {1 / times['bare']:.0f} | |",
+             f"| repro trainer | {1 / times['trainer']:.0f} | {times['bare'] / times['trainer']:.2f} |"]
+    if args.compile:
+        compile_s = first_compiled_s - times["compiled"] * n
+        lines.append(f"| bare PyTorch, torch.compile mode {args.compile} (compiling took {compile_s:.1f} s more) | "
+                     f"{1 / times['compiled']:.0f} | {times['bare'] / times['compiled']:.2f} |")
+    return lines
 
 
 def plain_predictions(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> None:
