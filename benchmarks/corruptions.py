@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 from repro.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS, corrupt
+from repro.process import keep_freed_memory
 
 FORK_PACKAGE = "imagecorruptions_imaug"  # the name the fork's module is loaded under here
 FORK_SEEDED = ("impulse_noise", "glass_blur")  # fork functions that ignore np.random.seed and take seed=
@@ -50,6 +51,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--corruptions", nargs="+", default=list(CORRUPTIONS + EXTRA_CORRUPTIONS))
     parser.add_argument("--no-reference", action="store_true", help="time ours only")
     parser.add_argument("--fork", type=Path, help="directory holding the fork's `imagecorruptions` package")
+    parser.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc as it starts instead of "
+                        "keeping freed memory as repro's commands do (repro.process): ours then pays page faults")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     return parser.parse_args()
 
@@ -112,6 +115,8 @@ def geometric_mean(values: list[float]) -> float:
 
 def main() -> None:
     args = parse_args()
+    # as in every repro command (repro.process); the references run in this process under the same allocator
+    malloc = "default malloc" if args.default_malloc or not keep_freed_memory() else "malloc keeping freed memory"
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -165,7 +170,7 @@ def main() -> None:
         f"{args.size}x{args.size}, severity "
         f"{args.severity}, ms per image (median of {args.repeats}); ours: batch {args.batch} on {args.device} "
         f"({device_name}), references: {args.reference_images} images one by one on the CPU; {args.threads} "
-        f"thread(s), torch {torch.__version__}",
+        f"thread(s), torch {torch.__version__}, {malloc}",
         "",
         "| " + " | ".join(columns) + " |",
         "|---|" + "---:|" * (len(columns) - 1),

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from repro.errors import UserError
+from repro.process import keep_freed_memory
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -336,6 +337,7 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     commands = {"run": functools.partial(_cmd_run, argv=argv), "status": _cmd_status, "gather": _cmd_gather,

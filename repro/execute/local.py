@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from repro.execute.base import SuiteRequest
+from repro.process import keep_freed_memory
 from repro.suite.runner import (
     RunRecorder,
     SuiteRunSummary,
@@ -75,7 +76,9 @@ def visible_gpus() -> list[str]:
 
 
 def _start_worker(counter, gpus: list[str], threads: int) -> None:
-    """Pin this worker to its GPU before CUDA starts, and give it its share of the CPU threads."""
+    """Pin this worker to its GPU before CUDA starts, and give it its share of the CPU threads and the memory
+    settings of every repro process (``repro.process``)."""
+    keep_freed_memory()
     with counter.get_lock():
         index = counter.value
         counter.value += 1
