@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from repro.models import build_model
 from repro.norms import ghost
 from repro.norms.ghost import ghost_batches
+from repro.process import keep_freed_memory
 from repro.results.provenance import device_name
 
 NORMALIZERS = {"bn": {}, "cbn": {"window": 4}, "cbn_naive": {"window": 4}}
@@ -41,6 +42,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default: 1)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc as it starts instead of as repro's commands set it (repro.process)")
     parser.add_argument("--gpu-forms", action="store_true",
                         help="on CPU, run the side-by-side forms a GPU runs (to count a GPU step's operations)")
     return parser.parse_args()
@@ -86,6 +89,7 @@ def training_step(normalizer: str, args: argparse.Namespace, device: torch.devic
 
 def main() -> None:
     args = parse_args()
+    malloc = "default malloc" if args.default_malloc or not keep_freed_memory() else "malloc keeping freed memory"
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
@@ -110,7 +114,7 @@ def main() -> None:
                 torch.cuda.synchronize()
             times[name].append(clock() - start)
     print(f"{args.backbone}, batch {args.batch}, micro-batch {args.micro_batch}, on {device_name(device)}"
-          + (f", {args.threads} thread(s), CPU time" if device.type == "cpu" else ", wall time"))
+          + (f", {args.threads} thread(s), CPU time" if device.type == "cpu" else ", wall time") + f", {malloc}")
     print("| normalizer | fastest ms/step | vs BN | median ms/step | vs BN | operations per step |")
     print("|---|---|---|---|---|---|")
     fastest_bn, median_bn = min(times["bn"]), statistics.median(times["bn"])

@@ -33,6 +33,7 @@ from repro.adapt.evaluate import Evaluation, evaluate_views
 from repro.data.base import ImageDataset, TensorSplit
 from repro.data.loaders import PixelNormalizer
 from repro.models import build_model
+from repro.process import keep_freed_memory
 from repro.results.provenance import device_name
 from repro.train import TrainConfig, seed_everything
 from repro.train.loop import _forward_backward, autocast, synchronize, train_and_evaluate
@@ -52,6 +53,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tta-images", type=int, default=256, help="images in the TTA view (default: 256)")
     parser.add_argument("--tta-batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default: 1)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc as it starts instead of as repro's commands set it (repro.process)")
     parser.add_argument("--compile", metavar="MODE", help="also time the bare loop through torch.compile in this "
                         "mode (default, reduce-overhead: with CUDA graphs, ...); the epoch that compiles is apart")
     parser.add_argument("--out", type=Path, help="also write the markdown tables here")
@@ -239,11 +242,13 @@ def tta_table(args: argparse.Namespace, device: torch.device) -> list[str]:
 
 def main() -> None:
     args = parse_args()
+    malloc = "default malloc" if args.default_malloc or not keep_freed_memory() else "malloc keeping freed memory"
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     header = (f"{args.backbone} (small-input stem) at {args.image_size} px, optimizer batch {args.batch}, on "
-              f"{device_name(device)}" + (f", {args.threads} thread(s)" if device.type == "cpu" else ""))
+              f"{device_name(device)}" + (f", {args.threads} thread(s)" if device.type == "cpu" else "")
+              + f", {malloc}")
     sections = [("Micro-batch steps: sequential passes vs one pass", micro_batch_table),
                 ("Trainer vs bare loop", trainer_table), ("TTA evaluator vs plain loop", tta_table),
                 ("CBN vs BN", cbn_table)]
