@@ -264,3 +264,20 @@ def test_a_worker_killed_mid_run_loses_only_its_runs(campaign_suite: str, tmp_pa
     assert set(records) == set(summary.ran) and all(is_complete(r) for r in records.values())
     assert campaign.checks and archive.is_file()
     assert "lost, a worker process died" in (results / "campaign.log").read_text()
+
+
+def test_saved_trainings_names_the_suite_of_each_reportable_training(tmp_path: Path) -> None:
+    """A checkpoint with its training's result is reportable by another suite's train run (its suite named); one
+    with weights and metrics only is not (None); unreadable files and resumable states are left out."""
+    import torch
+
+    from repro.tasks.base import saved_trainings
+
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    weights = {"state_dict": {"w": torch.zeros(2)}, "metrics": {"top1": 1.0}}
+    torch.save({**weights, "result": {"curve": [], "wall_time_s": 1.0}, "suite": "saver"}, checkpoints / "a.pt")
+    torch.save(weights, checkpoints / "b.pt")
+    torch.save(weights, checkpoints / "a.resume.pt")
+    (checkpoints / "c.pt").write_bytes(b"not a checkpoint")
+    assert saved_trainings(tmp_path) == {"a": "saver", "b": None}
