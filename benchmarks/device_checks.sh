@@ -1,5 +1,5 @@
 #!/bin/bash
-# The speed issue's device checks in one call, for the start of a GPU window (about 5 minutes on an H200 with
+# The speed issue's device checks in one call, for the start of a GPU window (at most 12 minutes with
 # the defaults): each benchmark under its own time limit, its table and its errors into $OUT, a line per check
 # in $OUT/summary.txt. Order: the compile precision check first (the trainer may compile only if it passes),
 # then what the README's speed section still lacks GPU figures for.
