@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from repro.models import build_model
 from repro.norms import ghost
 from repro.norms.ghost import ghost_batches
-from repro.process import keep_freed_memory
+from repro.process import malloc_setting
 from repro.results.provenance import device_name
 
 NORMALIZERS = {"bn": {}, "cbn": {"window": 4}, "cbn_naive": {"window": 4}}
@@ -89,7 +89,7 @@ def training_step(normalizer: str, args: argparse.Namespace, device: torch.devic
 
 def main() -> None:
     args = parse_args()
-    malloc = "default malloc" if args.default_malloc or not keep_freed_memory() else "malloc keeping freed memory"
+    malloc = malloc_setting(keep=not args.default_malloc)
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from repro.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS, corrupt
-from repro.process import keep_freed_memory
+from repro.process import malloc_setting
 
 FORK_PACKAGE = "imagecorruptions_imaug"  # the name the fork's module is loaded under here
 FORK_SEEDED = ("impulse_noise", "glass_blur")  # fork functions that ignore np.random.seed and take seed=
@@ -116,7 +116,7 @@ def geometric_mean(values: list[float]) -> float:
 def main() -> None:
     args = parse_args()
     # as in every repro command (repro.process); the references run in this process under the same allocator
-    malloc = "default malloc" if args.default_malloc or not keep_freed_memory() else "malloc keeping freed memory"
+    malloc = malloc_setting(keep=not args.default_malloc)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

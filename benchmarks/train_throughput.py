@@ -33,7 +33,7 @@ from repro.adapt.evaluate import Evaluation, evaluate_views
 from repro.data.base import ImageDataset, TensorSplit
 from repro.data.loaders import PixelNormalizer
 from repro.models import build_model
-from repro.process import keep_freed_memory
+from repro.process import malloc_setting
 from repro.results.provenance import device_name
 from repro.train import TrainConfig, seed_everything
 from repro.train.loop import _forward_backward, autocast, synchronize, train_and_evaluate
@@ -242,7 +242,7 @@ def tta_table(args: argparse.Namespace, device: torch.device) -> list[str]:
 
 def main() -> None:
     args = parse_args()
-    malloc = "default malloc" if args.default_malloc or not keep_freed_memory() else "malloc keeping freed memory"
+    malloc = malloc_setting(keep=not args.default_malloc)
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)

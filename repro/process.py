@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 
 # glibc's mallopt parameters (malloc.h)
@@ -20,11 +19,15 @@ def keep_freed_memory() -> bool:
     full-batch buffers of a few MiB all the time; by default each comes from fresh pages whose page faults cost
     more than the arithmetic (defocus blur on 16 images of 224 px: 1.55 ms per image, 0.69 with this). Only the
     allocator's bookkeeping changes, never a number. False where the C library is not glibc."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own symbols, libc's among them: no library search
+    except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
         mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+
+
+def malloc_setting(keep: bool = True) -> str:
+    """For a benchmark's header: keep freed memory as every repro command does (unless ``keep`` is False), and
+    say what this process's malloc does."""
+    return "malloc keeping freed memory" if keep and keep_freed_memory() else "default malloc"

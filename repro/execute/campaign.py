@@ -297,13 +297,14 @@ class Campaign:
             plans.append(plan)
         ready = [plan for plan in plans if not plan.skipped_reason]
         # a model this campaign trains and saves is trained once: the runs that use it drop its training
-        for key, trainer in trainers(ready).items():
-            for item in (item for plan in ready for item in plan.runs if item.model_key == key):
-                if item is trainer or item.run.shared_with or model_ready(item, self._saved_before):
-                    continue
-                if model_ready(item, {key: trainer.suite.name}):
-                    workload = TASKS.get(item.suite.task).workload(item.run.config, True, device_type(kind))
-                    item.estimate = estimator.estimate(item.run.config, workload, model_loaded=True)
+        first = trainers(ready)
+        for item in (item for plan in ready for item in plan.runs):
+            trainer = first.get(item.model_key)
+            if trainer is None or item is trainer or item.run.shared_with or model_ready(item, self._saved_before):
+                continue
+            if model_ready(item, {item.model_key: trainer.suite.name}):
+                workload = TASKS.get(item.suite.task).workload(item.run.config, True, device_type(kind))
+                item.estimate = estimator.estimate(item.run.config, workload, model_loaded=True)
         return plans
 
     def run(self) -> CampaignSummary:
@@ -461,4 +462,3 @@ class Campaign:
         size = pack(self.results_dir, [plan.suite.name for plan in plans], self.archive, log=self.log_path)
         if final:
             self.log(f"archive {self.archive}: {size / 2**20:.2f} MiB")
-

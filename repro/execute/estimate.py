@@ -246,6 +246,8 @@ class Estimator:
                 if isinstance(sharing, int):
                     self._sharing.setdefault(task, set()).add(sharing)
         self._fits = {task: fit_costs(rows) for task, rows in self._runs.items()}
+        self._scales = {task: sum(seconds for _, seconds in rows) / sum(prior_seconds(terms, kind) for terms, _ in rows)
+                        for task, rows in self._runs.items()}
 
     def estimate(self, config: dict[str, Any], workload: Workload, model_loaded: bool = False) -> Estimate:
         """``workload`` as the run's task computes it; ``model_loaded``: the run's trained model comes from the
@@ -265,8 +267,7 @@ class Estimator:
                             f"cost model fitted to {len(rows)} {self.kind} records ({fitted.flop_scale:.2f} x FLOP "
                             f"time + {1000 * fitted.seconds_per_pass:.2f} ms per pass + "
                             f"{fitted.seconds_per_run:.1f} s per run{made})")
-        modelled = sum(prior_seconds(terms, self.kind) for terms, _ in rows)
-        scale = sum(seconds for _, seconds in rows) / modelled
+        scale = self._scales[task]
         return Estimate(modelled_seconds(config, workload, self.kind) * scale,
                         f"cost model x {scale:.2f} (calibrated on {self.kind} records{made})")
 
