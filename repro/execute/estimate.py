@@ -105,7 +105,7 @@ class Workload:
 
     train_images: int = 0
     forward_images: int = 0
-    passes: int = 0
+    passes: float = 0  # pass-equivalents: a training step weighs by its operations (``step_pass_weight``)
 
     def __add__(self, other: Workload) -> Workload:
         return Workload(self.train_images + other.train_images, self.forward_images + other.forward_images,
@@ -113,18 +113,42 @@ class Workload:
 
 
 def training_workload(config: dict[str, Any]) -> Workload:
-    """The train task's work: every epoch trains on the split and evaluates the test split."""
+    """The train task's work: every epoch trains on the split and evaluates the test split. A training step
+    counts as ``step_pass_weight`` passes."""
     train_n, test_n = split_sizes(config["dataset"])
     train = config["train"]
     batch = train["batch_size"]
     steps = train_n // batch
     if train.get("max_steps_per_epoch"):
         steps = min(steps, train["max_steps_per_epoch"])
-    # micro-batches go through the model in one pass (repro.norms.ghost) unless mixup draws per micro-batch
-    chunks = -(-batch // (train.get("micro_batch") or batch)) if train.get("mixup_alpha", 0) > 0 else 1
     epochs = train["epochs"]
     eval_batches = -(-test_n // train.get("eval_batch_size", batch))
-    return Workload(epochs * steps * batch, epochs * test_n, epochs * (steps * chunks + eval_batches))
+    return Workload(epochs * steps * batch, epochs * test_n,
+                    epochs * (steps * step_pass_weight(config) + eval_batches))
+
+
+def step_pass_weight(config: dict[str, Any]) -> float:
+    """How many plain passes one training step costs where passes are launch-bound: its device operations
+    (``repro.train.operations``) over those of the same backbone's BatchNorm step at whole-batch statistics. A
+    ghost-batch BatchNorm step launches about twice the kernels of a plain one, a Cross-Iteration BN step ten times
+    as many; sequential micro-batch passes (mixup) count in full. 1 where the step cannot be counted (a model
+    that does not build on the meta device)."""
+    from repro.train.operations import step_recipe, training_step_operations
+
+    _, _, chans, size, classes = DATASET_SHAPES.get(config["dataset"]["name"], (0, 0, 3, 32, 10))
+    small_input = bool(config["model"].get("small_input"))
+
+    def operations(normalizer: str, options: dict[str, Any], train: dict[str, Any]) -> float:
+        return training_step_operations(config["backbone"], normalizer, json.dumps(options, sort_keys=True),
+                                        small_input, (chans, size, size), classes,
+                                        step_recipe(train)).device_operations
+
+    train = config["train"]
+    try:
+        return (operations(config["normalizer"]["name"], config["normalizer"]["options"], train)
+                / operations("bn", {}, {**train, "micro_batch": None, "mixup_alpha": 0.0}))
+    except Exception:
+        return 1.0
 
 
 def split_sizes(dataset: dict[str, Any]) -> tuple[int, int]:
@@ -138,7 +162,7 @@ class CostTerms:
     """A run's work in the cost model's units: seconds of FLOPs at the device's prior rate, and passes."""
 
     flop_seconds: float
-    passes: int
+    passes: float
 
 
 def cost_terms(config: dict[str, Any], workload: Workload, kind: str) -> CostTerms:

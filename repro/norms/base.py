@@ -7,7 +7,9 @@ timm's fused ``BatchNormAct2d``), not only the families whose entrypoints accept
 
 from __future__ import annotations
 
+import functools
 import inspect
+import math
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
@@ -49,6 +51,12 @@ class Normalizer:
 
     def after_step(self, model: nn.Module) -> None:
         """Called after every optimizer step (MimicNorm projects its weights here)."""
+
+    def step_pattern(self, steps_per_epoch: int) -> tuple[int, int]:
+        """``(first, period)``: from step ``first`` on, the training steps' operations repeat every ``period``
+        steps (``repro.train.operations`` counts them without a device). Step 0 differs everywhere: SGD creates its
+        momentum buffers."""
+        return 1, 1
 
     def options(self) -> dict[str, Any]:
         """The options this instance was built with, for run records."""
@@ -148,6 +156,28 @@ def running_average_factor(bn: nn.BatchNorm2d) -> float:
     return 1.0 / bn.num_batches_tracked.item() if bn.momentum is None else bn.momentum
 
 
+def _momentum_factors(bn: nn.modules.batchnorm._BatchNorm, groups: int) -> tuple[float, ...]:
+    """Each group's weight in the running averages: the momentum, or 1/(batches tracked) for ``momentum=None``."""
+    if bn.momentum is not None:
+        return (bn.momentum,) * groups
+    done = int(bn.num_batches_tracked.item())  # the cumulative average reads its count, as BatchNorm itself does
+    return tuple(1.0 / (done + g + 1) for g in range(groups))
+
+
+@functools.lru_cache(maxsize=64)
+def _in_order_coefficients(factors: tuple[float, ...], dtype: torch.dtype, device: torch.device
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``keep`` (G + 1, 1) and ``weights`` (G + 1, G) of the closed form, built on the host once per momentum and
+    group count and kept on the device: a tensor made from Python numbers in the step would be a blocking copy."""
+    keep, weights = [1.0], [[0.0] * len(factors)]
+    for g, factor in enumerate(factors):
+        keep.append(keep[-1] * (1.0 - factor))
+        weights.append([w * (1.0 - factor) for w in weights[-1]])
+        weights[-1][g] = factor
+    return (torch.tensor(keep, dtype=dtype, device=device).unsqueeze(1),
+            torch.tensor(weights, dtype=dtype, device=device))
+
+
 @torch.no_grad()
 def running_statistics_in_order(bn: nn.modules.batchnorm._BatchNorm, means: torch.Tensor, variances: torch.Tensor
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,22 +186,30 @@ def running_statistics_in_order(bn: nn.modules.batchnorm._BatchNorm, means: torc
 
     ``f_h`` is the momentum, or 1/(batches tracked) for ``momentum=None`` (a cumulative average), as in BatchNorm.
     """
-    groups = means.shape[0]
-    done = int(bn.num_batches_tracked.item()) if bn.momentum is None else 0
-    factors = [bn.momentum if bn.momentum is not None else 1.0 / (done + g + 1) for g in range(groups)]
-    keep, weights = [1.0], [[0.0] * groups]
-    for g, factor in enumerate(factors):
-        keep.append(keep[-1] * (1.0 - factor))
-        weights.append([w * (1.0 - factor) for w in weights[-1]])
-        weights[-1][g] = factor
-    keep_t = torch.tensor(keep, dtype=means.dtype, device=means.device).unsqueeze(1)
-    weights_t = torch.tensor(weights, dtype=means.dtype, device=means.device)
-    running_means = keep_t * bn.running_mean.to(means.dtype) + weights_t @ means
-    running_vars = keep_t * bn.running_var.to(means.dtype) + weights_t @ variances
-    bn.num_batches_tracked.add_(groups)
+    keep, weights = _in_order_coefficients(_momentum_factors(bn, means.shape[0]), means.dtype, means.device)
+    running_means = keep * bn.running_mean.to(means.dtype) + weights @ means
+    running_vars = keep * bn.running_var.to(means.dtype) + weights @ variances
+    bn.num_batches_tracked.add_(means.shape[0])
     bn.running_mean.copy_(running_means[-1])
     bn.running_var.copy_(running_vars[-1])
     return running_means, running_vars
+
+
+@torch.no_grad()
+def update_running_statistics_in_order(bn: nn.modules.batchnorm._BatchNorm, means: torch.Tensor,
+                                       biased_variances: torch.Tensor, values_per_group: int) -> None:
+    """The last state of ``running_statistics_in_order``, written in place: two kernels for G groups' updates.
+
+    ``biased_variances`` (G, C) are corrected to unbiased ones (``values_per_group`` values per channel), as BatchNorm
+    stores them.
+    """
+    factors = _momentum_factors(bn, means.shape[0])
+    _, weights = _in_order_coefficients(factors, bn.running_mean.dtype, bn.running_mean.device)
+    final_keep, final_weights = math.prod(1.0 - f for f in factors), weights[-1]
+    bessel = values_per_group / (values_per_group - 1)
+    bn.running_mean.addmv_(means.t().to(bn.running_mean.dtype), final_weights, beta=final_keep)
+    bn.running_var.addmv_(biased_variances.t().to(bn.running_var.dtype), final_weights, beta=final_keep, alpha=bessel)
+    bn.num_batches_tracked.add_(means.shape[0])
 
 
 def channel_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,7 +42,7 @@ from repro.norms.base import (
     register_normalizer,
     replace_batchnorms,
     running_average_factor,
-    running_statistics_in_order,
+    update_running_statistics_in_order,
 )
 
 
@@ -449,8 +449,7 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         if groups == 1:
             self._update_running_statistics(mean_now[0].detach(), var_now[0].detach(), y)
         elif self.running_mean is not None:
-            unbiased = var_now.detach() * (values_per_channel / (values_per_channel - 1))
-            running_statistics_in_order(self, mean_now.detach(), unbiased)
+            update_running_statistics_in_order(self, mean_now.detach(), var_now.detach(), values_per_channel)
         self._store(first, conv_call[0], y, mean_now.detach(), var_now.detach(), side_by_side)
         return self._normalize(y, mean, var)
 
@@ -561,6 +560,15 @@ class CrossIterationBatchNorm(Normalizer):
     def after_step(self, model: nn.Module) -> None:
         for module in _cbn_modules(model):
             module.end_iteration()
+
+    def step_pattern(self, steps_per_epoch: int) -> tuple[int, int]:
+        """Plain BN through the burn-in, then the windows fill; full, they hold ``window - 1`` past iterations
+        and cycle through them."""
+        burnin = self.layer_options["burnin_iterations"]
+        if burnin is None:
+            burnin = round(self.burnin_epochs * steps_per_epoch)
+        window = self.layer_options["window"]
+        return burnin + window + 1, max(window - 1, 1)
 
 
 @register_normalizer("cbn_naive")

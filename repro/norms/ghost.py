@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repro.norms.base import Normalizer, running_statistics_in_order
+from repro.norms.base import Normalizer, running_statistics_in_order, update_running_statistics_in_order
 from repro.norms.batch_renorm import BatchRenorm2d
 from repro.norms.cbn import CrossIterationBatchNorm2d
 
@@ -53,30 +53,49 @@ def _ghost_forward(bn: nn.modules.batchnorm._BatchNorm, micro_batch: int, x: tor
     if not grouped_statistics(x):  # the layer's own forward per group, in order: the sequential arithmetic itself
         return torch.cat([type(bn).forward(bn, chunk) for chunk in x.split(micro_batch)])
     bn._check_input_dim(x)
-    # the groups side by side as channels, (m, G·C, ...): one BatchNorm kernel normalizes every group
-    folded = x.unflatten(0, (groups, micro_batch)).transpose(0, 1).flatten(1, 2)
-    reduce = (0, *range(2, folded.dim()))
+    folded = _groups_side_by_side(x, groups)
     values_per_channel = folded.numel() // folded.shape[1]
     if values_per_channel <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{[micro_batch, *x.shape[1:]]}")
-    scale = bn.weight.expand(groups, -1) if bn.affine else None
+    scale = bn.weight.expand(groups, -1) if bn.affine else None  # (G, C) views
     shift = bn.bias.expand(groups, -1) if bn.affine else None
     if bn.track_running_stats and bn.running_mean is not None:
         with torch.no_grad():
+            reduce = (0, *range(2, folded.dim()))
             var, mean = torch.var_mean(folded.to(torch.promote_types(x.dtype, torch.float32)), reduce, correction=0)
             mean, var = mean.view(groups, -1), var.view(groups, -1)
-        unbiased = var * (values_per_channel / (values_per_channel - 1))
-        running_means, running_vars = running_statistics_in_order(bn, mean, unbiased)
-        if isinstance(bn, BatchRenorm2d):
+        if isinstance(bn, BatchRenorm2d):  # each group's r and d need the running statistics it would have seen
+            unbiased = var * (values_per_channel / (values_per_channel - 1))
+            running_means, running_vars = running_statistics_in_order(bn, mean, unbiased)
             r, d = bn.renormalization(mean, var, running_means[:-1], running_vars[:-1])
             scale, shift = (scale * r, shift + scale * d) if bn.affine else (r, d)
+        else:
+            update_running_statistics_in_order(bn, mean, var, values_per_channel)
     out = F.batch_norm(folded, None, None, None if scale is None else scale.flatten(),
                        None if shift is None else shift.flatten(), True, 0.0, bn.eps)
-    out = out.unflatten(1, (groups, -1)).transpose(0, 1).flatten(0, 1)
+    return _groups_stacked(out, groups, like=x)
+
+
+def _groups_side_by_side(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(G·m, C, ...) -> (m, G·C, ...), the groups as channels, in one copy that keeps a channels-last layout
+    channels-last (so that BatchNorm runs its channels-last kernel, and the way back is one copy too)."""
+    micro_batch = x.shape[0] // groups
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
+        nhwc = x.permute(0, 2, 3, 1).unflatten(0, (groups, micro_batch))  # (G, m, H, W, C), a view
+        side_by_side = nhwc.permute(1, 2, 3, 0, 4).reshape(micro_batch, *x.shape[2:], -1)  # (m, H, W, G·C)
+        return side_by_side.permute(0, 3, 1, 2)
+    return x.unflatten(0, (groups, micro_batch)).transpose(0, 1).flatten(1, 2)
+
+
+def _groups_stacked(folded: torch.Tensor, groups: int, like: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``_groups_side_by_side``, in the memory format of ``like``."""
+    micro_batch = folded.shape[0]
+    if like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last):
+        nhwc = folded.permute(0, 2, 3, 1).unflatten(3, (groups, -1))  # (m, H, W, G, C)
+        stacked = nhwc.permute(3, 0, 1, 2, 4).reshape(groups * micro_batch, *folded.shape[2:], -1)
+        return stacked.permute(0, 3, 1, 2)
+    return folded.unflatten(1, (groups, -1)).transpose(0, 1).flatten(0, 1)
 
 
 def _has_random_layers(model: nn.Module) -> bool:
