@@ -1,37 +1,31 @@
-"""Cross-Iteration BN's training step next to BatchNorm's: time per step and operations dispatched per step.
+"""Cross-Iteration BN's training step next to BatchNorm's: time per step.
 
 A step is one optimizer batch of ``--batch`` images at ``--micro-batch`` images per micro-batch, all micro-batches
 in one pass (``repro.norms.ghost``), then SGD and the normalizer's ``after_step``; CBN's windows are full. The
 normalizers take turns step by step for ``--rounds`` rounds, so that other load on the machine slows each alike;
-the fastest and the median step are reported. Operations are the ATen operations that forward and backward
-dispatch, views excluded: on a GPU, where a small model's step costs its kernel launches, they are the guide.
+the fastest and the median step are reported. The operations a GPU step launches, which on a GPU are the guide,
+are counted without one by ``benchmarks/step_operations.py``.
 
     python benchmarks/cbn_step.py --backbone resnet20 --batch 32 --micro-batch 8
-    python benchmarks/cbn_step.py --backbone resnet18 --batch 32 --micro-batch 2 --gpu-forms --rounds 1
     python benchmarks/cbn_step.py --device cuda --backbone resnet18 --batch 32 --micro-batch 2
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from repro.models import build_model
-from repro.norms import ghost
 from repro.norms.ghost import ghost_batches
 from repro.process import malloc_setting
 from repro.results.provenance import device_name
 
 NORMALIZERS = {"bn": {}, "cbn": {"window": 4}, "cbn_naive": {"window": 4}}
-VIEWS = {"view", "_unsafe_view", "unsqueeze", "squeeze", "expand", "flatten", "unflatten", "reshape", "transpose",
-         "t", "permute", "detach", "alias", "as_strided", "select", "slice", "split", "unbind", "chunk", "narrow"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -44,27 +38,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default: 1)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's malloc as it starts instead of as repro's commands set it (repro.process)")
-    parser.add_argument("--gpu-forms", action="store_true",
-                        help="on CPU, run the side-by-side forms a GPU runs (to count a GPU step's operations)")
     return parser.parse_args()
 
 
-class OperationCount(TorchDispatchMode):
-    """Counts the non-view ATen operations dispatched inside it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func.__name__.split(".")[0] not in VIEWS
-        return func(*args, **(kwargs or {}))
-
-
-def training_step(normalizer: str, args: argparse.Namespace, device: torch.device
-                  ) -> tuple[Callable[[bool], None], dict[str, int]]:
-    """A step function of a fresh model, and where it leaves the forward and backward operations it counted when
-    called with ``count=True``."""
+def training_step(normalizer: str, args: argparse.Namespace, device: torch.device) -> Callable[[], None]:
+    """A step function of a fresh model."""
     torch.manual_seed(0)
     model = build_model(args.backbone, normalizer, num_classes=10, in_chans=1, small_input=True,
                         **NORMALIZERS[normalizer]).to(device).train()
@@ -72,19 +50,15 @@ def training_step(normalizer: str, args: argparse.Namespace, device: torch.devic
     images = torch.randn(args.batch, 1, 28, 28, device=device)
     labels = torch.randint(0, 10, (args.batch,), device=device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    counted = {}
 
-    def step(count: bool = False) -> None:
+    def step() -> None:
         optimizer.zero_grad()
-        counter = OperationCount()
-        with ghost_batches(model, args.micro_batch), counter if count else contextlib.nullcontext():
+        with ghost_batches(model, args.micro_batch):
             F.cross_entropy(model(images), labels).backward()
         optimizer.step()
         model.normalizer.after_step(model)
-        if count:
-            counted["operations"] = counter.count
 
-    return step, counted
+    return step
 
 
 def main() -> None:
@@ -93,16 +67,11 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    if args.gpu_forms:
-        ghost.grouped_statistics = lambda x: True
     clock = time.process_time if device.type == "cpu" else time.perf_counter
-    steps, counts = {}, {}
-    for name in NORMALIZERS:
-        steps[name], counts[name] = training_step(name, args, device)
+    steps = {name: training_step(name, args, device) for name in NORMALIZERS}
     for step in steps.values():
-        for _ in range(6):  # past CBN's burn-in, windows full
+        for _ in range(7):  # past CBN's burn-in, windows full
             step()
-        step(count=True)
     times = {name: [] for name in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():
@@ -115,13 +84,13 @@ def main() -> None:
             times[name].append(clock() - start)
     print(f"{args.backbone}, batch {args.batch}, micro-batch {args.micro_batch}, on {device_name(device)}"
           + (f", {args.threads} thread(s), CPU time" if device.type == "cpu" else ", wall time") + f", {malloc}")
-    print("| normalizer | fastest ms/step | vs BN | median ms/step | vs BN | operations per step |")
-    print("|---|---|---|---|---|---|")
+    print("| normalizer | fastest ms/step | vs BN | median ms/step | vs BN |")
+    print("|---|---|---|---|---|")
     fastest_bn, median_bn = min(times["bn"]), statistics.median(times["bn"])
     for name, values in times.items():
         fastest, median = min(values), statistics.median(values)
         print(f"| {name} | {1000 * fastest:.1f} | {fastest / fastest_bn:.2f}x | {1000 * median:.1f} | "
-              f"{median / median_bn:.2f}x | {counts[name]['operations']:,} |")
+              f"{median / median_bn:.2f}x |")
 
 
 if __name__ == "__main__":

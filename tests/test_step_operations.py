@@ -27,10 +27,15 @@ def test_the_counter_counts_kernels_not_views_and_sees_host_data():
     with OperationCounter() as counter:
         y = (x + 1).t().reshape(-1)  # one kernel; transpose and view launch none (the reshape of a transpose copies)
         x.mul_(2)
+        torch.where(x > 0, x, 0.0)  # the 0.0 travels with the launch
+        x.add_(torch.tensor(1.0))  # so does a 0-d host tensor
+        x.float()  # already float32: no operation
         torch.tensor([1.0, 2.0], device=META)  # made from Python numbers: a blocking host-to-device copy
         x.copy_(host)  # a host tensor into a device one
-    assert dict(counter.operations) == {"add": 1, "clone": 1, "mul_": 1, "copy_": 1}
-    assert dict(counter.round_trips) == {"lift_fresh": 1, "copy_ (host tensor)": 1}
+        host.add_(1)  # on the host: no device operation
+        host.sum().item()  # a value read into Python (counted wherever it is: on a device it waits for it)
+    assert dict(counter.operations) == {"add": 1, "clone": 1, "mul_": 1, "gt": 1, "where": 1, "add_": 1, "copy_": 1}
+    assert dict(counter.round_trips) == {"tensor from Python data": 1, "copy_ (host and device)": 1, "item": 1}
     assert y.shape == (12,)
 
 

@@ -29,15 +29,22 @@ KERNEL_FREE = frozenset({
     "empty_strided", "expand", "expand_as", "flatten", "narrow", "new_empty", "new_empty_strided", "permute",
     "promote_types", "reshape", "select", "slice", "split", "split_with_sizes", "squeeze", "t", "transpose",
     "unbind", "unflatten", "unsqueeze", "view", "view_as", "_record_function_enter_new", "_record_function_exit",
+    "lift_fresh",  # hands a tensor already made to autograd; its copy, if any, is counted as a round trip
+    "scalar_tensor",  # a Python number wrapped for an operation: on a GPU a host scalar passed with the launch
 })
 
-#: operations that move data between the host and the device: each one waits for the device
-HOST_ROUND_TRIPS = frozenset({"lift_fresh", "_local_scalar_dense"})
+#: copies, which move data between the host and the device when their input and output sit on different ones
+COPIES = frozenset({"_to_copy", "copy_"})
+
+
+def _devices(tree) -> set[str]:
+    return {t.device.type for t in tree_leaves(tree) if isinstance(t, torch.Tensor)}
 
 
 class OperationCounter(TorchDispatchMode):
-    """Counts device operations by name, and host round trips: tensors made from Python data, values read back,
-    and host tensors (beyond 0-d scalars) fed to device operations."""
+    """Counts device operations by name (those whose output is on the device), and host round trips: values read
+    back (``.item()``), tensors made on the device from Python data, and copies between host and device memory.
+    A Python number or 0-d host tensor given to a device operation is neither: it travels with the kernel launch."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -45,15 +52,19 @@ class OperationCounter(TorchDispatchMode):
         self.round_trips: collections.Counter[str] = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if name in HOST_ROUND_TRIPS:
-            self.round_trips[name] += 1
-        elif name not in KERNEL_FREE:
+        out_devices = _devices(out)
+        on_device = bool(out_devices - {"cpu"})
+        if name == "_local_scalar_dense":
+            self.round_trips["item"] += 1
+        elif name in COPIES and len(_devices((args, kwargs)) | out_devices) > 1:
+            self.round_trips[f"{name} (host and device)"] += 1
+        elif name == "lift_fresh" and on_device:
+            self.round_trips["tensor from Python data"] += 1
+        if on_device and name not in KERNEL_FREE:
             self.operations[name] += 1
-            devices = {t.device.type for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim()}
-            if "cpu" in devices and len(devices) > 1:
-                self.round_trips[f"{name} (host tensor)"] += 1
-        return func(*args, **(kwargs or {}))
+        return out
 
 
 @dataclass(frozen=True)
