@@ -116,3 +116,13 @@ def test_a_training_step_weighs_by_its_operations_against_plain_batchnorm():
 
 def test_a_step_that_cannot_be_counted_weighs_one():
     assert step_pass_weight(_config("bn", 4, backbone="no_such_backbone")) == 1.0
+
+
+def test_only_an_accelerator_weighs_a_step_by_its_operations():
+    """On the CPU an operation costs its arithmetic: a CBN step is weighed as one pass there."""
+    from repro.execute.estimate import training_workload
+
+    config = _config("cbn", 4)
+    steps, eval_batches = 60_000 // 32, -(-10_000 // 32)  # the evaluation batch defaults to the training one
+    assert training_workload(config, "cpu").passes == 2 * (steps + eval_batches)
+    assert training_workload(config, "cuda").passes == 2 * (steps * step_pass_weight(config) + eval_batches)

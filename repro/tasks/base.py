@@ -144,7 +144,7 @@ class Task:
         campaign), so a task that reuses it does not pay for training. ``device_type`` (``cpu`` or ``cuda``):
         where a task batches its work differently by device.
         """
-        return Workload() if model_cached else training_workload(config)
+        return Workload() if model_cached else training_workload(config, device_type)
 
     def shared_outcome(self, run: RunSpec, primary: dict[str, Any], ctx: RunContext) -> RunOutcome:
         """``run``'s outcome taken from the record of the run it shares (``RunSpec.shared_with``): the same numbers.

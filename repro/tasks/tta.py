@@ -223,7 +223,7 @@ class TTATask(Task):
         own = Workload(stepped, forward, passes)
         if model_cached or config["model"]["pretrained"]:
             return own
-        return own + training_workload(config)
+        return own + training_workload(config, device_type)
 
     def run(self, run: RunSpec, ctx: RunContext) -> RunOutcome:
         options = TTAOptions.model_validate(run.config["task_options"])
