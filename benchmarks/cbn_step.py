@@ -36,6 +36,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default: 1)")
+    parser.add_argument("--contiguous", action="store_true",
+                        help="NCHW tensors instead of channels-last (the trainer's default, on the CPU too)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's malloc as it starts instead of as repro's commands set it (repro.process)")
     return parser.parse_args()
@@ -46,8 +48,10 @@ def training_step(normalizer: str, args: argparse.Namespace, device: torch.devic
     torch.manual_seed(0)
     model = build_model(args.backbone, normalizer, num_classes=10, in_chans=1, small_input=True,
                         **NORMALIZERS[normalizer]).to(device).train()
+    memory_format = torch.contiguous_format if args.contiguous else torch.channels_last
+    model.to(memory_format=memory_format)
     model.normalizer.before_training(model, 100)
-    images = torch.randn(args.batch, 1, 28, 28, device=device)
+    images = torch.randn(args.batch, 1, 28, 28, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(0, 10, (args.batch,), device=device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
@@ -83,7 +87,8 @@ def main() -> None:
                 torch.cuda.synchronize()
             times[name].append(clock() - start)
     print(f"{args.backbone}, batch {args.batch}, micro-batch {args.micro_batch}, on {device_name(device)}"
-          + (f", {args.threads} thread(s), CPU time" if device.type == "cpu" else ", wall time") + f", {malloc}")
+          + (f", {args.threads} thread(s), CPU time" if device.type == "cpu" else ", wall time") + f", {malloc}"
+          + (", NCHW" if args.contiguous else ", channels-last"))
     print("| normalizer | fastest ms/step | vs BN | median ms/step | vs BN |")
     print("|---|---|---|---|---|")
     fastest_bn, median_bn = min(times["bn"]), statistics.median(times["bn"])

@@ -269,12 +269,12 @@ class _Windows:
             empty = weight.new_zeros(count, 0, weight.shape[0], dtype=torch.promote_types(weight.dtype, torch.float32))
             return empty, empty
         statistics = self.statistics[first:first + count]
-        means, mean_squares = statistics[:, :, 0], statistics[:, :, 1]
-        if rho:
-            mean_shift, mean_square_shift = self._weight_products(weight.to(statistics.dtype), first, count)
-            means = means + rho * (mean_shift - statistics[:, :, 2])
-            mean_squares = mean_squares + rho * (mean_square_shift - statistics[:, :, 3])
-        return self._oldest_first(means, filled, next_slot), self._oldest_first(mean_squares, filled, next_slot)
+        moments = statistics[:, :, :2]  # μ and ν, (count, slots, 2, C)
+        if rho:  # both moments moved in one pass: stored + ρ·(⟨·, W⟩ − ⟨·, W_τ⟩)
+            shifts = torch.stack(self._weight_products(weight.to(statistics.dtype), first, count), 2)
+            moments = torch.add(moments, shifts - statistics[:, :, 2:], alpha=rho)
+        moments = self._oldest_first(moments, filled, next_slot)
+        return moments[:, :, 0], moments[:, :, 1]
 
     def append(self, first: int, means: torch.Tensor, mean_squares: torch.Tensor,
                taylor: tuple[torch.Tensor, ...] | None = None) -> None:
@@ -285,9 +285,11 @@ class _Windows:
         _, slot = self._shared_ring_state(first, count)
         self._allocate(means, means.shape[1], *(taylor or (None, None))[:2])
         stored = self.statistics[first:first + count, slot]
-        stored[:, 0], stored[:, 1] = means, mean_squares
-        if taylor is not None:
-            mean_patches, mean_square_grads, stored[:, 2], stored[:, 3] = taylor
+        if taylor is None:
+            stored[:, :2] = torch.stack((means, mean_squares), 1)
+        else:
+            mean_patches, mean_square_grads, *products = taylor
+            stored.copy_(torch.stack((means, mean_squares, *products), 1))
             self.mean_patches[:, first:first + count, slot] = mean_patches.transpose(0, 1)
             self.mean_square_grad[:, first:first + count, slot] = mean_square_grads.flatten(2).transpose(0, 1)
         for position in range(first, first + count):
@@ -480,9 +482,12 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
                                                                side_by_side)
         # their products with the weight they came from, in closed form: y_c = ⟨W_c, patch⟩ + b_c, so
         # ⟨W_c, mean patch⟩ = μ_c − b_c and ⟨W_c, ∂ν_c/∂W_c⟩ = E[2·y_c·(y_c − b_c)] = 2·(ν_c − b_c·μ_c)
-        bias = 0.0 if self.conv.bias is None else self.conv.bias.detach().to(dtype)
-        self._windows.append(first, means, mean_squares,
-                             (mean_patches, mean_square_grads, means - bias, 2 * (mean_squares - bias * means)))
+        if self.conv.bias is None:
+            products = (means, 2 * mean_squares)
+        else:
+            bias = self.conv.bias.detach().to(dtype)
+            products = (means - bias, 2 * (mean_squares - bias * means))
+        self._windows.append(first, means, mean_squares, (mean_patches, mean_square_grads, *products))
 
     @torch.no_grad()
     def _update_running_statistics(self, mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor) -> None:
