@@ -78,8 +78,8 @@ def _ghost_forward(bn: nn.modules.batchnorm._BatchNorm, micro_batch: int, x: tor
 
 
 def _groups_side_by_side(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """(G·m, C, ...) -> (m, G·C, ...), the groups as channels, in one copy that keeps a channels-last layout
-    channels-last (so that BatchNorm runs its channels-last kernel, and the way back is one copy too)."""
+    """(G·m, C, ...) -> (m, G·C, ...): the groups as channels, so that one BatchNorm kernel normalizes every group.
+    One copy; a channels-last input stays channels-last (BatchNorm's channels-last kernel, and one copy back)."""
     micro_batch = x.shape[0] // groups
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         nhwc = x.permute(0, 2, 3, 1).unflatten(0, (groups, micro_batch))  # (G, m, H, W, C), a view
