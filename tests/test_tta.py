@@ -101,6 +101,21 @@ def test_views_stay_in_memory_within_a_budget(views_in_memory, monkeypatch: pyte
     assert torch.equal(later("fog", 2)[0], fog) and later.images == 20
 
 
+def test_each_device_type_keeps_views_within_its_own_budget(views_in_memory, monkeypatch: pytest.MonkeyPatch):
+    """Views on one device do not count against another's budget (CPU views once pushed GPU ones out)."""
+    view = torch.zeros(10, 1, 28, 28, dtype=torch.uint8)
+    monkeypatch.setattr(corrupted, "VIEWS_IN_MEMORY_BYTES", {"cpu": view.numel(), "meta": 2 * view.numel()})
+    corrupted._keep_in_memory(("split", "meta", "fog", 1), view.to("meta"))
+    corrupted._keep_in_memory(("split", "cpu", "fog", 1), view)
+    corrupted._keep_in_memory(("split", "meta", "fog", 2), view.to("meta"))
+    assert list(views_in_memory) == [("split", "meta", "fog", 1), ("split", "cpu", "fog", 1),
+                                     ("split", "meta", "fog", 2)]
+    corrupted._keep_in_memory(("split", "cpu", "fog", 2), view)  # over the CPU budget: the CPU's oldest goes
+    corrupted._keep_in_memory(("split", "meta", "fog", 3), view.to("meta"))  # and the meta device's
+    assert list(views_in_memory) == [("split", "meta", "fog", 2), ("split", "cpu", "fog", 2),
+                                     ("split", "meta", "fog", 3)]
+
+
 def test_a_suite_run_after_another_takes_its_views_from_memory_with_the_same_rows(tmp_path, views_in_memory,
                                                                                   monkeypatch):
     """bn's run corrupts the views; gn's, next, finds them in memory. The rows equal those of runs that each

@@ -133,13 +133,22 @@ _views_in_memory: OrderedDict[tuple[str, str, str, int], torch.Tensor] = Ordered
 
 
 def _keep_in_memory(key: tuple[str, str, str, int], images: torch.Tensor) -> None:
-    budget = VIEWS_IN_MEMORY_BYTES.get(images.device.type, 0)
-    size = images.numel() * images.element_size()
-    if size > budget:
+    """Keep ``images`` within its device type's budget, dropping that device type's least recently used views."""
+    device_type = images.device.type
+    budget = VIEWS_IN_MEMORY_BYTES.get(device_type, 0)
+    if _bytes(images) > budget:
         return
     _views_in_memory[key] = images
-    while sum(kept.numel() * kept.element_size() for kept in _views_in_memory.values()) > budget:
-        _views_in_memory.popitem(last=False)
+    same_device = [kept for kept, view in _views_in_memory.items() if view.device.type == device_type]
+    used = sum(_bytes(_views_in_memory[kept]) for kept in same_device)
+    for oldest in same_device:
+        if used <= budget:
+            break
+        used -= _bytes(_views_in_memory.pop(oldest))
+
+
+def _bytes(images: torch.Tensor) -> int:
+    return images.numel() * images.element_size()
 
 
 class GeneratedView:
