@@ -38,6 +38,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--normalizers", nargs="+", help="default: fmnist-microbatch's, with its options")
     parser.add_argument("--micro-batches", type=int, nargs="+", default=[2, 32])
     parser.add_argument("--batch", type=int, default=32, help="optimizer batch (default: 32, fmnist-microbatch's)")
+    parser.add_argument("--image-size", type=int, default=28, help="pixels (default: 28); a small size on the CPU "
+                        "leaves the host's work per operation, what a launch-bound GPU step is made of")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default: 1)")
     parser.add_argument("--by-name", action="store_true", help="also list each step's operations by name")
     parser.add_argument("--device", help="also time each step on this device (cpu, cuda)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round (default: 20)")
@@ -65,7 +68,8 @@ def timed_step(name: str, options: dict, micro_batch: int, args: argparse.Namesp
     groups = norm.param_groups(model, cfg.lr, cfg.weight_decay)
     optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay,
                                 fused=device.type == "cuda" or None)
-    images = torch.randn(args.batch, 1, 28, 28, device=device).contiguous(memory_format=torch.channels_last)
+    images = torch.randn(args.batch, 1, args.image_size, args.image_size, device=device)
+    images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (args.batch,), device=device)
     one_pass = can_run_in_one_pass(model)
     generator = torch.Generator(device=device)
@@ -94,21 +98,24 @@ def main() -> None:
     def count(name: str, micro_batch: int | None):
         train = {"epochs": 1, "batch_size": args.batch, "lr": 0.1, "micro_batch": micro_batch}
         return training_step_operations(args.backbone, name, json.dumps(known.get(name, {}), sort_keys=True), True,
-                                        (1, 28, 28), 10, json.dumps(train))
+                                        (1, args.image_size, args.image_size), 10, json.dumps(train))
 
     plain = count("bn", None).device_operations
     settings = [(name, micro_batch) for name in names for micro_batch in args.micro_batches]
     seconds: dict[tuple[str, int], float] = {}
     if args.device:
         device = torch.device(args.device)
+        torch.set_num_threads(args.threads)
         steps = {(name, micro_batch): timed_step(name, known.get(name, {}), micro_batch, args, device)
                  for name, micro_batch in settings}
         for _ in range(args.rounds):
             for setting, run in steps.items():
                 seconds[setting] = min(seconds.get(setting, float("inf")), run(args.steps) / args.steps)
-    timed = f"; timed on {device_name(torch.device(args.device))}, fastest of {args.rounds} rounds of {args.steps} " \
-            "steps" if args.device else ""
-    lines = [f"{args.backbone}, 1×28×28 (CIFAR stem), optimizer batch {args.batch}, channels-last, SGD (foreach), "
+    timed = (f"; timed on {device_name(torch.device(args.device))}"
+             + (f" ({args.threads} thread(s))" if args.device == "cpu" else "")
+             + f", fastest of {args.rounds} rounds of {args.steps} steps" if args.device else "")
+    size = f"1×{args.image_size}×{args.image_size}"
+    lines = [f"{args.backbone}, {size} (CIFAR stem), optimizer batch {args.batch}, channels-last, SGD (foreach), "
              f"steady state; per step. Plain BN: {plain:g} operations{timed}.", "",
              "| normalizer | micro-batch | device operations | × plain BN | host round trips |"
              + (" ms per step | µs per operation |" if args.device else ""),
