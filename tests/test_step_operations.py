@@ -114,8 +114,9 @@ def test_a_training_step_weighs_by_its_operations_against_plain_batchnorm():
     assert step_pass_weight(_config("cbn", 4)) > ghost  # windows of past statistics and their Taylor terms
 
 
-def test_a_step_that_cannot_be_counted_weighs_one():
-    assert step_pass_weight(_config("bn", 4, backbone="no_such_backbone")) == 1.0
+def test_a_step_that_cannot_be_counted_weighs_one_and_says_so():
+    with pytest.warns(UserWarning, match="no_such_backbone under bn: its training step could not be counted"):
+        assert step_pass_weight(_config("bn", 4, backbone="no_such_backbone")) == 1.0
 
 
 def test_only_an_accelerator_weighs_a_step_by_its_operations():
