@@ -26,7 +26,7 @@ from repro.models import build_model
 from repro.norms.ghost import can_run_in_one_pass
 from repro.results.provenance import device_name
 from repro.train.config import TrainConfig
-from repro.train.loop import _forward_backward, synchronize
+from repro.train.loop import _forward_backward, make_optimizer, synchronize
 from repro.train.operations import training_step_operations
 
 SUITE = Path(__file__).resolve().parent.parent / "suites" / "fmnist-microbatch.yaml"
@@ -65,9 +65,7 @@ def timed_step(name: str, options: dict, micro_batch: int, args: argparse.Namesp
     cfg = TrainConfig(epochs=1, batch_size=args.batch, lr=0.01, micro_batch=micro_batch)
     norm = model.normalizer
     norm.before_training(model, 1)
-    groups = norm.param_groups(model, cfg.lr, cfg.weight_decay)
-    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay,
-                                fused=device.type == "cuda" or None)
+    optimizer = make_optimizer(model, cfg, fused=device.type == "cuda" or None)
     images = torch.randn(args.batch, 1, args.image_size, args.image_size, device=device)
     images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (args.batch,), device=device)

@@ -560,7 +560,12 @@ class CrossIterationBatchNorm(Normalizer):
     def before_training(self, model: nn.Module, steps_per_epoch: int) -> None:
         if self.burnin_epochs is not None:
             for module in _cbn_modules(model):
-                module.burnin_iterations = round(self.burnin_epochs * steps_per_epoch)
+                module.burnin_iterations = self._burnin_iterations(steps_per_epoch)
+
+    def _burnin_iterations(self, steps_per_epoch: int) -> int:
+        if self.burnin_epochs is None:
+            return self.layer_options["burnin_iterations"]
+        return round(self.burnin_epochs * steps_per_epoch)
 
     def after_step(self, model: nn.Module) -> None:
         for module in _cbn_modules(model):
@@ -569,11 +574,8 @@ class CrossIterationBatchNorm(Normalizer):
     def step_pattern(self, steps_per_epoch: int) -> tuple[int, int]:
         """Plain BN through the burn-in, then the windows fill; full, they hold ``window - 1`` past iterations
         and cycle through them."""
-        burnin = self.layer_options["burnin_iterations"]
-        if burnin is None:
-            burnin = round(self.burnin_epochs * steps_per_epoch)
         window = self.layer_options["window"]
-        return burnin + window + 1, max(window - 1, 1)
+        return self._burnin_iterations(steps_per_epoch) + window + 1, max(window - 1, 1)
 
 
 @register_normalizer("cbn_naive")

@@ -135,6 +135,15 @@ def _forward_backward(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     return loss_sum, correct
 
 
+def make_optimizer(model: nn.Module, cfg: TrainConfig, **implementation: Any) -> torch.optim.SGD:
+    """The recipe's SGD over the normalizer's parameter groups; ``implementation``: ``fused`` or ``foreach``."""
+    normalizer = getattr(model, "normalizer", None)
+    groups = (normalizer.param_groups(model, cfg.lr, cfg.weight_decay) if normalizer is not None
+              else [{"params": list(model.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay}])
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                           weight_decay=cfg.weight_decay, **implementation)
+
+
 def _gradient_sync(model: nn.Module, last_chunk: bool) -> contextlib.AbstractContextManager:
     """DDP all-reduces gradients after every backward; within a batch only the last micro-batch's needs to."""
     if isinstance(model, DistributedDataParallel) and not last_chunk:
@@ -177,11 +186,8 @@ def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *
     normalizer = getattr(model, "normalizer", None)
     if normalizer is not None:
         normalizer.before_training(model, steps_per_epoch)
-    groups = (normalizer.param_groups(model, cfg.lr, cfg.weight_decay) if normalizer is not None
-              else [{"params": list(model.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay}])
     # the fused CUDA kernel: one launch for every parameter instead of a few per parameter
-    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                                weight_decay=cfg.weight_decay, fused=on_cuda or None)
+    optimizer = make_optimizer(model, cfg, fused=on_cuda or None)
     one_pass = data_parallel is None and can_run_in_one_pass(model, cfg.mixup_alpha)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, steps_per_epoch))
     mix_generator = torch.Generator(device=device).manual_seed(seed + 1)

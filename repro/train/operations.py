@@ -86,7 +86,7 @@ def training_step_operations(backbone: str, normalizer: str, options_json: str, 
     from repro.models import build_model
     from repro.norms.ghost import can_run_in_one_pass
     from repro.train.config import TrainConfig
-    from repro.train.loop import _forward_backward
+    from repro.train.loop import _forward_backward, make_optimizer
 
     cfg = TrainConfig.model_validate(json.loads(train_json))
     meta = torch.device("meta")
@@ -96,9 +96,7 @@ def training_step_operations(backbone: str, normalizer: str, options_json: str, 
     model.to(memory_format=torch.channels_last).train()
     norm = model.normalizer
     norm.before_training(model, 1)  # burn-ins counted in epochs end after the first step
-    groups = norm.param_groups(model, cfg.lr, cfg.weight_decay)
-    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                nesterov=cfg.nesterov and cfg.momentum > 0, foreach=True)
+    optimizer = make_optimizer(model, cfg, foreach=True)  # a few multi-tensor kernels, as the fused one is
     images = torch.zeros(cfg.batch_size, *image_shape, device=meta).contiguous(memory_format=torch.channels_last)
     labels = torch.zeros(cfg.batch_size, dtype=torch.long, device=meta)
     one_pass = can_run_in_one_pass(model, cfg.mixup_alpha)
