@@ -126,3 +126,28 @@ def test_experiments_train_the_recipe_of_the_laptop_tier_they_explain() -> None:
     for run in runs:
         if run.setting["normalizer"] != "brn_clipped_to_bn":
             assert _recipe(run) == at_two[run.setting["normalizer"]], run.setting
+
+
+def test_the_batch_128_experiment_changes_only_the_batch_and_what_follows_from_it() -> None:
+    """microbatch-batch128-laptop is fmnist-microbatch's laptop tier at four times the batch: the learning rate
+    scaled with it, BRN's schedule in the recipe's steps; nothing else differs (it does not time a BatchNorm twin,
+    which adds a timing metric and changes no number)."""
+    microbatch, _ = load_suite(SUITES / "fmnist-microbatch.yaml")
+    experiment, _ = load_suite(EXPERIMENTS / "microbatch-batch128-laptop.yaml")
+
+    def recipe(run, batch: bool) -> dict:
+        config = {**run.config, "seed": 0, "suite": None, "tier": None}
+        config["task_options"] = {k: v for k, v in config["task_options"].items() if k != "step_time_vs_bn"}
+        config["train"] = {k: v for k, v in config["train"].items() if not batch or k not in ("batch_size", "lr")}
+        if batch and run.setting["normalizer"] == "brn":
+            config["normalizer"] = {**config["normalizer"], "options": {}}
+        return config
+
+    laptop = {(r.setting["normalizer"], r.setting["train.micro_batch"]): r for r in expand(microbatch, "laptop")}
+    runs = expand(experiment, "full")
+    assert {(r.setting["normalizer"], r.setting["train.micro_batch"]) for r in runs} == set(laptop)
+    for run in runs:
+        tier_run = laptop[run.setting["normalizer"], run.setting["train.micro_batch"]]
+        assert recipe(run, batch=True) == recipe(tier_run, batch=True), run.setting
+        assert (run.config["train"]["batch_size"], run.config["train"]["lr"]) == (
+            4 * tier_run.config["train"]["batch_size"], 4 * tier_run.config["train"]["lr"])
