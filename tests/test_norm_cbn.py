@@ -218,6 +218,33 @@ def test_each_micro_batch_position_keeps_its_own_window():
         torch.testing.assert_close(cbn(y).detach(), _normalized(y.detach(), mean, var, cbn, True))
 
 
+@pytest.mark.parametrize("iterations", [1, 2, 3, 4, 5])
+def test_a_saved_training_state_restores_the_window_at_every_fill_level(iterations):
+    """Partly filled, full, and wrapped past its first slot (window 3 holds 2 past iterations): a layer restored
+    from ``training_state`` compensates and normalizes like the layer it was saved from, for both micro-batch
+    positions. (Until the eighth session the restored ∂ν/∂W came back with its channels sliced or rolled unless the
+    ring's next slot was its first.)"""
+    conv, cbn = _conv_and_cbn(window=3)
+    optimizer = torch.optim.SGD(conv.parameters(), lr=0.2)
+    batches = iter(_batches(2 * iterations + 2))
+    for _ in range(iterations):
+        for _ in range(2):  # two micro-batch positions
+            cbn(conv(next(batches))).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        cbn.end_iteration()
+    restored_conv, restored = _conv_and_cbn(seed=1, window=3)
+    restored_conv.load_state_dict(conv.state_dict())
+    restored.load_state_dict(cbn.state_dict())
+    restored.load_training_state(cbn.training_state())
+    for position in range(2):
+        for got, want in zip(restored.compensated_past_statistics(position), cbn.compensated_past_statistics(position),
+                             strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        x = next(batches)
+        torch.testing.assert_close(restored(restored_conv(x)), cbn(conv(x)), rtol=0, atol=0)
+
+
 def test_a_weight_update_without_end_iteration_is_an_error():
     conv, cbn = _conv_and_cbn(window=2)
     optimizer = torch.optim.SGD(conv.parameters(), lr=0.1)
