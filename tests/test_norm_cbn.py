@@ -11,7 +11,7 @@ from repro.data import load_dataset
 from repro.errors import UserError
 from repro.models import build_model
 from repro.norms import create_normalizer
-from repro.norms.cbn import CrossIterationBatchNorm2d, statistics_gradients
+from repro.norms.cbn import CrossIterationBatchNorm2d, _PooledBatchNorm, statistics_gradients
 from repro.train import TrainConfig, seed_everything, train_and_evaluate
 
 torch.set_num_threads(1)
@@ -151,6 +151,43 @@ def test_compensation_matches_statistics_recomputed_under_current_weights(rho):
         compensated_error += (compensated_mean_square[k] - oracle_mean_square).abs().sum().item()
     if rho == 1.0:
         assert compensated_error < naive_error
+
+
+@pytest.mark.parametrize("eps_inside_sqrt", [True, False], ids=["bn-eps", "official-eps"])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_pooled_normalization_and_its_gradients_follow_the_official_aggregation(groups, eps_inside_sqrt):
+    """The fused moments, pooling and normalization against the official code's aggregation written in plain
+    operations and differentiated by autograd: μ̄ the mean of the kept μ, σ̄² the mean of the kept ν minus μ̄², an
+    entry kept where its ν − μ² ≥ 0 (one past entry of channel 0 is not). Outputs and the gradients of y, γ, β."""
+    generator = torch.Generator().manual_seed(0)
+    y = (torch.randn(2 * groups, 4, 5, 5, dtype=DOUBLE, generator=generator) * 1.5 + 0.3).requires_grad_()
+    past_means = torch.randn(groups, 2, 4, dtype=DOUBLE, generator=generator)
+    past_mean_squares = past_means**2 + torch.rand(groups, 2, 4, dtype=DOUBLE, generator=generator)
+    past_mean_squares[:, 1, 0] = past_means[:, 1, 0] ** 2 - 0.5
+    weight = (torch.rand(4, dtype=DOUBLE, generator=generator) + 0.5).requires_grad_()
+    bias = torch.randn(4, dtype=DOUBLE, generator=generator).requires_grad_()
+    eps = 1e-3
+    out, mean_now, var_now = _PooledBatchNorm.apply(y, groups, past_means, past_mean_squares, weight, bias, eps,
+                                                    eps_inside_sqrt)
+    expected = []
+    for group, chunk in enumerate(y.chunk(groups)):
+        var, mean = torch.var_mean(chunk, dim=(0, 2, 3), unbiased=False)
+        torch.testing.assert_close(mean_now[group], mean.detach(), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(var_now[group], var.detach(), rtol=1e-12, atol=1e-14)
+        kept = (past_mean_squares[group] - past_means[group] ** 2 >= 0).to(DOUBLE)  # (stored, C)
+        count = 1 + kept.sum(0)
+        pooled_mean = (mean + (kept * past_means[group]).sum(0)) / count
+        pooled_var = (var + mean**2 + (kept * past_mean_squares[group]).sum(0)) / count - pooled_mean**2
+        std = (pooled_var + eps).sqrt() if eps_inside_sqrt else pooled_var.sqrt() + eps
+        shape = (1, -1, 1, 1)
+        expected.append((chunk - pooled_mean.view(shape)) / std.view(shape) * weight.view(shape) + bias.view(shape))
+    expected = torch.cat(expected)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    upstream = torch.randn(out.shape, dtype=DOUBLE, generator=generator)
+    got = torch.autograd.grad((out * upstream).sum(), (y, weight, bias))
+    want = torch.autograd.grad((expected * upstream).sum(), (y, weight, bias))
+    for got_grad, want_grad in zip(got, want, strict=True):
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-11)
 
 
 def test_entries_with_negative_compensated_variance_are_dropped():

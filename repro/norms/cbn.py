@@ -73,7 +73,10 @@ def statistics_gradients(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, grou
         return mean_patches, torch.mul(output_grads.unflatten(0, (groups, -1)), 2.0 / count, out=grads_out)
     mean_square_grads = x.new_empty((groups, *conv.weight.shape)) if grads_out is None else grads_out
     for group, (x_group, y_group) in enumerate(zip(x_groups, y_groups, strict=True)):
-        output_grad = torch.nn.grad.conv2d_weight(x_group, conv.weight.shape, y_group, *geometry, conv.groups)
+        # conv2d_weight without its placeholder weight, whose layout costs the CPU a reorder per call
+        output_grad = torch.ops.aten.convolution_backward(y_group, x_group, conv.weight.detach().to(x.dtype), None,
+                                                          *geometry, False, [0, 0], conv.groups,
+                                                          (False, True, False))[1]
         torch.mul(output_grad, 2.0 / count, out=mean_square_grads[group])
     return mean_patches, mean_square_grads
 
@@ -104,102 +107,101 @@ def _summed_patches(x: torch.Tensor, conv: nn.Conv2d, out_size: torch.Size) -> t
                            (channels * kh * width, kh * width, width, dw, sw)).sum(4)
 
 
-class _BatchMoments(torch.autograd.Function):
-    """Per-group channel mean and biased variance of ``y`` (``(G·m, C, H, W)`` → two ``(G, C)``), in at least
-    float32. The backward is one fused multiply-add over ``y`` instead of autograd's chain of full-size ops."""
+class _PooledBatchNorm(torch.autograd.Function):
+    """Each group of images (``(G·m, C, H, W)``, micro-batches) normalized with its channel statistics pooled with
+    its past iterations' compensated μ and ν (constants, ``(G, stored, C)``; None: no pooling), then scaled by γ
+    and shifted by β. Also returns the groups' own batch mean and biased variance (``(G, C)``, not
+    differentiable), which the running statistics and the window take.
+
+    Pooling: past entries whose ν − μ² is negative are dropped per channel; μ̄ is the mean of the kept μ (the
+    current batch's always kept) and σ̄² the mean of the kept ν minus μ̄², written as a sum of non-negative terms:
+    Σ (σ² + (μ − μ̄)²) / n. std = √(σ̄² + eps) (BN's) or √σ̄² + eps (the official CBN's).
+
+    One function, so that the batch moments, the pooling and the normalization take few operations (on a GPU each
+    is a launch): its backward is their chain in closed form, ∂L/∂y = g·γ/std + y·slope + offset per group and
+    channel, where with T = Σg·γ/std, Q = (γ/std)·(∂std/∂σ̄²)·∂L/∂γ and n the kept count, slope = −2Q/(nM) and
+    offset = (2Q·μ̄ − T)/(nM) (the current batch's own mean cancels out; σ̄² is stationary in μ̄)."""
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(ctx, y: torch.Tensor, groups: int, past_means: torch.Tensor | None,
+                past_mean_squares: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                eps_inside_sqrt: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         grouped = y.unflatten(0, (groups, -1)).to(torch.promote_types(y.dtype, torch.float32))
-        mean = grouped.mean((1, 3, 4))
-        var = (grouped - mean[:, None, :, None, None]).square().mean((1, 3, 4))
-        ctx.save_for_backward(y, mean)
-        ctx.groups = groups
-        return mean, var
-
-    @staticmethod
-    def backward(ctx, grad_mean: torch.Tensor, grad_var: torch.Tensor) -> tuple[torch.Tensor, None]:
-        y, mean = ctx.saved_tensors
-        count = y.numel() // (ctx.groups * y.shape[1])
-        slope = grad_var * (2.0 / count)  # ∂var/∂y = 2(y − μ)/M, ∂μ/∂y = 1/M
-        offset = grad_mean / count - slope * mean
-        shape = (ctx.groups, 1, -1, 1, 1)
-        grad = torch.addcmul(offset.view(shape), y.unflatten(0, (ctx.groups, -1)), slope.view(shape))
-        return grad.flatten(0, 1).to(y.dtype), None
-
-
-class _PoolWithPast(torch.autograd.Function):
-    """Pooled μ̄ and σ̄² (``(G, C)``) of the current batch's μ, σ² and the past iterations' compensated μ, ν
-    (constants, ``(G, stored, C)``). Past entries whose ν − μ² is negative are dropped per channel; μ̄ is the mean
-    of the kept μ and σ̄² the mean of the kept ν minus μ̄², written as a sum of non-negative terms.
-
-    Backward in closed form: ∂μ̄/∂μ = ∂σ̄²/∂σ² = 1/n and ∂σ̄²/∂μ = 2(μ − μ̄)/n, since σ̄², the spread about μ̄, is
-    stationary in μ̄."""
-
-    @staticmethod
-    def forward(ctx, mean_now: torch.Tensor, var_now: torch.Tensor, past_means: torch.Tensor,
-                past_mean_squares: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        past_vars = past_mean_squares - past_means**2
-        kept = past_vars >= 0
-        count = 1 + kept.sum(1)
-        mean = (mean_now + torch.where(kept, past_means, 0.0).sum(1)) / count
-        var = (var_now + (mean_now - mean) ** 2
-               + torch.where(kept, past_vars + (past_means - mean[:, None]) ** 2, 0.0).sum(1)) / count
-        ctx.save_for_backward(mean_now, mean, count)
-        return mean, var
-
-    @staticmethod
-    def backward(ctx, grad_mean: torch.Tensor, grad_var: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        mean_now, mean, count = ctx.saved_tensors
-        return (grad_mean + 2 * grad_var * (mean_now - mean)) / count, grad_var / count, None, None
-
-
-class _Normalize(torch.autograd.Function):
-    """``(y − μ)/std·γ + β`` with per-group, per-channel ``μ`` and ``σ²`` (``(G, C)``) and std = √(σ² + eps)
-    (BN's) or √σ² + eps (the official CBN's), differentiable in y, μ, σ², γ and β. One group runs BatchNorm's fused
-    inference kernels with std² as the running variance and eps 0; several groups one broadcast multiply-add."""
-
-    @staticmethod
-    def forward(ctx, y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor, eps: float, eps_inside_sqrt: bool) -> torch.Tensor:
+        mean_now, var_now = _batch_moments(grouped)
+        if past_means is None:
+            mean, var, per_count = mean_now, var_now, None
+        else:
+            means = torch.cat((mean_now[:, None], past_means), 1)  # (G, 1 + stored, C)
+            variances = torch.cat((var_now[:, None], torch.addcmul(past_mean_squares, past_means, past_means,
+                                                                   value=-1)), 1)
+            kept = variances >= 0
+            per_count = kept.sum(1, dtype=means.dtype).reciprocal_()
+            mean = torch.where(kept, means, 0.0).sum(1).mul_(per_count)
+            deviations = means - mean[:, None]
+            var = torch.where(kept, torch.addcmul(variances, deviations, deviations), 0.0).sum(1).mul_(per_count)
         if eps_inside_sqrt:
             std = (var + eps).sqrt()
-            std_per_var = 0.5 / std  # ∂std/∂σ²
+            std_per_var = std.reciprocal().mul_(0.5)  # ∂std/∂σ̄²
         else:  # the clamp gives a zero-variance channel a zero, not an infinite, derivative through the sqrt
             root = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
             std = root + eps
-            std_per_var = torch.where(var > 0, 0.5 / root, 0.0)
-        ctx.save_for_backward(y, mean, std, std_per_var, weight)
-        if mean.shape[0] == 1:
-            return torch.batch_norm(y, weight, bias, mean[0], std[0].square(), False, 0.0, 0.0,
-                                    torch.backends.cudnn.enabled)
+            std_per_var = torch.where(var > 0, root.reciprocal().mul_(0.5), 0.0)
         scale = weight / std
-        shift = bias - mean * scale
-        return torch.addcmul(_per_image(shift, y), y, _per_image(scale, y)).to(y.dtype)
+        ctx.save_for_backward(y, mean, std, scale, std_per_var, per_count, weight)
+        ctx.mark_non_differentiable(mean_now, var_now)
+        ctx.set_materialize_grads(False)  # no zeros made for the statistics' gradients, which are never used
+        if groups == 1:  # BatchNorm's fused inference kernel, with std² as the running variance and eps 0
+            out = torch.batch_norm(y, weight, bias, mean[0], std[0].square(), False, 0.0, 0.0,
+                                   torch.backends.cudnn.enabled)
+            return out, mean_now, var_now
+        shift = torch.addcmul(bias, mean, scale, value=-1)
+        out = torch.empty_like(y)  # written through a grouped view, so that the output is no view itself
+        torch.addcmul(_grouped(shift), grouped, _grouped(scale), out=out.unflatten(0, (groups, -1)))
+        return out, mean_now, var_now
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        y, mean, std, std_per_var, weight = ctx.saved_tensors
-        groups = mean.shape[0]
+    def backward(ctx, grad_out: torch.Tensor, _grad_mean_now: None, _grad_var_now: None
+                 ) -> tuple[torch.Tensor | None, ...]:
+        y, mean, std, scale, std_per_var, per_count, weight = ctx.saved_tensors
+        groups, channels = mean.shape
         if groups == 1:
             grad_y, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
                 grad_out, y, weight, mean[0], std[0].square(), None, None, False, 0.0, [True, True, True])
-            grad_weight, grad_bias = grad_weight.unsqueeze(0), grad_bias.unsqueeze(0)  # Σ g·x̂ and Σ g per group
+            grad_weight, grad_bias = grad_weight[None], grad_bias[None]  # Σ g·x̂ and Σ g per group
         else:
-            grad_y = (grad_out * _per_image(weight / std, y)).to(y.dtype)
-            grad_grouped = grad_out.unflatten(0, (groups, -1))
+            grad_grouped, y_grouped = grad_out.unflatten(0, (groups, -1)), y.unflatten(0, (groups, -1))
             grad_bias = grad_grouped.sum((1, 3, 4), dtype=mean.dtype)
-            grad_times_y = (grad_grouped * y.unflatten(0, (groups, -1))).sum((1, 3, 4), dtype=mean.dtype)
-            grad_weight = (grad_times_y - mean * grad_bias) / std
-        grad_mean = -weight * grad_bias / std
-        grad_var = -weight * grad_weight / std * std_per_var  # ∂(1/std)/∂std = −1/std²; Σ g·(y − μ) = std·grad_γ
-        return grad_y, grad_mean, grad_var, grad_weight.sum(0), grad_bias.sum(0), None, None
+            grad_times_y = (grad_grouped * y_grouped).sum((1, 3, 4), dtype=mean.dtype)
+            grad_weight = torch.addcmul(grad_times_y, mean, grad_bias, value=-1).div_(std)
+        values = y.numel() // (groups * channels)
+        mean_pull = scale * grad_bias  # T = −∂L/∂μ̄
+        spread_pull = scale * std_per_var * grad_weight  # Q = −∂L/∂σ̄²
+        if per_count is not None:
+            mean_pull, spread_pull = mean_pull * per_count, spread_pull * per_count
+        slope = spread_pull * (-2.0 / values)
+        offset = torch.addcmul(mean_pull, spread_pull, mean, value=-2).mul_(-1.0 / values)
+        if groups == 1:
+            grad_y = grad_y.addcmul_(y, _grouped(slope)[0]).add_(_grouped(offset)[0])
+        else:
+            grad_y = torch.empty_like(y)
+            torch.addcmul(_grouped(offset), y_grouped, _grouped(slope), out=grad_y.unflatten(0, (groups, -1)))
+            grad_y.unflatten(0, (groups, -1)).addcmul_(grad_grouped, _grouped(scale))
+        return grad_y, None, None, None, grad_weight.sum(0), grad_bias.sum(0), None, None
 
 
-def _per_image(per_group: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """A ``(G, C)`` statistic repeated for each image of its group, shaped to broadcast over ``y``: the result of an
-    operation on ``y`` is then a tensor of its own, not a view of a grouped one."""
-    return per_group.repeat_interleave(y.shape[0] // per_group.shape[0], 0)[:, :, None, None]
+def _batch_moments(grouped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel mean and biased variance of each group of ``(G, m, C, H, W)``: one ``var_mean`` on accelerators,
+    two passes on the CPU, where ``var_mean`` over these dimensions is ten times slower."""
+    if grouped.device.type == "cpu":
+        mean = grouped.mean((1, 3, 4))
+        return mean, (grouped - mean[:, None, :, None, None]).square().mean((1, 3, 4))
+    var, mean = torch.var_mean(grouped, (1, 3, 4), correction=0)
+    return mean, var
+
+
+def _grouped(per_group: torch.Tensor) -> torch.Tensor:
+    """A ``(G, C)`` statistic shaped to broadcast over the grouped ``(G, m, C, H, W)`` view of a batch."""
+    return per_group[:, None, :, None, None]
 
 
 class _Windows:
@@ -444,10 +446,11 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         if self.eps_inside_sqrt:
             return super().forward(y)
         if self.training or self.running_mean is None:
-            mean, var = _BatchMoments.apply(y, 1)
+            out, mean, var = self._batch_norm(y, 1)
             self._update_running_statistics(mean[0], var[0], y)
-            return self._normalize(y, mean, var)
-        return self._normalize(y, self.running_mean[None], self.running_var[None])
+            return out
+        std = self.running_var.clamp_min(torch.finfo(self.running_var.dtype).tiny).sqrt() + self.eps
+        return F.batch_norm(y, self.running_mean, std.square(), self.weight, self.bias, False, 0.0, 0.0)
 
     def ghost_forward(self, y: torch.Tensor, micro_batch: int, side_by_side: bool = True) -> torch.Tensor:
         """Training forward over ``G`` consecutive micro-batches in one pass (``repro.norms.ghost``): group g is
@@ -477,17 +480,16 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         first = self._start_micro_batch()
         for _ in range(groups - 1):
             self._start_micro_batch()
-        mean_now, var_now = _BatchMoments.apply(y, groups)  # (G, C)
         with torch.no_grad():
             past_means, past_mean_squares = self._windows.compensated(self.conv.weight.detach(), self.rho, first,
                                                                       groups)  # (G, stored iterations, C)
-        mean, var = _PoolWithPast.apply(mean_now, var_now, past_means, past_mean_squares)
+        out, mean_now, var_now = self._batch_norm(y, groups, past_means, past_mean_squares)  # (G, C) statistics
         if groups == 1:
-            self._update_running_statistics(mean_now[0].detach(), var_now[0].detach(), y)
+            self._update_running_statistics(mean_now[0], var_now[0], y)
         elif self.running_mean is not None:
-            update_running_statistics_in_order(self, mean_now.detach(), var_now.detach(), values_per_channel)
-        self._store(first, conv_call[0], y, mean_now.detach(), var_now.detach(), side_by_side)
-        return self._normalize(y, mean, var)
+            update_running_statistics_in_order(self, mean_now, var_now, values_per_channel)
+        self._store(first, conv_call[0], y, mean_now, var_now, side_by_side)
+        return out
 
     def _start_micro_batch(self) -> int:
         """Number this forward within the iteration; weights changing mid-iteration mean end_iteration() is missing."""
@@ -540,12 +542,17 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
         self.running_var.lerp_((var * (count / (count - 1))).to(self.running_var.dtype), factor)
 
-    def _normalize(self, y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-        """``y`` normalized with statistics per group of its images and channel, ``(groups, C)``."""
-        weight = self.weight if self.affine else torch.ones_like(mean[0])
-        bias = self.bias if self.affine else torch.zeros_like(mean[0])
-        return _Normalize.apply(y, mean, var.to(mean.dtype), weight.to(mean.dtype), bias.to(mean.dtype), self.eps,
-                                self.eps_inside_sqrt)
+    def _batch_norm(self, y: torch.Tensor, groups: int, past_means: torch.Tensor | None = None,
+                    past_mean_squares: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """``_PooledBatchNorm`` with this layer's γ and β (ones and zeros without them)."""
+        dtype = torch.promote_types(y.dtype, torch.float32)
+        if self.affine:
+            weight, bias = self.weight.to(dtype), self.bias.to(dtype)
+        else:
+            weight = torch.ones(self.num_features, dtype=dtype, device=y.device)
+            bias = torch.zeros_like(weight)
+        return _PooledBatchNorm.apply(y, groups, past_means, past_mean_squares, weight, bias, self.eps,
+                                      self.eps_inside_sqrt)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, window={self.window}, rho={self.rho}, "
