@@ -51,6 +51,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path: Path, normalizer: str, optio
     resumed_policy = ResumePolicy(tmp_path / "run.resume.pt")
     resumed_model, resumed = _train(normalizer, cfg, resumed_policy, **options)
     assert resumed.status == "ok" and not policy.path.exists()
+    assert resumed.extra == {"resumed_at_epochs": [1]} and whole.extra == {}  # the record says it was resumed
     assert [c["test_top1"] for c in resumed.curve] == [c["test_top1"] for c in whole.curve]
     assert [c["train_loss"] for c in resumed.curve] == [c["train_loss"] for c in whole.curve]
     assert resumed.metrics["loss"] == whole.metrics["loss"]

@@ -4,6 +4,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from repro.execute.base import SuiteRequest
 from repro.execute.campaign import Campaign, order_runs, plan_suite
@@ -98,11 +99,16 @@ def test_a_train_run_reports_the_same_training_saved_by_another_suite(tmp_path: 
     monkeypatch.setenv("REPRO_SUITES_DIR", str(suites))
     results = tmp_path / "results"
     run_suite("saver", "smoke", results_dir=results, device="cpu", progress=False, echo=lambda _: None)
+    (checkpoint,) = (results / "checkpoints").glob("*.pt")  # as if its training had been resumed after epoch 1
+    payload = torch.load(checkpoint, weights_only=False)
+    payload["result"]["extra"] = {"resumed_at_epochs": [1]}
+    torch.save(payload, checkpoint)
     monkeypatch.setattr(train_task, "train_and_evaluate", lambda *args, **kwargs: pytest.fail("trained again"))
     run_suite("reader", "smoke", results_dir=results, device="cpu", progress=False, echo=lambda _: None)
     (saved,), (reported,) = iter_records(results, "saver"), iter_records(results, "reader")
     assert reported["metrics"] == saved["metrics"] and reported["curve"] == saved["curve"]
     assert reported["extra"]["from_checkpoint"] and reported["run_id"] != saved["run_id"]
+    assert reported["extra"]["resumed_at_epochs"] == [1]  # the reported training's record says what it said
     # the saving suite itself trains again (repro run --force must recompute)
     monkeypatch.undo()
     monkeypatch.setenv("REPRO_SUITES_DIR", str(suites))

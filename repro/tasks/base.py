@@ -218,7 +218,8 @@ def save_checkpoint(model: torch.nn.Module, metrics: dict[str, Any], run: RunSpe
                                "data_fingerprint": ctx.data_fingerprint(run.config["dataset"])}
     if result is not None:  # a train task's model: another suite with the same training reports it
         payload["result"] = {"curve": result.curve, "wall_time_s": result.wall_time_s,
-                             "images_per_s": result.images_per_s, "peak_memory_mb": result.peak_memory_mb}
+                             "images_per_s": result.images_per_s, "peak_memory_mb": result.peak_memory_mb,
+                             "extra": result.extra}
         payload["suite"] = run.suite
     torch.save(payload, partial)
     os.chmod(partial, 0o644)

@@ -77,8 +77,9 @@ class TrainTask(Task):
         saved = load_checkpoint(model, run, ctx)
         if saved is not None and reports_saved_training(saved, run.suite):  # reported, not repeated
             model.to(ctx.device)
-            result = TrainResult("ok", saved["metrics"], **saved["result"],
-                                 extra={"from_checkpoint": saved["model_key"]})
+            reported = dict(saved["result"])
+            extra = {**reported.pop("extra", {}), "from_checkpoint": saved["model_key"]}  # e.g. where it resumed
+            result = TrainResult("ok", saved["metrics"], **reported, extra=extra)
         else:
             if saved is not None:  # the checkpoint's weights went into the model: start from the seeded init
                 model = build_run_model(run, data)

@@ -198,6 +198,7 @@ def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *
     trained_images = 0
     step = 0
     start_epoch = 0
+    resumed_at: list[int] = []  # the epochs this run continued from a saved state at, which its record names
     start_wall = time.perf_counter()
     if data_parallel is not None:
         resume = None  # every rank would have to save and agree; data-parallel runs restart instead
@@ -211,6 +212,7 @@ def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *
         load_random_states(saved["random"], device)
         load_normalizer_states(model, saved["normalizers"])
         curve, step, start_epoch = saved["curve"], saved["step"], saved["epoch"]
+        resumed_at = [*saved.get("resumed_at", []), start_epoch]
         train_time, trained_images = saved["train_time"], saved["trained_images"]
         start_wall -= saved["wall_time_s"]
     for epoch in range(start_epoch, cfg.epochs):
@@ -250,7 +252,8 @@ def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *
             bar.update(1)
         bar.close()
         if first_bad_step.item() >= 0:
-            return _diverged(int(first_bad_step), curve, start_wall, trained_images + seen, train_time, device)
+            return _diverged(int(first_bad_step), curve, start_wall, trained_images + seen, train_time, device,
+                             resumed_at)
         synchronize(device)
         epoch_time = time.perf_counter() - epoch_start
         train_time += epoch_time
@@ -266,7 +269,7 @@ def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *
             tqdm.write(f"{description} epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, "
                        f"test top-1 {test_top1:.2f}%, {seen / epoch_time:.0f} img/s")
         if not math.isfinite(test_loss):
-            return _diverged(step, curve, start_wall, trained_images, train_time, device)
+            return _diverged(step, curve, start_wall, trained_images, train_time, device, resumed_at)
         if resume is not None and epoch + 1 < cfg.epochs:
             epoch_with_eval = time.perf_counter() - epoch_start
             stop = resume.should_stop(epoch_with_eval)
@@ -277,7 +280,7 @@ def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "loader": train_loader.rng_state(),
                     "mixup": mix_generator.get_state(), "random": random_states(device),
-                    "normalizers": normalizer_states(model),
+                    "normalizers": normalizer_states(model), "resumed_at": resumed_at,
                 })
             if stop:
                 return TrainResult("stopped", {}, curve, time.perf_counter() - start_wall,
@@ -293,14 +296,15 @@ def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *
         "step_time_ms": 1000 * train_time / max(step, 1),
     }
     return TrainResult("ok", metrics, curve, time.perf_counter() - start_wall, trained_images / train_time,
-                       peak_memory_mb(device))
+                       peak_memory_mb(device), extra={"resumed_at_epochs": resumed_at} if resumed_at else {})
 
 
-def _diverged(step: int, curve: list, start_wall: float, images: int, train_time: float, device: torch.device
-              ) -> TrainResult:
+def _diverged(step: int, curve: list, start_wall: float, images: int, train_time: float, device: torch.device,
+              resumed_at: list[int]) -> TrainResult:
     """Record a run whose loss became NaN or infinite; the best accuracy reached so far is kept."""
     metrics: dict[str, Any] = {"top1": None, "loss": None}
     if curve:
         metrics["best_top1"] = max(c["test_top1"] for c in curve)
     return TrainResult("diverged", metrics, curve, time.perf_counter() - start_wall,
-                       images / train_time if train_time else 0.0, peak_memory_mb(device), diverged_step=step)
+                       images / train_time if train_time else 0.0, peak_memory_mb(device), diverged_step=step,
+                       extra={"resumed_at_epochs": resumed_at} if resumed_at else {})
