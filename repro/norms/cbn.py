@@ -17,8 +17,9 @@ Design decisions (see also the class docstrings):
   kept; the second term needs no product at all: with y_c = ⟨W_c, patch⟩ + b_c it is 2·(ν_c − b_c·μ_c), and
   ⟨∂μ_c/∂W_c, W_{t−τ}⟩ is μ_c − b_c.
 * Few operations per layer, whatever the window or the number of micro-batches: each layer keeps its windows in
-  fixed tensors written in turn (``_Windows``), and the batch moments, the pooling and the normalization are
-  autograd functions with closed-form backward passes (one BatchNorm inference kernel normalizes a single group).
+  fixed tensors written in turn (``_Windows``), and the batch moments, the pooling and the normalization are one
+  autograd function with a closed-form backward pass (``_PooledBatchNorm``; one BatchNorm inference kernel
+  normalizes a single group).
 * Biased variance in every path (ν − μ² in the window, like ``nn.BatchNorm2d`` outside it); the official plain-BN
   path normalizes with the unbiased one. Running statistics are BN's (current batch, unbiased variance).
 * Past statistics are constants for backpropagation; gradients flow through the current batch's statistics.
@@ -162,6 +163,8 @@ class _PooledBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor, _grad_mean_now: None, _grad_var_now: None
                  ) -> tuple[torch.Tensor | None, ...]:
+        if grad_out is None:  # only the statistics were used
+            return (None,) * 8
         y, mean, std, scale, std_per_var, per_count, weight = ctx.saved_tensors
         groups, channels = mean.shape
         if groups == 1:
