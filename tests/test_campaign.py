@@ -134,7 +134,7 @@ def test_calibration_sums_the_runs_that_did_their_own_work(campaign_suite: str, 
                   "wall_time_s": wall, "provenance": provenance, **fields}
         (record_dir / f"{run.run_id}.json").write_text(json.dumps(record))
 
-    modelled = [modelled_seconds(run.config, training_workload(run.config), "cpu") for run in runs[:3]]
+    modelled = [modelled_seconds(run.config, training_workload(run.config, "cpu"), "cpu") for run in runs[:3]]
     write(runs[0], 2.0 * modelled[0])
     write(runs[1], 5.0 * modelled[1])
     write(runs[2], 1000.0, shared_from=runs[0].run_id)
@@ -147,11 +147,11 @@ def test_calibration_sums_the_runs_that_did_their_own_work(campaign_suite: str, 
     estimator = Estimator(tmp_path, "cpu")
     unseen = json.loads(json.dumps(runs[5].config))
     unseen["train"]["epochs"] = 3  # a configuration no record measured
-    estimate = estimator.estimate(unseen, training_workload(unseen))
+    estimate = estimator.estimate(unseen, training_workload(unseen, "cpu"))
     expected_scale = (2.0 * modelled[0] + 5.0 * modelled[1]) / (modelled[0] + modelled[1])
     assert estimate.basis == f"cost model x {expected_scale:.2f} (calibrated on cpu records)"
-    assert estimate.seconds == pytest.approx(expected_scale * modelled_seconds(unseen, training_workload(unseen),
-                                                                               "cpu"))
+    unseen_modelled = modelled_seconds(unseen, training_workload(unseen, "cpu"), "cpu")
+    assert estimate.seconds == pytest.approx(expected_scale * unseen_modelled)
 
 
 def test_costs_are_fitted_once_records_span_three_workloads(campaign_suite: str, tmp_path: Path) -> None:
@@ -166,7 +166,7 @@ def test_costs_are_fitted_once_records_span_three_workloads(campaign_suite: str,
     a, b, c = 0.5, 0.012, 3.0
 
     def wall(config: dict) -> float:
-        terms = cost_terms(config, training_workload(config), "cpu")
+        terms = cost_terms(config, training_workload(config, "cpu"), "cpu")
         return a * terms.flop_seconds + b * terms.passes + c
 
     workloads = [(1, 1000), (2, 1000), (4, 1000), (2, 1), (8, 1)]  # (epochs, evaluation batch)
@@ -187,10 +187,11 @@ def test_costs_are_fitted_once_records_span_three_workloads(campaign_suite: str,
     unseen["train"].update(epochs=5, eval_batch_size=7)
     for index in range(3):
         write(index, *workloads[index])
-    assert Estimator(tmp_path, "cpu").estimate(unseen, training_workload(unseen)).basis.startswith("cost model x ")
+    unseen_workload = training_workload(unseen, "cpu")
+    assert Estimator(tmp_path, "cpu").estimate(unseen, unseen_workload).basis.startswith("cost model x ")
     for index in range(3, 5):
         write(index, *workloads[index])
-    estimate = Estimator(tmp_path, "cpu").estimate(unseen, training_workload(unseen))
+    estimate = Estimator(tmp_path, "cpu").estimate(unseen, unseen_workload)
     assert estimate.seconds == pytest.approx(wall(unseen), rel=1e-6)
     assert estimate.basis.startswith("cost model fitted to 4 cpu records (0.50 x FLOP time + 12.00 ms per pass + "
                                      "3.0 s per run")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from repro.execute.estimate import step_pass_weight
+from repro.execute.estimate import REFERENCE_BACKBONE, step_pass_weight
 from repro.norms import create_normalizer
 from repro.train.operations import OperationCounter, step_recipe, training_step_operations
 
@@ -104,14 +104,28 @@ def _config(normalizer: str, micro_batch: int | None, backbone: str = "test_resn
             "train": {"epochs": 2, "batch_size": 32, "lr": 0.1, "micro_batch": micro_batch}}
 
 
-def test_a_training_step_weighs_by_its_operations_against_plain_batchnorm():
-    assert step_pass_weight(_config("bn", None)) == 1.0
-    assert step_pass_weight(_config("bn", 32)) == 1.0  # one micro-batch of the whole batch is the plain step
+def test_a_training_step_weighs_by_its_operations_against_a_plain_batchnorm_step_of_the_reference_backbone():
+    assert step_pass_weight(_config("bn", None, backbone=REFERENCE_BACKBONE)) == 1.0
+    plain = step_pass_weight(_config("bn", None))
+    assert step_pass_weight(_config("bn", 32)) == plain  # one micro-batch of the whole batch is the plain step
     ghost = step_pass_weight(_config("bn", 4))
     plain_count = _count("bn", {"epochs": 1, "batch_size": 32, "lr": 0.1}).device_operations
     ghost_count = _count("bn", {"epochs": 1, "batch_size": 32, "lr": 0.1, "micro_batch": 4}).device_operations
-    assert ghost == ghost_count / plain_count > 1.5  # the folds, group statistics and running averages per layer
+    assert ghost / plain == pytest.approx(ghost_count / plain_count)
+    assert ghost_count / plain_count > 1.5  # the folds, group statistics and running averages per layer
     assert step_pass_weight(_config("cbn", 4)) > ghost  # windows of past statistics and their Taylor terms
+
+
+def test_a_backbone_that_launches_more_kernels_per_step_weighs_more():
+    """MobileNetV2's inverted residuals ask more than twice the operations of a ResNet-18 step (a GPU window's
+    MobileNetV2-0.5 run outlasted the estimate that weighed both alike)."""
+    reference = _config("bn", None, backbone=REFERENCE_BACKBONE)
+    reference_count = training_step_operations(
+        REFERENCE_BACKBONE, "bn", "{}", True, (1, 28, 28), 10, step_recipe(reference["train"])).device_operations
+    mobilenet_count = training_step_operations(
+        "mobilenetv2_050", "bn", "{}", True, (1, 28, 28), 10, step_recipe(reference["train"])).device_operations
+    weight = step_pass_weight(_config("bn", None, backbone="mobilenetv2_050"))
+    assert weight == pytest.approx(mobilenet_count / reference_count) and weight > 2
 
 
 def test_a_step_that_cannot_be_counted_weighs_one_and_says_so():

@@ -129,26 +129,31 @@ def training_workload(config: dict[str, Any], device_type: str = "cuda") -> Work
     return Workload(epochs * steps * batch, epochs * test_n, epochs * (steps * weight + eval_batches))
 
 
+#: the pass every other is weighed against: a BatchNorm training step of this backbone, the kind of run the first
+#: H200 window measured (a pass of ResNet-50 or MobileNetV2 asks 2.4 times its operations; MobileNetV2-0.5's
+#: full fmnist-normalizers run did not finish in 3.6 minutes where one pass each per step predicted 3.3)
+REFERENCE_BACKBONE = "resnet18"
+
+
 def step_pass_weight(config: dict[str, Any]) -> float:
-    """How many plain passes one training step costs where passes are launch-bound: its device operations
-    (``repro.train.operations``) over those of the same backbone's BatchNorm step at whole-batch statistics. A
-    ghost-batch BatchNorm step launches about twice the kernels of a plain one, a Cross-Iteration BN step ten times
-    as many; sequential micro-batch passes (mixup) count in full. 1, with a warning, where the step cannot be
-    counted (a model that does not build on the meta device)."""
+    """How many passes one training step costs where passes are launch-bound: its device operations
+    (``repro.train.operations``) over those of a ``REFERENCE_BACKBONE`` BatchNorm step at whole-batch statistics
+    on the same input. A ghost-batch BatchNorm step launches about twice the kernels of a plain one, a
+    Cross-Iteration BN step eight times as many; sequential micro-batch passes (mixup) count in full. 1, with a
+    warning, where the step cannot be counted (a model that does not build on the meta device)."""
     from repro.train.operations import step_recipe, training_step_operations
 
     _, _, chans, size, classes = DATASET_SHAPES.get(config["dataset"]["name"], (0, 0, 3, 32, 10))
     small_input = bool(config["model"].get("small_input"))
 
-    def operations(normalizer: str, options: dict[str, Any], train: dict[str, Any]) -> float:
-        return training_step_operations(config["backbone"], normalizer, json.dumps(options, sort_keys=True),
-                                        small_input, (chans, size, size), classes,
-                                        step_recipe(train)).device_operations
+    def operations(backbone: str, normalizer: str, options: dict[str, Any], train: dict[str, Any]) -> float:
+        return training_step_operations(backbone, normalizer, json.dumps(options, sort_keys=True), small_input,
+                                        (chans, size, size), classes, step_recipe(train)).device_operations
 
     train = config["train"]
     try:
-        return (operations(config["normalizer"]["name"], config["normalizer"]["options"], train)
-                / operations("bn", {}, {**train, "micro_batch": None, "mixup_alpha": 0.0}))
+        return (operations(config["backbone"], config["normalizer"]["name"], config["normalizer"]["options"], train)
+                / operations(REFERENCE_BACKBONE, "bn", {}, {**train, "micro_batch": None, "mixup_alpha": 0.0}))
     except Exception as err:  # every setting of the committed suites is counted (138 of them); say when one is not
         warnings.warn(f"time estimate: {config['backbone']} under {config['normalizer']['name']}: its training step "
                       f"could not be counted on the meta device ({type(err).__name__}: {err}); weighed as one "
