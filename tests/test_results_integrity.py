@@ -133,6 +133,21 @@ def test_force_retrains_a_cached_model(suites_dir: Path, tmp_path: Path) -> None
     assert not train_or_load(run, forced).from_checkpoint
 
 
+def test_a_cached_model_carries_what_its_training_record_would_say(suites_dir: Path, tmp_path: Path) -> None:
+    """A training resumed from a saved state says so (``resumed_at_epochs``); quantize and TTA records that load
+    the model from the checkpoint cache still carry it."""
+    suite, _ = load_suite("tiny")
+    run = expand(suite, "smoke")[0]
+    ctx = RunContext(torch.device("cpu"), tmp_path, progress=False)
+    assert train_or_load(run, ctx).training_extra == {}  # trained in one go
+    path = ctx.checkpoint_path(run)
+    payload = torch.load(path, weights_only=False)
+    payload["result"]["extra"] = {"resumed_at_epochs": [1]}
+    torch.save(payload, path)
+    loaded = train_or_load(run, ctx)
+    assert loaded.from_checkpoint and loaded.training_extra == {"resumed_at_epochs": [1]}
+
+
 def test_checkpoint_key_covers_synchronized_batchnorm(suites_dir: Path) -> None:
     suite, _ = load_suite("tiny")
     config = expand(suite, "smoke")[0].config

@@ -201,6 +201,8 @@ class TrainedModel:
     metrics: dict[str, Any]
     from_checkpoint: bool
     result: TrainResult | None = None
+    #: what the training's record would say of it beyond its metrics (e.g. where it resumed), also when loaded
+    training_extra: dict[str, Any] = field(default_factory=dict)
 
 
 def save_checkpoint(model: torch.nn.Module, metrics: dict[str, Any], run: RunSpec, ctx: RunContext,
@@ -285,10 +287,12 @@ def train_or_load(run: RunSpec, ctx: RunContext, *, save: bool = True) -> Traine
     model = build_run_model(run, data)
     saved = load_checkpoint(model, run, ctx)
     if saved is not None:
-        return TrainedModel(model.to(ctx.device), data, "ok", saved["metrics"], from_checkpoint=True)
+        return TrainedModel(model.to(ctx.device), data, "ok", saved["metrics"], from_checkpoint=True,
+                            training_extra=dict((saved.get("result") or {}).get("extra") or {}))
     cfg = TrainConfig.model_validate(run.config["train"])
     result = train_and_evaluate(model, data, cfg, device=ctx.device, seed=run.config["seed"], progress=ctx.progress,
                                 description=run.label, resume=ctx.resume_policy(run))
     if save and result.status == "ok":  # with the result: a train run of another suite reports it
         save_checkpoint(model, result.metrics, run, ctx, result)
-    return TrainedModel(model, data, result.status, result.metrics, from_checkpoint=False, result=result)
+    return TrainedModel(model, data, result.status, result.metrics, from_checkpoint=False, result=result,
+                        training_extra=dict(result.extra))

@@ -62,7 +62,7 @@ class QuantizeTask(Task):
             "integer_only": float(not float_operations), "min_shift": min(layer.shift for layer in layers),
         }
         extra = {
-            "from_checkpoint": trained.from_checkpoint, "training_metrics": trained.metrics,
+            **trained.training_extra, "from_checkpoint": trained.from_checkpoint, "training_metrics": trained.metrics,
             "float_operations": float_operations[:10], "test_images": report.images,
             "layers": {name: vars(layer) for name, layer in report.layers.items()},
         }

@@ -228,6 +228,7 @@ class TTATask(Task):
     def run(self, run: RunSpec, ctx: RunContext) -> RunOutcome:
         options = TTAOptions.model_validate(run.config["task_options"])
         start = time.perf_counter()
+        training_extra: dict[str, object] = {}
         if run.config["model"]["pretrained"]:
             data = ctx.dataset(run.config["dataset"])
             model, metrics = build_run_model(run, data).to(ctx.device), {}
@@ -238,6 +239,7 @@ class TTATask(Task):
                 return RunOutcome(trained.status, trained.metrics, time.perf_counter() - start,
                                   diverged_step=diverged)
             data, model, metrics = trained.data, trained.model, dict(trained.metrics)
+            training_extra = trained.training_extra
         model.eval()
         clean = in_memory_split(data, options.workers).subset(options.images)
         if options.data == "released":
@@ -262,7 +264,7 @@ class TTATask(Task):
                                    setting=options.setting, label_gamma=options.label_gamma,
                                    clean=forgetting_set(clean, options.clean_after_images))
         rows += corrupted + summary_rows(corrupted, data.name)
-        extra = {"evaluations": len(evaluations), "views": len(views), "setting": options.setting,
+        extra = {**training_extra, "evaluations": len(evaluations), "views": len(views), "setting": options.setting,
                  "label_gamma": options.label_gamma,
                  "images_per_view": int(corrupted[0]["n"]), "severity_order": list(options.severities),
                  "metric_direction": "error in % (lower is better), not accuracy"}
