@@ -215,6 +215,7 @@ def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *
         resumed_at = [*saved.get("resumed_at", []), start_epoch]
         train_time, trained_images = saved["train_time"], saved["trained_images"]
         start_wall -= saved["wall_time_s"]
+    record_extra = {"resumed_at_epochs": resumed_at} if resumed_at else {}  # what the run's record says of it
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         synchronize(device)
@@ -253,7 +254,7 @@ def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *
         bar.close()
         if first_bad_step.item() >= 0:
             return _diverged(int(first_bad_step), curve, start_wall, trained_images + seen, train_time, device,
-                             resumed_at)
+                             record_extra)
         synchronize(device)
         epoch_time = time.perf_counter() - epoch_start
         train_time += epoch_time
@@ -269,7 +270,7 @@ def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *
             tqdm.write(f"{description} epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, "
                        f"test top-1 {test_top1:.2f}%, {seen / epoch_time:.0f} img/s")
         if not math.isfinite(test_loss):
-            return _diverged(step, curve, start_wall, trained_images, train_time, device, resumed_at)
+            return _diverged(step, curve, start_wall, trained_images, train_time, device, record_extra)
         if resume is not None and epoch + 1 < cfg.epochs:
             epoch_with_eval = time.perf_counter() - epoch_start
             stop = resume.should_stop(epoch_with_eval)
@@ -296,15 +297,15 @@ def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *
         "step_time_ms": 1000 * train_time / max(step, 1),
     }
     return TrainResult("ok", metrics, curve, time.perf_counter() - start_wall, trained_images / train_time,
-                       peak_memory_mb(device), extra={"resumed_at_epochs": resumed_at} if resumed_at else {})
+                       peak_memory_mb(device), extra=record_extra)
 
 
 def _diverged(step: int, curve: list, start_wall: float, images: int, train_time: float, device: torch.device,
-              resumed_at: list[int]) -> TrainResult:
+              extra: dict[str, Any]) -> TrainResult:
     """Record a run whose loss became NaN or infinite; the best accuracy reached so far is kept."""
     metrics: dict[str, Any] = {"top1": None, "loss": None}
     if curve:
         metrics["best_top1"] = max(c["test_top1"] for c in curve)
     return TrainResult("diverged", metrics, curve, time.perf_counter() - start_wall,
                        images / train_time if train_time else 0.0, peak_memory_mb(device), diverged_step=step,
-                       extra={"resumed_at_epochs": resumed_at} if resumed_at else {})
+                       extra=extra)
