@@ -104,7 +104,9 @@ def reproduce(session: nox.Session) -> None:
     fresh = "reproduced"
     # the laptop tier two runs at a time; the smoke tier one at a time, as its generated stand-in datasets are
     # written on first use by whichever run needs them
-    workers = ["--workers", "2"] if tier == "laptop" else []
+    # the laptop tier's seed 0 (its claims' verdicts rest on three seeds, which would take over 20 minutes here;
+    # the committed records hold seeds 1 and 2, and `repro run NAME --tier laptop` runs them)
+    workers = ["--workers", "2", "--seed", "0"] if tier == "laptop" else []
     for name in names:
         _repro(session, "run", name, "--tier", tier, "--results", fresh, "--no-progress", *workers)
     _repro(session, "gather", "--results", fresh, *names)

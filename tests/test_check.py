@@ -2,6 +2,7 @@
 
 import pandas as pd
 import pytest
+from scipy import stats
 
 from repro.results.check import check
 from repro.results.tables import records_frame, summarize
@@ -40,11 +41,16 @@ def _absolute(value: float, tolerance: float) -> dict:
             "setting": {"normalizer": "bn"}, "source": "s", "confidence": "P"}
 
 
-def test_absolute_pass_and_fail(frame: pd.DataFrame) -> None:
-    (passed,) = check(_suite(_absolute(94.9, 1.0)), frame)
+def test_absolute_reference_is_judged_on_the_interval_of_our_mean(frame: pd.DataFrame) -> None:
+    # bn: 94.0 and 95.0, mean 94.5, SE 0.5; the 95% t-interval with 1 degree of freedom is ± 12.706 · 0.5
+    half = stats.t.ppf(0.975, 1) * 0.5
+    (passed,) = check(_suite(_absolute(94.9, 10.0)), frame)
     assert passed.status == "pass" and passed.reproduced == pytest.approx(94.5)
     assert passed.delta == pytest.approx(94.5 - 94.9)
-    (failed,) = check(_suite(_absolute(94.9, 0.3)), frame)
+    assert (passed.low, passed.high) == (pytest.approx(94.5 - half), pytest.approx(94.5 + half))
+    (straddling,) = check(_suite(_absolute(94.9, 1.0)), frame)
+    assert straddling.status == "inconclusive"
+    (failed,) = check(_suite(_absolute(120.0, 1.0)), frame)
     assert failed.status == "fail"
 
 
@@ -55,21 +61,26 @@ def test_reference_without_runs_is_not_run(frame: pd.DataFrame) -> None:
 
 
 def test_relative_claims(frame: pd.DataFrame) -> None:
+    # gn − bn per seed: −1.0 and −1.4 (mean −1.2, SE 0.2); at ± 1 SE [−1.4, −1.0]
     gn = {"kind": "relative", "id": "gn", "claim": "c", "metric": "top1", "a": {"normalizer": "gn"},
-          "b": {"normalizer": "bn"}, "min": -1.0, "source": "s"}
+          "b": {"normalizer": "bn"}, "min": -0.9, "source": "s", "sigmas": 1.0}
     (result,) = check(_suite(gn), frame)
     assert result.reproduced == pytest.approx(93.3 - 94.5) and result.status == "fail"
     (loose,) = check(_suite({**gn, "min": -1.5}), frame)
     assert loose.status == "pass"
+    (straddling,) = check(_suite({**gn, "min": -1.2}), frame)
+    assert straddling.status == "inconclusive"
 
 
 def test_diverged_runs_left_out_or_counted(frame: pd.DataFrame) -> None:
     claim = {"kind": "relative", "id": "none", "claim": "c", "metric": "top1", "a": {"normalizer": "none"},
              "b": {"normalizer": "bn"}, "max": -2.0, "source": "s"}
     (left_out,) = check(_suite(claim), frame)
-    assert left_out.reproduced == pytest.approx(80.0 - 94.5) and "1 diverged runs left out" in left_out.detail
+    # seed 0 of none diverged: only seed 1 pairs (80.0 − 95.0)
+    assert left_out.reproduced == pytest.approx(80.0 - 95.0) and "1 diverged runs left out" in left_out.detail
+    assert left_out.n == 1 and left_out.status == "inconclusive"
     (counted,) = check(_suite({**claim, "diverged_as": 10.0}), frame)
-    assert counted.reproduced == pytest.approx((10.0 + 80.0) / 2 - 94.5)
+    assert counted.reproduced == pytest.approx(((10.0 - 94.0) + (80.0 - 95.0)) / 2) and counted.n == 2
 
 
 def test_summary_mean_std_n(frame: pd.DataFrame) -> None:

@@ -10,7 +10,7 @@ from torch import nn
 from repro.data import load_dataset
 from repro.errors import UserError
 from repro.models import build_model
-from repro.norms.groupnorm import GroupNorm
+from repro.norms.groupnorm import ChannelsFirstBf16GroupNorm, GroupNorm
 from repro.train import TrainConfig, train_and_evaluate
 from repro.train.schedule import lr_multiplier
 
@@ -90,3 +90,47 @@ def test_channels_last_applies_on_cpu_too(channels_last: bool) -> None:
     weight = model.layer1[0].conv1.weight
     assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last
     assert weight.is_contiguous() != channels_last
+
+
+def test_amp_cpu_trains_and_evaluates_in_bf16_close_to_float32() -> None:
+    """``amp_cpu`` puts training and evaluation under CPU bf16 autocast (``amp``, on by default, does not); the
+    loss stays float32, and a short run's losses stay near the float32 run's."""
+    data = load_dataset("fashion_mnist", generated=True).subset(64, 32)
+
+    def run(amp_cpu: bool) -> tuple[set, list[float]]:
+        torch.manual_seed(0)
+        model = build_model("test_resnet", "gn", num_classes=10, in_chans=1, small_input=True, group_size=8)
+        conv_outputs = set()
+        model.conv1.register_forward_hook(lambda module, _, out: conv_outputs.add((module.training, out.dtype)))
+        cfg = TrainConfig(epochs=2, batch_size=32, lr=0.05, amp_cpu=amp_cpu)
+        result = train_and_evaluate(model, data, cfg, device=torch.device("cpu"), seed=0, progress=False)
+        assert result.status == "ok"
+        return conv_outputs, [c[key] for c in result.curve for key in ("train_loss", "test_loss")]
+
+    (fp32_dtypes, fp32_losses), (bf16_dtypes, bf16_losses) = run(False), run(True)
+    assert fp32_dtypes == {(True, torch.float32), (False, torch.float32)}
+    assert bf16_dtypes == {(True, torch.bfloat16), (False, torch.bfloat16)}
+    assert bf16_losses == pytest.approx(fp32_losses, abs=0.01) and bf16_losses != fp32_losses
+
+
+def test_gn_normalizes_channels_last_bf16_in_the_contiguous_layout() -> None:
+    """The contiguous kernel computes what the (slow) channels-last one does, up to bf16 rounding, and hands back
+    the channels-last layout; float32 inputs take ``nn.GroupNorm``'s own path unchanged."""
+    torch.manual_seed(0)
+    gn = ChannelsFirstBf16GroupNorm(8, 16)
+    nn.init.normal_(gn.weight)
+    nn.init.normal_(gn.bias)
+    x = torch.randn(4, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(gn(x), nn.GroupNorm.forward(gn, x))
+    upstream = torch.randn(4, 16, 6, 6).to(torch.bfloat16)
+    outputs, gradients = [], []
+    for forward in (gn.forward, lambda t: nn.GroupNorm.forward(gn, t)):
+        half = x.to(torch.bfloat16).requires_grad_()
+        out = forward(half)
+        out.backward(upstream)
+        outputs.append(out)
+        gradients.append((half.grad, gn.weight.grad.clone(), gn.bias.grad.clone()))
+        gn.zero_grad(set_to_none=True)
+    assert outputs[0].dtype == torch.bfloat16 and outputs[0].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(outputs[0], outputs[1])
+    torch.testing.assert_close(gradients[0], gradients[1], atol=1e-2, rtol=1e-2)

@@ -13,6 +13,7 @@ import torch
 from repro.cli import main
 from repro.results.records import RECORD_SCHEMA, read_record, record_path, write_json_atomic
 from repro.suite import expand, load_suite, run_suite
+from repro.suite.expand import run_id_of
 from repro.tasks.base import RunContext, RunOutcome, model_key, train_or_load
 from repro.tasks.train import TrainTask
 
@@ -155,6 +156,33 @@ def test_checkpoint_key_covers_synchronized_batchnorm(suites_dir: Path) -> None:
     assert model_key(synced) != model_key(config)
 
 
+ROOT = Path(__file__).resolve().parents[1]
+#: committed records and the folder of the suite files they were run from
+COMMITTED = ((ROOT / "results" / "runs", ROOT / "suites"),
+             (ROOT / "results" / "experiments" / "runs", ROOT / "benchmarks" / "experiments"))
+
+
+def test_committed_records_are_runs_their_suites_still_expand_to() -> None:
+    """Every committed record of its suite's current version is a run that expanding the suite gives today, with
+    the same config, and its id is that config's hash (what ``repro unpack`` re-derives). A change to expansion or
+    a new ``TrainConfig`` field that moved ids would orphan hundreds of records and checkpoints; this catches it."""
+    current = 0
+    for records, suites in COMMITTED:
+        expanded: dict[tuple[str, str], dict[str, dict]] = {}
+        for path in sorted(records.glob("*/*.json")):
+            record = read_record(path)
+            assert record is not None and record["run_id"] == path.stem == run_id_of(record["config"]), path
+            suite, _ = load_suite(suites / f"{record['suite']}.yaml")
+            if record["suite_version"] != suite.version:
+                continue  # stale by design: a version bump gives every run a new id
+            key = (suite.name, record["tier"])
+            if key not in expanded:
+                expanded[key] = {run.run_id: run.config for run in expand(suite, record["tier"])}
+            assert expanded[key].get(record["run_id"]) == record["config"], path
+            current += 1
+    assert current > 100
+
+
 # --- 3. a check that checks -------------------------------------------------------------------------------------
 
 def test_failed_runs_make_a_reference_incomplete_and_n_counts_used_runs(suites_dir: Path, tmp_path: Path) -> None:
@@ -164,7 +192,7 @@ def test_failed_runs_make_a_reference_incomplete_and_n_counts_used_runs(suites_d
     results = tmp_path / "results"
     _write_records(results, "smoke", {"bn": 90.0, "gn": 80.0}, failed={("bn", 1), ("bn", 2)})
     (result,) = run_checks(results, ["tiny"])
-    assert result.status == "incomplete" and result.n == 3 + 1
+    assert result.status == "incomplete" and result.n == 1  # seeds usable on the smaller side (bn)
     assert "2 failed of 3 runs" in result.detail
 
 
@@ -187,10 +215,15 @@ def test_strict_check_fails_when_a_reference_is_not_run(strict: bool, suites_dir
     assert main(["check", "--results", str(results), "tiny", *flags]) == (1 if strict else 0)
 
 
-def test_strict_check_passes_on_complete_records(suites_dir: Path, tmp_path: Path) -> None:
-    results = tmp_path / "results"
-    _write_records(results, "smoke", {"bn": 90.0, "gn": 80.0})
-    assert main(["check", "--results", str(results), "tiny", "--strict"]) == 0
+def test_strict_check_passes_on_complete_records_with_an_interval(suites_dir: Path, tmp_path: Path) -> None:
+    one_seed, three_seeds = tmp_path / "one", tmp_path / "three"
+    _write_records(one_seed, "smoke", {"bn": 90.0, "gn": 80.0})
+    # one seed per side gives no interval: inconclusive, which a plain check lists and a strict check fails on
+    assert main(["check", "--results", str(one_seed), "tiny"]) == 0
+    assert main(["check", "--results", str(one_seed), "tiny", "--strict"]) == 1
+    _set_seeds(suites_dir, "[0, 1, 2]")
+    _write_records(three_seeds, "smoke", {"bn": 90.0, "gn": 80.0})
+    assert main(["check", "--results", str(three_seeds), "tiny", "--strict"]) == 0
 
 
 # --- 4. a folder that heals -------------------------------------------------------------------------------------

@@ -6,6 +6,9 @@ import pytest
 
 from repro.cli import main
 from repro.suite import expand, load_suite
+from repro.suite.expand import run_id_of
+from repro.suite.schema import Suite
+from repro.train import TrainConfig
 
 CASES = {
     "unknown top-level key": ("seeds: [0]", "seeds: [0]\nsheeds: [1]", "field sheeds: unknown key; allowed: name,"),
@@ -86,6 +89,23 @@ def test_expansion_and_run_ids(suites_dir: Path) -> None:
     assert len({r.run_id for r in runs}) == 2
     assert [r.run_id for r in expand(suite, "smoke")] == [r.run_id for r in runs], "ids are a pure function of config"
     assert runs[0].config["train"]["momentum"] == 0.9, "defaults are resolved into the stored config"
+
+
+def test_amp_cpu_enters_the_run_id_only_when_set(suites_dir: Path) -> None:
+    """``train.amp_cpu`` came after records were committed: at its default it stays out of the stored config, so
+    existing ids hold; set, it changes the id and shows in the config, and an id is still its config's hash (as
+    ``repro unpack`` re-derives it)."""
+    suite, _ = load_suite("tiny")
+    plain = expand(suite, "smoke")
+    with_grid = Suite.model_validate({**suite.model_dump(), "grid": {"train.amp_cpu": [False, True]}})
+    fp32 = [r for r in expand(with_grid, "smoke") if not r.setting["train.amp_cpu"]]
+    bf16 = [r for r in expand(with_grid, "smoke") if r.setting["train.amp_cpu"]]
+    assert [r.run_id for r in fp32] == [r.run_id for r in plain]
+    assert all("amp_cpu" not in r.config["train"] for r in fp32)
+    assert all(r.config["train"]["amp_cpu"] is True for r in bf16)
+    assert not {r.run_id for r in bf16} & {r.run_id for r in plain}
+    assert all(run_id_of(r.config) == r.run_id for r in fp32 + bf16)
+    assert [TrainConfig.model_validate(r.config["train"]).amp_cpu for r in fp32 + bf16] == [False, False, True, True]
 
 
 def test_every_shipped_suite_validates() -> None:

@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--nproc", type=int, default=1,
                      help="data-parallel processes on this machine, started with torchrun (one per GPU; gloo on CPU)")
     run.add_argument("--run-id", action="append", default=None, help="run only this run (repeatable)")
+    run.add_argument("--seed", action="append", type=int, default=None,
+                     help="run only the tier's runs of this seed (repeatable; with --run-id, runs matching both)")
     _add_executor_arguments(run)
 
     status = sub.add_parser("status", help="each run's state: pending, queued, running, ok, failed, diverged")
@@ -51,12 +53,16 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("suites", nargs="*", help="suite names or files (default: every suite with records)")
 
     compare = sub.add_parser("compare", help="metric deltas between two results folders for the runs they share; "
-                             "exit 1 when they differ beyond the tolerance")
+                             "exit 1 when a setting differs beyond seed noise (or the tolerance, for single runs)")
     compare.add_argument("results_a", type=Path, help="reference results folder (e.g. the committed results/)")
     compare.add_argument("results_b", type=Path, help="results folder to judge (e.g. a fresh run)")
     compare.add_argument("suites", nargs="*", help="suite names (default: every suite with records)")
     compare.add_argument("--tolerance", type=float, default=0.5,
-                         help="largest |B - A| still accepted, in each metric's unit (default 0.5: points of top-1)")
+                         help="largest |B - A| still accepted where a setting has a single seed in common, in each "
+                         "metric's unit (default 0.5: points of top-1)")
+    compare.add_argument("--confidence", type=float, default=0.95,
+                         help="level of the t-interval of the differences paired by seed, where a setting has 2 or "
+                         "more seeds in common; 0 within it is 'within noise' (default 0.95)")
 
     sub.add_parser("list", help="the suites, their tiers and how many runs each expands to")
 
@@ -163,7 +169,7 @@ def _cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.executor == "slurm" and args.workers > 1:
         raise UserError(f"--workers {args.workers}: applies to --executor local; on Slurm each run is a job")
     request = SuiteRequest(args.suite, args.tier, args.device, args.results, args.data_dir, args.force,
-                           not args.no_progress, args.nproc, None if args.run_id is None else tuple(args.run_id),
+                           not args.no_progress, args.nproc, _selected_run_ids(args),
                            parse_duration(args.checkpoint_every, "--checkpoint-every"))
     if args.executor == "slurm":
         return _submit(args, request)
@@ -189,6 +195,22 @@ def _cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"{summary.suite} ({summary.tier}): {len(summary.ran)} ran, {len(summary.skipped)} skipped, "
           f"{len(summary.diverged)} diverged, {len(summary.failed)} failed")
     return 1 if summary.failed else 0
+
+
+def _selected_run_ids(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """``--run-id`` and ``--seed`` as the run ids to run (None: all of the tier's)."""
+    if args.seed is None:
+        return None if args.run_id is None else tuple(args.run_id)
+    from repro.suite.runner import expand_tier
+
+    _, path, runs = expand_tier(args.suite, args.tier)
+    seeds = {run.setting["seed"] for run in runs}
+    unknown = sorted(set(args.seed) - seeds)
+    if unknown:
+        allowed = ", ".join(map(str, sorted(seeds)))
+        raise UserError(f"{path}: --seed {unknown[0]}: tier {args.tier} runs seeds {allowed}")
+    return tuple(run.run_id for run in runs if run.setting["seed"] in args.seed
+                 and (args.run_id is None or run.run_id in args.run_id))
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -235,15 +257,33 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return 1 if args.strict else 0
     print(markdown(report_frame(results)))
     counts = {s: sum(r.status == s for r in results) for s in STATUSES}
-    print(f"\n{counts['pass']} passed, {counts['fail']} failed, {counts['not run']} not run, "
+    for status in ("fail", "inconclusive", "by construction"):
+        listed = [r for r in results if r.status == status]
+        if listed:
+            print(f"\n{status}:")
+            for r in listed:
+                print(f"  {r.suite} {r.tier} {r.reference}: {_verdict_line(r)}")
+    print(f"\n{counts['pass']} passed, {counts['fail']} failed, {counts['inconclusive']} inconclusive, "
+          f"{counts['by construction']} by construction, {counts['not run']} not run, "
           f"{counts['incomplete']} incomplete")
     return 1 if failing(results, strict=args.strict) else 0
+
+
+def _verdict_line(result) -> str:
+    """n, mean ± SE and the interval against the bound: what decided a verdict, on one line."""
+    if result.reproduced is None:
+        return result.detail
+    se = "" if result.se is None else f" ± {result.se:.2f} SE"
+    spread = "no interval" if result.low is None else (
+        f"{result.confidence:.0%} CI [{result.low:.2f}, {result.high:.2f}]")
+    decide = f"; ~{result.seeds_to_decide} seeds would decide it" if result.seeds_to_decide else ""
+    return f"n {result.n}, {result.reproduced:.2f}{se}, {spread} vs {result.tolerance}{decide}"
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from repro.results.compare import compare, report
 
-    comparison = compare(args.results_a, args.results_b, tolerance=args.tolerance,
+    comparison = compare(args.results_a, args.results_b, tolerance=args.tolerance, confidence=args.confidence,
                          suites=[Path(s).stem for s in args.suites] or None)
     print(report(comparison, args.results_a, args.results_b))
     return 1 if comparison.verdict == "differs" else 0
@@ -358,13 +398,14 @@ def _interrupted(args: argparse.Namespace) -> str:
     same command skips them)."""
     if args.command != "run":
         return "interrupted"
-    from repro.results.records import is_complete, read_record, record_path
+    from repro.results.records import is_current, read_record, record_path
     from repro.suite.runner import expand_tier
 
     try:
         suite, _, runs = expand_tier(args.suite, args.tier)
     except (UserError, KeyboardInterrupt):
         return "interrupted; the same command resumes"
-    complete = sum(is_complete(read_record(record_path(args.results, suite.name, run.run_id), warn=False))
+    complete = sum(is_current(read_record(record_path(args.results, suite.name, run.run_id), warn=False),
+                              run.shared_with)
                    for run in runs)
     return f"interrupted: {complete} runs complete; the same command resumes"

@@ -130,6 +130,14 @@ DatasetLoader = Callable[..., ImageDataset]
 DATASETS: Registry[DatasetLoader] = Registry("dataset")
 
 
-def register_dataset(name: str) -> Callable[[DatasetLoader], DatasetLoader]:
-    """Register ``fn(data_dir: Path | None, source: str, **kwargs) -> ImageDataset`` under ``name``."""
-    return DATASETS.register(name)
+def register_dataset(name: str, *, num_classes: int) -> Callable[[DatasetLoader], DatasetLoader]:
+    """Register ``fn(data_dir: Path | None, source: str, **kwargs) -> ImageDataset`` under ``name``.
+
+    ``num_classes`` stays on the entry, so that a record can be read against chance level without loading data.
+    """
+
+    def decorator(loader: DatasetLoader) -> DatasetLoader:
+        loader.num_classes = num_classes  # type: ignore[attr-defined]
+        return DATASETS.register(name)(loader)
+
+    return decorator

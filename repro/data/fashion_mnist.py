@@ -49,7 +49,7 @@ def _missing(data_dir: Path | None) -> UserError:
     )
 
 
-@register_dataset("fashion_mnist")
+@register_dataset("fashion_mnist", num_classes=10)
 def load_fashion_mnist(data_dir: Path | None = None, source: str = "auto", hub_id: str = HUB_ID,
                        revision: str | None = None) -> ImageDataset:
     """Load from, in order: ``data_dir``/``REPRO_DATA_DIR``, Debian's package folder, the hub.

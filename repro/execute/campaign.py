@@ -34,7 +34,7 @@ from typing import Any
 
 from repro.errors import UserError
 from repro.execute.estimate import Estimate, Estimator, device_kind, device_type
-from repro.results.records import is_complete, read_record, record_path
+from repro.results.records import is_current, read_record, record_path
 from repro.suite.expand import matches
 from repro.suite.schema import Suite
 
@@ -114,7 +114,7 @@ def plan_suite(suite_ref: str | Path, tier: str, results_dir: Path, estimator: E
     seeds = list(dict.fromkeys(run.setting["seed"] for run in runs))
     planned, complete = [], 0
     for run in runs:
-        if is_complete(read_record(record_path(results_dir, suite.name, run.run_id))):
+        if is_current(read_record(record_path(results_dir, suite.name, run.run_id)), run.shared_with):
             complete += 1
             continue
         references = references_needing(suite, tier, run.setting)

@@ -17,6 +17,7 @@ import pandas as pd
 
 from repro.errors import UserError
 from repro.results.check import CheckResult, check, report_frame
+from repro.results.forest import write_forest_plots
 from repro.results.records import iter_records, write_text_atomic
 from repro.results.tables import markdown, metric_columns, records_frame, select, summarize, to_markdown
 from repro.suite.expand import expand
@@ -113,7 +114,8 @@ def write_plots(results: SuiteResults, folder: Path) -> list[Path]:
 
 
 def gather(results_dir: Path, names: list[str] | None = None) -> list[tuple[SuiteResults, list[Path]]]:
-    """Write ``tables/<suite>.csv`` and ``.md`` (mean ± std over seeds, n), plots, and ``README.md``.
+    """Write ``tables/<suite>.csv`` and ``.md`` (mean ± std over seeds, n), plots (the suite's own, and a forest
+    plot of its relative claims per tier), and ``README.md``.
 
     Every suite is loaded before anything is written, and each file is replaced atomically."""
     tables = results_dir / "tables"
@@ -138,7 +140,10 @@ def gather(results_dir: Path, names: list[str] | None = None) -> list[tuple[Suit
             metrics = [m for m in TASKS.get(results.suite.task).table_metrics if m in metrics]
         write_text_atomic(tables / f"{name}.md", f"# {name}\n\n{to_markdown(summary, columns, metrics)}\n")
         write_text_atomic(tables / f"{name}.runs.csv", results.frame.to_csv(index=False, float_format="%.4f"))
-        written.append((results, [tables / f"{name}.csv", tables / f"{name}.md", *write_plots(results, tables)]))
+        tiers_run = set(results.frame["tier"])  # a tier without records would plot nothing but 'not run' rows
+        claims = [result for result in check(results.suite, results.frame) if result.tier in tiers_run]
+        written.append((results, [tables / f"{name}.csv", tables / f"{name}.md", *write_plots(results, tables),
+                                  *write_forest_plots(claims, tables)]))
     write_index(results_dir)
     return written
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import socket
 import sys
@@ -12,11 +13,36 @@ import time
 from pathlib import Path
 from typing import Any
 
+from repro.data import DATASETS
 from repro.errors import UserError
 
 #: statuses of a finished run; a ``failed`` record is retried on the next ``repro run``
 COMPLETE_STATUSES = ("ok", "diverged")
 RECORD_SCHEMA = 1
+
+
+#: how close to chance a finished run must end to count as collapsed (see ``is_collapsed``)
+CHANCE_TOP1_FACTOR = 1.5
+CHANCE_LOSS_RELATIVE = 0.02
+
+
+def is_collapsed(record: dict[str, Any]) -> bool:
+    """Whether a run finished (``ok``) at chance: top-1 at most 1.5x chance and a test loss within 2% of ln(C),
+    the loss of a uniform prediction.
+
+    Such a network stopped learning (a constant output) without a non-finite loss, so it is not ``diverged``; a
+    claim must say how it counts (``collapsed_as``). Chance is that of the registered dataset's classes, so a
+    generated stand-in with fewer classes (the ImageNet smoke tier's 4) is never flagged.
+    """
+    metrics = record.get("metrics") or {}
+    top1, loss = metrics.get("top1"), metrics.get("loss")
+    dataset = ((record.get("config") or {}).get("dataset") or {}).get("name")
+    if record.get("status") != "ok" or dataset not in DATASETS or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in (top1, loss)):
+        return False
+    classes = DATASETS.get(dataset).num_classes
+    chance_loss = math.log(classes)
+    return top1 <= CHANCE_TOP1_FACTOR * 100 / classes and abs(loss - chance_loss) <= CHANCE_LOSS_RELATIVE * chance_loss
 
 
 def record_path(results_dir: Path, suite: str, run_id: str) -> Path:
@@ -98,6 +124,12 @@ def read_record(path: Path, *, warn: bool = True) -> dict[str, Any] | None:
 def is_complete(record: dict[str, Any] | None) -> bool:
     """A finished record of this schema (``read_record`` has already set malformed ones aside as None)."""
     return bool(record) and record.get("status") in COMPLETE_STATUSES and record.get("schema") == RECORD_SCHEMA
+
+
+def is_current(record: dict[str, Any] | None, shared_with: str | None) -> bool:
+    """Complete, and computed as the expansion now asks: a copy of another run's numbers (``shared_from``) no
+    longer stands for a run that must execute itself (a tier's ``unshared_seeds``)."""
+    return is_complete(record) and not (record.get("shared_from") and not shared_with)
 
 
 def iter_records(results_dir: Path, suite: str | None = None, *, warn: bool = True) -> list[dict[str, Any]]:

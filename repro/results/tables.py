@@ -8,16 +8,16 @@ import numpy as np
 import pandas as pd
 
 from repro.errors import UserError
+from repro.results.records import is_collapsed
 
 RUN_FIELDS = ("wall_time_s", "images_per_s", "peak_memory_mb")
-
-
 def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per run, or per row of a run's ``rows`` (tasks that produce tables, e.g. corruption × severity)."""
     rows = []
     for record in records:
         base = {"suite": record["suite"], "suite_version": record["suite_version"], "tier": record["tier"],
-                "run_id": record["run_id"], "status": record["status"], **record["setting"]}
+                "run_id": record["run_id"], "status": record["status"], "collapsed": is_collapsed(record),
+                "shared_from": record.get("shared_from"), **record["setting"]}
         scalars = {k: v for k, v in record.get("metrics", {}).items() if v is None or isinstance(v, int | float)}
         scalars.update({k: record.get(k) for k in RUN_FIELDS})
         if record.get("rows"):
@@ -28,12 +28,13 @@ def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def metric_columns(frame: pd.DataFrame, setting_columns: list[str]) -> list[str]:
-    fixed = {"suite", "suite_version", "tier", "run_id", "status", "seed", *setting_columns}
+    fixed = {"suite", "suite_version", "tier", "run_id", "status", "collapsed", "shared_from", "seed",
+             *setting_columns}
     return [c for c in frame.columns if c not in fixed and pd.api.types.is_numeric_dtype(frame[c])]
 
 
 def summarize(frame: pd.DataFrame, setting_columns: list[str]) -> pd.DataFrame:
-    """Mean, std and n over seeds for every metric, per tier and setting; diverged runs counted apart."""
+    """Mean, std and n over seeds for every metric, per tier and setting; diverged and collapsed runs counted."""
     if frame.empty:
         return frame
     keys = ["tier", *[c for c in setting_columns if c in frame.columns]]
@@ -46,6 +47,8 @@ def summarize(frame: pd.DataFrame, setting_columns: list[str]) -> pd.DataFrame:
     summary.columns = [f"{metric}_{stat}" for metric, stat in summary.columns]
     summary["n"] = grouped["run_id"].nunique()
     summary["n_diverged"] = grouped["status"].agg(lambda s: int((s == "diverged").sum()))
+    summary["n_collapsed"] = grouped.apply(lambda part: part.loc[part["collapsed"], "run_id"].nunique(),
+                                           include_groups=False) if "collapsed" in frame else 0
     return summary.reset_index()
 
 
@@ -73,8 +76,9 @@ def to_markdown(summary: pd.DataFrame, setting_columns: list[str], metrics: list
             shown[metric] = [_mean_std(*stats) for stats in zip(
                 summary[f"{metric}_mean"], summary[f"{metric}_std"], summary[f"{metric}_se"], strict=True)]
     shown["n"] = summary["n"]
-    if summary["n_diverged"].any():
-        shown["diverged"] = summary["n_diverged"]
+    for count in ("diverged", "collapsed"):
+        if summary[f"n_{count}"].any():
+            shown[count] = summary[f"n_{count}"]
     return markdown(shown)
 
 

@@ -78,8 +78,8 @@ def expand(suite: Suite, tier: str, *, source: str | None = None) -> list[RunSpe
     settings ``exclude`` names (a normalizer that does not apply to a backbone, a recipe for one model only).
 
     A run that differs from an earlier one only along grid keys its normalizer is invariant to names that run in
-    ``shared_with``: it is reported, not executed again. Errors name ``source`` (the suite file, when known) and
-    the field."""
+    ``shared_with``: it is reported, not executed again, except for the tier's ``unshared_seeds``. Errors name
+    ``source`` (the suite file, when known) and the field."""
     where_suite = source or f"suite {suite.name}"
     spec = suite.tiers[tier]
     dataset = suite.dataset.model_dump()
@@ -116,18 +116,19 @@ def expand(suite: Suite, tier: str, *, source: str | None = None) -> list[RunSpe
         for section, model in (("train", TrainConfig), ("task_options", TASKS.get(suite.task).Options),
                                ("model", ModelSpec)):
             try:
-                config[section] = model.model_validate(config[section]).model_dump()
+                resolved = model.model_validate(config[section])
             except ValidationError as err:
                 where = ", ".join(f"{k}={v}" for k, v in zip(grid, values, strict=True)) or f"tier {tier}"
                 first = err.errors()[0]
                 field = ".".join(map(str, (section, *first["loc"])))
                 raise UserError(f"{where_suite}: field {field} ({where}): {first['msg']}") from None
+            config[section] = resolved.stored_dump() if isinstance(resolved, TrainConfig) else resolved.model_dump()
         setting = {"backbone": backbone, "normalizer": normalizer.column, **dict(zip(grid, values, strict=True)),
                    "seed": seed}
         if any(matches(setting, excluded) for excluded in suite.exclude):
             continue
         run_id = run_id_of(config)
-        invariant = invariant_grid_keys(config, list(grid))
+        invariant = [] if seed in spec.unshared_seeds else invariant_grid_keys(config, list(grid))
         primary = first_of_execution.setdefault(shared_execution_key(config, invariant), run_id) if invariant else None
         runs.append(RunSpec(suite.name, suite.version, tier, run_id, config, setting,
                             shared_with=primary if primary != run_id else None))

@@ -26,7 +26,9 @@ from repro.results.records import (
     RECORD_SCHEMA,
     check_writable,
     claim_run,
+    is_collapsed,
     is_complete,
+    is_current,
     read_record,
     record_path,
     release_run,
@@ -131,7 +133,7 @@ class RunRecorder:
         if locking and not claim_run(path_out):
             return None
         try:
-            if locking and not ctx.retrain and is_complete(read_record(path_out, warn=False)):
+            if locking and not ctx.retrain and is_current(read_record(path_out, warn=False), run.shared_with):
                 return None
             return self._run_and_record(run, path_out)
         finally:
@@ -170,6 +172,8 @@ class RunRecorder:
                 **job_provenance(),
             },
         }
+        if is_collapsed(record):  # finished, but at chance: said in the record and on the run's line
+            outcome.extra["collapsed"] = True
         write_json_atomic(path_out, record)
         return outcome, error
 
@@ -184,7 +188,8 @@ def complete_run_ids(suite: Suite, runs: list[RunSpec], results_dir: Path, force
     """Runs whose record is complete (``ok`` or ``diverged``): skipped unless ``force``."""
     if force:
         return set()
-    return {run.run_id for run in runs if is_complete(read_record(record_path(results_dir, suite.name, run.run_id)))}
+    return {run.run_id for run in runs if is_current(read_record(record_path(results_dir, suite.name, run.run_id)),
+                                                                run.shared_with)}
 
 
 def select_runs(runs: list[RunSpec], run_ids: list[str] | None, where: Path) -> list[RunSpec]:
@@ -216,7 +221,8 @@ def report_outcome(summary: SuiteRunSummary, run: RunSpec, prefix: str, outcome:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in outcome.metrics.items() if isinstance(v, float))
         shared_from = outcome.extra.get("shared_from")
         how = f"shared with {shared_from}" if shared_from else f"in {outcome.wall_time_s:.1f}s"
-        echo(f"{prefix}: ok {how}: {shown}")
+        collapsed = " COLLAPSED (chance accuracy, loss near ln C)" if outcome.extra.get("collapsed") else ""
+        echo(f"{prefix}: ok {how}{collapsed}: {shown}")
 
 
 def run_suite(suite_ref: str | Path, tier: str, *, device: str = "auto", results_dir: Path = Path("results"),

@@ -64,10 +64,30 @@ class TierSpec(_Strict):
         "suit the tier's smaller backbone)")
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of train fields")
     task: dict[str, Any] = Field(default_factory=dict, description="overrides of task option fields")
+    unshared_seeds: list[int] = Field(
+        default_factory=list, description="seeds whose runs execute even where their normalizer is invariant to a "
+        "grid key (Normalizer.invariant_to), so that a claim of that invariance measures something")
+
+
+class NoiseFloor(_Strict):
+    """The std of one run (absolute) or of one paired difference a − b (relative), measured elsewhere, on which a
+    single-seed reference may rest; ``measured`` says where (an experiment, a suite, a tier)."""
+
+    std: float = Field(ge=0)
+    measured: str = Field(min_length=1)
+
+
+_CONFIDENCE = Field(default=0.95, gt=0, lt=1, description="level of the interval the verdict is judged on")
+_COLLAPSED_AS = Field(
+    default=None, description="value a collapsed run (finished at chance, loss near ln C) counts as; None: its "
+    "own value")
+_NOISE_FLOOR = Field(default=None, description="std to rest a single-seed verdict on, and where it was measured")
 
 
 class AbsoluteReference(_Strict):
-    """A number a paper reports; passes when the reproduced mean is within ``tolerance`` of ``value``."""
+    """A number a paper reports; passes when the confidence interval of the reproduced mean lies within
+    ``value`` ± ``tolerance`` (``confidence`` here is the provenance tag; the interval's level is
+    ``confidence_level``)."""
 
     kind: Literal["absolute"]
     id: str
@@ -79,11 +99,15 @@ class AbsoluteReference(_Strict):
     confidence: Literal["P", "A", "T", "S"] = Field(description="provenance tag as in paper_numbers.md")
     tiers: list[str] = Field(default_factory=lambda: ["full"])
     note: str = ""
+    paper_std: float | None = Field(default=None, ge=0, description="the std the paper reports with the value")
+    confidence_level: float = _CONFIDENCE
+    noise_floor: NoiseFloor | None = _NOISE_FLOOR
+    collapsed_as: float | None = _COLLAPSED_AS
 
 
 class RelativeReference(_Strict):
-    """A claim between two settings, ``min <= mean(a) - mean(b) <= max`` (or that difference in percent of
-    ``mean(b)``); it can be checked on any dataset."""
+    """A claim between two settings, ``min <= a - b <= max`` for the mean difference paired by seed (or that
+    difference in percent of b), judged on its confidence interval; it can be checked on any dataset."""
 
     kind: Literal["relative"]
     id: str
@@ -98,8 +122,11 @@ class RelativeReference(_Strict):
     percent: bool = Field(
         default=False, description="compare 100 * (mean(a) - mean(b)) / mean(b), for claims like '20% less memory'")
     sigmas: float | None = Field(
-        default=None, ge=0, description="pass only when the bounds hold at mean ± sigmas·SE of the paired per-seed "
-        "differences (needs 2+ seeds that both settings ran)")
+        default=None, ge=0, description="judge on mean ± sigmas·SE of the paired per-seed differences instead of "
+        "the t-interval (needs 2+ seeds that both settings ran)")
+    confidence: float = _CONFIDENCE
+    noise_floor: NoiseFloor | None = _NOISE_FLOOR
+    collapsed_as: float | None = _COLLAPSED_AS
     source: str
     tiers: list[str] = Field(default_factory=lambda: ["full"])
 

@@ -1,8 +1,8 @@
 """The ``memory`` task: peak memory and speed of a training step per normalizer, on random inputs.
 
 MimicNorm's Table 3 measures a training step at batch 256 and 224×224 pixels; memory does not depend on pixel
-values, so random images stand in for the data. The batch size, bf16 autocast (``train.amp``) and channels-last
-come from the suite's ``train`` block, image size and classes from the task options.
+values, so random images stand in for the data. The batch size, bf16 autocast (``train.amp``, ``train.amp_cpu``)
+and channels-last come from the suite's ``train`` block, image size and classes from the task options.
 
 How memory is measured:
 
@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from repro.execute.estimate import Workload
 from repro.models import build_model
 from repro.tasks.base import RunContext, RunOutcome, RunSpec, Task, register_task
-from repro.train import seed_everything
+from repro.train import TrainConfig, seed_everything
 from repro.train.timing import measure_step_time
 
 
@@ -52,14 +52,15 @@ def measure_training_step(config: dict[str, Any], device: str, threads: int) -> 
     """Build the run's model and time its steps (in this process)."""
     torch.set_num_threads(threads)
     options = MemoryOptions.model_validate(config["task_options"])
+    train = TrainConfig.model_validate(config["train"])
     seed_everything(config["seed"])
     model = build_model(config["backbone"], config["normalizer"]["name"], num_classes=options.num_classes,
                         in_chans=options.in_chans, small_input=config["model"]["small_input"],
                         **config["normalizer"]["options"])
     timing = measure_step_time(
-        model, batch_size=config["train"]["batch_size"], image_size=options.image_size, in_chans=options.in_chans,
+        model, batch_size=train.batch_size, image_size=options.image_size, in_chans=options.in_chans,
         num_classes=options.num_classes, device=torch.device(device), steps=options.steps, warmup=options.warmup,
-        seed=config["seed"], amp=config["train"]["amp"], channels_last=config["train"]["channels_last"],
+        seed=config["seed"], amp=train.amp, channels_last=train.channels_last, amp_cpu=train.amp_cpu,
     )
     return dataclasses.asdict(timing)
 

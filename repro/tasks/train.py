@@ -32,13 +32,14 @@ def step_time_against_bn(run: RunSpec, model: torch.nn.Module, data: ImageDatase
     """Median time of a training step on one micro-batch: the trained model (a copy, past any burn-in, so CBN
     times its cross-iteration path) and a freshly built BN model of the same backbone.
 
-    On CPU the process's CPU time is used: on a shared machine it is far steadier than wall time.
+    On CPU the process's CPU time is used: on a shared machine it is far steadier than wall time. Both steps run
+    under the run's CPU autocast (``amp_cpu``).
     """
     shape = {"batch_size": cfg.micro_batch or cfg.batch_size, "image_size": data.train.image_size,
              "in_chans": data.in_chans, "num_classes": data.num_classes, "device": device}
     bn_twin = build_model(run.config["backbone"], "bn", num_classes=data.num_classes, in_chans=data.in_chans,
                           small_input=run.config["model"]["small_input"])
-    timings = [measure_step_time(m, **shape) for m in (copy.deepcopy(model), bn_twin)]
+    timings = [measure_step_time(m, **shape, amp_cpu=cfg.amp_cpu) for m in (copy.deepcopy(model), bn_twin)]
     step_ms, bn_step_ms = (t.median_ms if device.type == "cuda" else t.median_cpu_ms for t in timings)
     return {"micro_step_ms": step_ms, "bn_micro_step_ms": bn_step_ms, "step_time_vs_bn": step_ms / bn_step_ms}
 

@@ -1,4 +1,5 @@
-"""Training and evaluation of one run: data on the device, bf16 and channels-last on CUDA, exact seeding."""
+"""Training and evaluation of one run: data on the device, bf16 autocast (CUDA; CPU on request) and channels-last,
+exact seeding."""
 
 from __future__ import annotations
 
@@ -51,9 +52,10 @@ def seed_everything(seed: int) -> None:
     torch.cuda.manual_seed_all(seed)
 
 
-def autocast(device: torch.device, enabled: bool):
-    if device.type == "cuda" and enabled:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device: torch.device, enabled: bool, on_cpu: bool = False):
+    """bf16 autocast on CUDA when ``enabled`` (``TrainConfig.amp``), on the CPU when ``on_cpu`` (``amp_cpu``)."""
+    if (device.type == "cuda" and enabled) or (device.type == "cpu" and on_cpu):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -71,7 +73,7 @@ def synchronize(device: torch.device) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = True,
-             data_parallel: DataParallel | None = None) -> tuple[float, float]:
+             data_parallel: DataParallel | None = None, amp_cpu: bool = False) -> tuple[float, float]:
     """Top-1 accuracy (%) and mean cross-entropy over a loader, with the model in eval mode.
 
     Data-parallel: every rank uses rank 0's buffers and evaluates every world_size-th batch; the sums are all-reduced.
@@ -85,7 +87,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = True,
     for index, (images, labels) in enumerate(loader):
         if data_parallel is not None and index % data_parallel.world_size != data_parallel.rank:
             continue
-        with autocast(device, amp):
+        with autocast(device, amp, amp_cpu):
             logits = model(images)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
@@ -123,7 +125,8 @@ def _forward_backward(model: nn.Module, images: torch.Tensor, labels: torch.Tens
         x, y = images[start : start + chunk], labels[start : start + chunk]
         if cfg.mixup_alpha > 0:
             x, y_partner, lam = _mixup(x, y, cfg.mixup_alpha, generator)
-        with _gradient_sync(model, last_chunk=start + chunk >= len(labels)), ghost, autocast(device, cfg.amp):
+        precision = autocast(device, cfg.amp, cfg.amp_cpu)
+        with _gradient_sync(model, last_chunk=start + chunk >= len(labels)), ghost, precision:
             logits = model(x)
         logits = logits.float()
         loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
@@ -260,7 +263,7 @@ def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *
         train_time += epoch_time
         trained_images += seen
         train_loss = loss_sum.item() / seen
-        test_top1, test_loss = evaluate(model, test_loader, device, cfg.amp, data_parallel)
+        test_top1, test_loss = evaluate(model, test_loader, device, cfg.amp, data_parallel, cfg.amp_cpu)
         curve.append({
             "epoch": epoch + 1, "train_loss": train_loss, "train_top1": 100 * correct.item() / seen,
             "test_top1": test_top1, "test_loss": test_loss, "lr": optimizer.param_groups[0]["lr"],

@@ -63,12 +63,13 @@ def window_peak_memory_mb(device: torch.device) -> float:
 
 def measure_step_time(model: nn.Module, *, batch_size: int, image_size: int, in_chans: int, num_classes: int,
                       device: torch.device = CPU, steps: int = 10, warmup: int = 5, seed: int = 0,
-                      amp: bool = False, channels_last: bool = False) -> StepTiming:
+                      amp: bool = False, channels_last: bool = False, amp_cpu: bool = False) -> StepTiming:
     """Time SGD steps (forward, backward, optimizer step, the normalizer's ``after_step``) on one random batch.
 
     The ``warmup`` untimed steps also fill CBN's windows: use ``warmup >= window`` and no burn-in to time its
     cross-iteration path (warm-up and timed steps together count as one epoch for ``before_training``).
-    ``amp`` and ``channels_last`` act on CUDA only, as in the trainer (bf16 autocast, channels-last layout).
+    ``amp`` and ``channels_last`` act on CUDA only (bf16 autocast, channels-last layout), ``amp_cpu`` on the CPU
+    only (bf16 autocast), as in the trainer.
     """
     generator = torch.Generator(device=device).manual_seed(seed)
     images = torch.randn(batch_size, in_chans, image_size, image_size, generator=generator, device=device)
@@ -87,7 +88,7 @@ def measure_step_time(model: nn.Module, *, batch_size: int, image_size: int, in_
         synchronize(device)
         start, cpu_start = time.perf_counter(), time.process_time()
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device, amp):
+        with autocast(device, amp, amp_cpu):
             logits = model(images)
         F.cross_entropy(logits.float(), labels).backward()
         optimizer.step()
