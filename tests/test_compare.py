@@ -212,3 +212,15 @@ def test_timing_in_rows_and_runs_with_only_timing_metrics_are_not_judged(tmp_pat
     assert comparison.verdict == "identical"
     memory_only = compare(write(tmp_path / "c", memory_a), write(tmp_path / "d", memory_b), tolerance=0.0)
     assert memory_only.verdict == "identical" and memory_only.settings.empty
+
+
+def test_a_run_that_collapses_on_one_side_is_named_and_differs(tmp_path):
+    """The 2-thread rerun of fmnist-baseline: `none` ends at chance (10.00, loss ln 10) where the record trained."""
+    fmnist = {"dataset": {"name": "fashion_mnist"}}
+    a = write(tmp_path / "a", record("r0", 0, 88.36, config=fmnist))
+    collapsed = record("r0", 0, 10.0, config=fmnist, cpu_threads=1)
+    collapsed["metrics"]["loss"] = math.log(10)
+    b = write(tmp_path / "b", collapsed)
+    result = compare(a, b, tolerance=100.0)
+    assert result.runs["status_b"].tolist() == ["ok, collapsed"] and result.verdict == "differs"
+    assert any(line.startswith("cpu_threads") for line in result.provenance)

@@ -30,7 +30,7 @@ import pandas as pd
 from scipy import stats
 
 from repro.errors import UserError
-from repro.results.records import is_complete, iter_records
+from repro.results.records import is_collapsed, is_complete, iter_records
 from repro.results.tables import RUN_FIELDS
 
 TIMING_SUFFIXES = ("_s", "_ms", "_per_s", "_mb")
@@ -151,6 +151,11 @@ def _provenance_differences(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) 
             for field, (a, b) in sorted(sides.items(), key=lambda item: rank(item[0])) if a != b]
 
 
+def _status(record: dict[str, Any]) -> str:
+    """A run's status, with a finish at chance named: ``ok`` and ``ok, collapsed`` are different outcomes."""
+    return f"{record['status']}, collapsed" if is_collapsed(record) else record["status"]
+
+
 def compare(results_a: Path, results_b: Path, *, tolerance: float = 0.5, confidence: float = 0.95,
             suites: list[str] | None = None) -> Comparison:
     """Compare the complete records that ``results_a`` and ``results_b`` share (same suite and run id)."""
@@ -165,6 +170,7 @@ def compare(results_a: Path, results_b: Path, *, tolerance: float = 0.5, confide
     run_rows, paired, statuses = [], {}, {}
     for key in shared:
         ra, rb = a[key], b[key]
+        status_a, status_b = _status(ra), _status(rb)
         setting = (key[0], ra["tier"], _label({k: v for k, v in ra["setting"].items() if k != "seed"}))
         values_a = {(e["row"], e["metric"]): e["value"] for e in _long_metrics(ra)}
         values_b = {(e["row"], e["metric"]): e["value"] for e in _long_metrics(rb)}
@@ -173,12 +179,12 @@ def compare(results_a: Path, results_b: Path, *, tolerance: float = 0.5, confide
                     default=None)
         run_rows.append({
             "suite": key[0], "run_id": key[1], "tier": ra["tier"], "setting": _label(ra["setting"]),
-            "status_a": ra["status"], "status_b": rb["status"], "status_differs": ra["status"] != rb["status"],
+            "status_a": status_a, "status_b": status_b, "status_differs": status_a != status_b,
             "metrics": len(deltas), "max_abs_delta": abs(deltas[worst]) if worst else 0.0,
             "worst": _metric_label(*worst) if worst else "",
         })
-        if ra["status"] != rb["status"]:
-            statuses.setdefault(setting, set()).add(f"A {ra['status']}, B {rb['status']}")
+        if status_a != status_b:
+            statuses.setdefault(setting, set()).add(f"A {status_a}, B {status_b}")
         for row, metric in sorted(deltas, key=str):
             paired.setdefault((*setting, _label(dict(row)), metric), []).append(
                 (values_a[(row, metric)], deltas[(row, metric)]))
