@@ -1,6 +1,7 @@
 """``repro bundle`` brings what a GPU box with only PyTorch lacks: shown on a Python that cannot import the rest.
 
-The box has torch, timm, numpy, pandas, matplotlib, pyyaml and tqdm. The test runs ``python -m repro`` with an
+The box has torch, timm, numpy, pandas, matplotlib, pyyaml, tqdm and scipy (the lent H200 machine has them all;
+the check's t-intervals need scipy). The test runs ``python -m repro`` with an
 import hook that refuses every other third-party package repro might reach for unless it comes from the
 bundle's wheels, installed offline into a folder of their own; git is hidden so that provenance must take the
 commit from the bundle's ``source.json``.
@@ -19,7 +20,7 @@ from tests.conftest import TINY_SUITE
 
 #: importable only from the bundle (or not at all: optional features must import them lazily)
 NOT_ON_THE_BOX = ("pydantic", "pydantic_core", "annotated_types", "typing_inspection", "tabulate", "datasets",
-                  "huggingface_hub", "pyarrow", "imagecorruptions", "cv2", "skimage", "scipy")
+                  "huggingface_hub", "pyarrow", "imagecorruptions", "cv2", "skimage")
 BOX_PYTHON = textwrap.dedent("""
     import importlib.machinery, runpy, sys
     site, blocked = sys.argv.pop(1), set(sys.argv.pop(1).split(","))

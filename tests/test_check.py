@@ -2,6 +2,7 @@
 
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 from scipy import stats
 
 from repro.results.check import check
@@ -81,6 +82,43 @@ def test_diverged_runs_left_out_or_counted(frame: pd.DataFrame) -> None:
     assert left_out.n == 1 and left_out.status == "inconclusive"
     (counted,) = check(_suite({**claim, "diverged_as": 10.0}), frame)
     assert counted.reproduced == pytest.approx(((10.0 - 94.0) + (80.0 - 95.0)) / 2) and counted.n == 2
+
+
+def _diverged(normalizer: str, seed: int, curve: list[tuple[float, float]]) -> dict:
+    """A diverged record whose curve holds the test's (test_top1, test_loss) per epoch."""
+    return {**_record(normalizer, seed, None, "diverged"), "config": {"dataset": {"name": "fashion_mnist"}},
+            "curve": [{"epoch": epoch, "test_top1": top1, "test_loss": loss}
+                      for epoch, (top1, loss) in enumerate(curve, 1)]}
+
+
+def test_best_before_counts_a_diverged_run_at_its_best_top1_before_diverging() -> None:
+    ok = [{**_record("bn", seed, None), "metrics": {"best_top1": top1}} for seed, top1 in ((0, 94.0), (1, 95.0))]
+    # none seed 0 reached 61 then 72.5, and diverged in epoch 3 (whose evaluation of NaN logits is no accuracy);
+    # seed 1 diverged in its first epoch: it reached nothing and counts at chance, 10.0 on Fashion-MNIST
+    frame = records_frame([*ok, _diverged("none", 0, [(61.0, 1.1), (72.5, 0.8), (99.0, float("nan"))]),
+                           _diverged("none", 1, [(10.0, float("nan"))])])
+    claim = {"kind": "relative", "id": "best", "claim": "c", "metric": "best_top1", "a": {"normalizer": "bn"},
+             "b": {"normalizer": "none"}, "min": 5.0, "source": "s", "diverged_as": "best_before"}
+    (result,) = check(_suite(claim), frame)
+    assert result.n == 2 and result.reproduced == pytest.approx(((94.0 - 72.5) + (95.0 - 10.0)) / 2)
+    assert "2 diverged runs counted at their best top-1 before diverging" in result.detail
+    (at_chance,) = check(_suite({**claim, "diverged_as": 10.0}), frame)
+    assert at_chance.reproduced == pytest.approx(((94.0 - 10.0) + (95.0 - 10.0)) / 2), "a number still works"
+    assert "best_top1_before_divergence" not in summarize(frame, ["backbone", "normalizer"]), "not a table metric"
+    with pytest.raises(ValidationError, match="best_top1"):
+        _suite({**claim, "metric": "top1"})
+
+
+def test_must_not_diverge_fails_the_claim_on_a_diverged_run_of_a_named_side(frame: pd.DataFrame) -> None:
+    # none seed 0 diverged; counted at 10.0, none − bn is (10 − 94) and (80 − 95): ± 1 SE [−84, −15] > −100
+    claim = {"kind": "relative", "id": "trains", "claim": "c", "metric": "top1", "a": {"normalizer": "none"},
+             "b": {"normalizer": "bn"}, "min": -100.0, "source": "s", "diverged_as": 10.0, "sigmas": 1.0}
+    (counted,) = check(_suite(claim), frame)
+    assert counted.status == "pass"
+    (failed,) = check(_suite({**claim, "must_not_diverge": ["a"]}), frame)
+    assert failed.status == "fail" and RUN_IDS["none", 0] in failed.detail and "must_not_diverge" in failed.detail
+    (other_side,) = check(_suite({**claim, "must_not_diverge": ["b"]}), frame)
+    assert other_side.status == "pass", "a diverged run of a side the claim does not name counts as diverged_as says"
 
 
 def test_summary_mean_std_n(frame: pd.DataFrame) -> None:

@@ -14,7 +14,9 @@ import torch
 from repro.data import load_dataset
 from repro.models import build_model
 from repro.results.records import iter_records, write_json_atomic
-from repro.suite import run_suite
+from repro.suite import run_suite, runner
+from repro.suite.load import file_sha256
+from repro.tasks.base import RunOutcome
 from repro.tasks.train import TrainTask
 from repro.train import TrainConfig, train_and_evaluate
 
@@ -118,6 +120,38 @@ def test_record_fields_and_provenance(suites_dir: Path, tmp_path: Path) -> None:
                 "suite_sha256"):
         assert key in prov
     assert prov["packages"]["torch"] == torch.__version__.split("+")[0]
+
+
+def test_provenance_is_read_at_the_start_and_a_change_during_the_run_is_recorded(
+        suites_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit and a suite edit made while the first run trains: its record names the code it started with and
+    says what changed; the second run starts after the commit, and nothing changes while it runs."""
+    head = {"commit": "commit-at-start"}
+    monkeypatch.setattr(runner, "source_version",
+                        lambda: {"git_commit": head["commit"], "git_dirty": False, "source": "git"})
+    suite_file = suites_dir / "tiny.yaml"
+    start_sha = file_sha256(suite_file)
+
+    def commit_during_first_run(self, run, ctx):
+        if head["commit"] == "commit-at-start":
+            head["commit"] = "commit-made-during-the-run"
+            suite_file.write_text(suite_file.read_text() + "# edited\n")
+        return RunOutcome("ok", {"top1": 50.0}, 0.01)
+
+    monkeypatch.setattr(TrainTask, "run", commit_during_first_run)
+    lines: list[str] = []
+    run_suite("tiny", "smoke", results_dir=tmp_path / "results", progress=False, echo=lines.append)
+    first, second = (next(r for r in _records(tmp_path / "results") if r["setting"]["normalizer"] == normalizer)
+                     for normalizer in ("bn", "gn"))
+    assert first["provenance"]["git_commit"] == "commit-at-start"
+    assert first["provenance"]["suite_sha256"] == start_sha
+    assert first["provenance"]["changed_during_run"] == {
+        "git_commit": {"start": "commit-at-start", "end": "commit-made-during-the-run"},
+        "suite_sha256": {"start": start_sha, "end": file_sha256(suite_file)}}
+    assert first["extra"]["provenance"] == "changed during the run"
+    assert [line for line in lines if "provenance: changed during the run" in line] == [lines[1]]
+    assert second["provenance"]["git_commit"] == "commit-made-during-the-run"
+    assert "changed_during_run" not in second["provenance"] and "provenance" not in second["extra"]
 
 
 def test_atomic_write_leaves_nothing_on_error(tmp_path: Path) -> None:

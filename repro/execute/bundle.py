@@ -1,7 +1,7 @@
 """``repro bundle OUT``: what a GPU box with only PyTorch needs to run repro offline.
 
 * ``wheels/``: the packages repro imports beyond what such a box has (torch, timm, numpy, pandas, matplotlib,
-  pyyaml, tqdm), for a stated Python and platform, fetched by ``pip download`` from the index this machine
+  pyyaml, tqdm, scipy), for a stated Python and platform, fetched by ``pip download`` from the index this machine
   reaches. Install there with ``pip install --no-index --no-deps --target DIR wheels/*.whl``.
 * ``data/``: the dataset files the named suites need (Fashion-MNIST's four IDX files), for ``--data-dir``.
 * ``source.json``: the source commit (and whether the tree was dirty), which provenance records where the copy

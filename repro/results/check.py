@@ -19,7 +19,7 @@ import pandas as pd
 from scipy import stats
 
 from repro.results.records import COMPLETE_STATUSES
-from repro.results.tables import select
+from repro.results.tables import BEST_BEFORE_DIVERGENCE, select
 from repro.suite.expand import expand, matches
 from repro.suite.schema import AbsoluteReference, NoiseFloor, RelativeReference, Suite
 from repro.tasks.base import RunSpec
@@ -132,9 +132,13 @@ class _Side:
     used: int
     missing: int
     failed: int
-    diverged: int
+    diverged_runs: list[str]
     collapsed: int
     has_metric: bool
+
+    @property
+    def diverged(self) -> int:
+        return len(self.diverged_runs)
 
     @property
     def gaps(self) -> str:
@@ -142,16 +146,17 @@ class _Side:
         return f"{' and '.join(parts)} of {self.expected} runs" if parts else ""
 
 
-def _side(frame: pd.DataFrame, runs: list[RunSpec], setting: dict, metric: str, diverged_as: float | None = None,
-          collapsed_as: float | None = None) -> _Side:
+def _side(frame: pd.DataFrame, runs: list[RunSpec], setting: dict, metric: str,
+          diverged_as: float | str | None = None, collapsed_as: float | None = None) -> _Side:
     """Only records of the runs the current expansion has for ``setting`` count; each run is ok, diverged,
-    failed or missing, and only ok runs (and diverged ones, when ``diverged_as`` says what they count as) give
-    values. A collapsed run gives its own value, or ``collapsed_as`` when the claim says what it counts as."""
+    failed or missing, and only ok runs (and diverged ones, when ``diverged_as`` says what they count as: a
+    number, or ``best_before``, the best top-1 they reached before diverging) give values. A collapsed run gives
+    its own value, or ``collapsed_as`` when the claim says what it counts as."""
     own = {k: v for k, v in setting.items() if runs and k in runs[0].setting}
     expected = {run.run_id for run in runs if matches(run.setting, own)}
     if frame.empty:
         empty = pd.Series(dtype=float)
-        return _Side(empty, empty, {}, len(expected), 0, len(expected), 0, 0, 0, False)
+        return _Side(empty, empty, {}, len(expected), 0, len(expected), 0, [], 0, False)
     ours = frame[frame["run_id"].isin(expected)]
     # what the records say computed each run: a record copied from another run (shared_from) stands for that one
     computed_by = ours["shared_from"].where(ours["shared_from"].notna(), ours["run_id"]) if (
@@ -160,7 +165,7 @@ def _side(frame: pd.DataFrame, runs: list[RunSpec], setting: dict, metric: str, 
     status = ours.groupby("run_id")["status"].first()
     rows = select(ours, setting)
     failed = int((~status.isin(COMPLETE_STATUSES)).sum())
-    diverged = int((status == "diverged").sum())
+    diverged_runs = sorted(status.index[status == "diverged"])
     has_metric = metric in rows.columns
     used_rows = rows[rows["status"] == "ok"] if has_metric else rows.iloc[0:0]
     values = pd.to_numeric(used_rows[metric], errors="coerce") if has_metric else pd.Series(dtype=float)
@@ -170,13 +175,18 @@ def _side(frame: pd.DataFrame, runs: list[RunSpec], setting: dict, metric: str, 
         values = values.where(~is_collapsed, collapsed_as)
     if has_metric and diverged_as is not None:
         is_diverged = rows["status"] == "diverged"
-        values = pd.concat([values, pd.Series(diverged_as, index=rows.index[is_diverged], dtype=float)])
+        if diverged_as == "best_before":  # the column exists wherever the frame holds a diverged record
+            counted = pd.to_numeric(rows.loc[is_diverged].get(BEST_BEFORE_DIVERGENCE, pd.Series(dtype=float)),
+                                    errors="coerce")
+        else:
+            counted = pd.Series(diverged_as, index=rows.index[is_diverged], dtype=float)
+        values = pd.concat([values, counted])
         used_rows = rows[(rows["status"] == "ok") | is_diverged]
     values = values.dropna()
     used = used_rows.loc[values.index, "run_id"].nunique() if not values.empty else 0
     per_seed = values.groupby(rows.loc[values.index, "seed"]).mean() if "seed" in rows else pd.Series(dtype=float)
-    return _Side(values, per_seed, executions, len(expected), used, len(expected) - len(status), failed, diverged,
-                 collapsed, has_metric)
+    return _Side(values, per_seed, executions, len(expected), used, len(expected) - len(status), failed,
+                 diverged_runs, collapsed, has_metric)
 
 
 def paired_differences(a: _Side, b: _Side, percent: bool) -> pd.Series:
@@ -257,6 +267,10 @@ def _relative(suite: str, tier: str, ref: RelativeReference, frame: pd.DataFrame
     b = _side(frame, runs, ref.b, ref.metric, ref.diverged_as, ref.collapsed_as)
     bounds = f"[{'-∞' if ref.min is None else f'{ref.min:g}'}, {'+∞' if ref.max is None else f'{ref.max:g}'}]"
     common = {"confidence": ref.confidence, "bound_min": ref.min, "bound_max": ref.max}
+    against = _diverged_against_claim(ref, {"a": a, "b": b})
+    if against:
+        return CheckResult(suite, tier, ref.id, "relative", ref.metric, None, None, None, bounds, "fail",
+                           min(a.used, b.used), f"{ref.claim} ({against})", **common)
     reasons = {name: _unusable(side, ref.metric) for name, side in (("a", a), ("b", b))}
     if any(reasons.values()):
         statuses = [r[0] for r in reasons.values() if r]
@@ -282,9 +296,8 @@ def _relative(suite: str, tier: str, ref: RelativeReference, frame: pd.DataFrame
              + ("" if math.isnan(spread.std) else f" ± {spread.se:.2f} SE"), _fmt_interval(spread)]
     if constructed:
         notes.append(f"{len(constructed)} more seeds left out as one computation on both sides (shared runs)")
-    counted = "left out" if ref.diverged_as is None else f"counted as {ref.diverged_as:g}"
     if a.diverged + b.diverged:
-        notes.append(f"{a.diverged + b.diverged} diverged runs {counted}")
+        notes.append(f"{a.diverged + b.diverged} diverged runs {_diverged_counted(ref.diverged_as)}")
     if a.collapsed + b.collapsed:
         notes.append(f"collapsed runs a {a.collapsed}, b {b.collapsed} " + (
             "at their own value" if ref.collapsed_as is None else f"counted as {ref.collapsed_as:g}"))
@@ -292,6 +305,31 @@ def _relative(suite: str, tier: str, ref: RelativeReference, frame: pd.DataFrame
     return CheckResult(suite, tier, ref.id, "relative", ref.metric, spread.mean, None, None, bounds, status,
                        len(measured), detail, None if math.isnan(spread.se) else spread.se, spread.low, spread.high,
                        seeds_to_decide=needed, **common)
+
+
+def _diverged_against_claim(ref: RelativeReference, sides: dict[str, _Side]) -> str:
+    """Why the claim fails outright: diverged runs on a side it names ``must_not_diverge``; empty when none.
+
+    A claim that a setting trains (``a trains where b fails``, ``a within 1 point of b``) is contradicted by that
+    setting's diverged run whatever number it would count as: at chance it only lowers a mean that a wide margin
+    absorbs, and at its best top-1 before diverging (``best_before``) it counts as trained. Which sides must
+    train is the claim's to state, not the bounds': a diverged b-run leaves "a within 1 point of b" without its
+    baseline (counted at chance it would even help), but is what "a trains where b fails" predicts. The fail
+    stands with runs missing: no further run can undo it.
+    """
+    named = [f"{name}: {', '.join(sides[name].diverged_runs)}" for name in ref.must_not_diverge
+             if sides[name].diverged_runs]
+    return f"diverged runs where the claim says training works (must_not_diverge): {'; '.join(named)}" if (
+        named) else ""
+
+
+def _diverged_counted(diverged_as: float | str | None) -> str:
+    """How a claim counted its diverged runs, for the report."""
+    if diverged_as is None:
+        return "left out"
+    if diverged_as == "best_before":
+        return "counted at their best top-1 before diverging (chance if before their first evaluation)"
+    return f"counted as {diverged_as:g}"
 
 
 def check(suite: Suite, frame: pd.DataFrame) -> list[CheckResult]:

@@ -50,7 +50,10 @@ def device_name(device: torch.device) -> str:
 
 def source_version() -> dict[str, Any]:
     """The commit this code came from: the ``source.json`` of the bundle that brought it when
-    ``REPRO_SOURCE_FILE`` names one (a copied tree may carry no ``.git``, or a stale one), else git."""
+    ``REPRO_SOURCE_FILE`` names one (a copied tree may carry no ``.git``, or a stale one), else git.
+
+    Read afresh at every call: a commit or an edit can happen while a process lives (a worker of ``repro run
+    --workers`` runs for hours), so the runner reads it when a run starts and again when its record is written."""
     if os.environ.get("REPRO_SOURCE_FILE"):
         source = json.loads(Path(os.environ["REPRO_SOURCE_FILE"]).read_text())
         return {"git_commit": source.get("git_commit"), "git_dirty": source.get("git_dirty"),
@@ -63,9 +66,9 @@ def source_version() -> dict[str, Any]:
 
 @functools.cache
 def environment() -> dict[str, Any]:
-    """The parts of provenance shared by every run of one process."""
+    """The parts of provenance shared by every run of one process (the source's version is not: see
+    ``source_version``)."""
     return {
-        **source_version(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "torch": torch.__version__,
@@ -75,14 +78,15 @@ def environment() -> dict[str, Any]:
     }
 
 
-def provenance(device: torch.device, data_fingerprint: str | None, data_source: str | None, suite_sha256: str
-               ) -> dict[str, Any]:
+def provenance(device: torch.device, data_fingerprint: str | None, data_source: str | None,
+               code: dict[str, Any]) -> dict[str, Any]:
+    """A record's provenance; ``code`` is the source's version and the suite file's hash when the run started."""
     return {
+        **code,
         **environment(),
         "device": device.type,
         "device_name": device_name(device),
         "cpu_threads": torch.get_num_threads(),
         "data_fingerprint": data_fingerprint,
         "data_source": data_source,
-        "suite_sha256": suite_sha256,
     }

@@ -45,6 +45,26 @@ def is_collapsed(record: dict[str, Any]) -> bool:
     return top1 <= CHANCE_TOP1_FACTOR * 100 / classes and abs(loss - chance_loss) <= CHANCE_LOSS_RELATIVE * chance_loss
 
 
+def best_top1_before_divergence(record: dict[str, Any]) -> float | None:
+    """A diverged run's best test top-1 before it diverged: what a paper reports for it when its measure is the
+    best accuracy reached (MimicNorm's Table 2). None for a run that did not diverge.
+
+    Only epochs evaluated at a finite test loss count: the evaluation that found a NaN loss scores the argmax of
+    NaN logits, not an accuracy. A run that diverged before its first such evaluation scores chance (100 / the
+    registered dataset's classes), what its untrained network scores and what the paper reports for such runs;
+    None when the dataset is not registered.
+    """
+    if record.get("status") != "diverged":
+        return None
+    reached = [point["test_top1"] for point in record.get("curve") or []
+               if isinstance(point.get("test_loss"), int | float) and math.isfinite(point["test_loss"])
+               and isinstance(point.get("test_top1"), int | float)]
+    if reached:
+        return float(max(reached))
+    dataset = ((record.get("config") or {}).get("dataset") or {}).get("name")
+    return 100 / DATASETS.get(dataset).num_classes if dataset in DATASETS else None
+
+
 def record_path(results_dir: Path, suite: str, run_id: str) -> Path:
     return results_dir / "runs" / suite / f"{run_id}.json"
 

@@ -8,9 +8,14 @@ import numpy as np
 import pandas as pd
 
 from repro.errors import UserError
-from repro.results.records import is_collapsed
+from repro.results.records import best_top1_before_divergence, is_collapsed
 
 RUN_FIELDS = ("wall_time_s", "images_per_s", "peak_memory_mb")
+#: a diverged run's best test top-1 before it diverged (records.best_top1_before_divergence), for the check; a
+#: column of the frame, not a metric of the tables
+BEST_BEFORE_DIVERGENCE = "best_top1_before_divergence"
+
+
 def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per run, or per row of a run's ``rows`` (tasks that produce tables, e.g. corruption × severity)."""
     rows = []
@@ -20,6 +25,8 @@ def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
                 "shared_from": record.get("shared_from"), **record["setting"]}
         scalars = {k: v for k, v in record.get("metrics", {}).items() if v is None or isinstance(v, int | float)}
         scalars.update({k: record.get(k) for k in RUN_FIELDS})
+        if record["status"] == "diverged":
+            scalars[BEST_BEFORE_DIVERGENCE] = best_top1_before_divergence(record)
         if record.get("rows"):
             rows.extend({**base, **row} for row in record["rows"])
         else:
@@ -29,7 +36,7 @@ def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
 
 def metric_columns(frame: pd.DataFrame, setting_columns: list[str]) -> list[str]:
     fixed = {"suite", "suite_version", "tier", "run_id", "status", "collapsed", "shared_from", "seed",
-             *setting_columns}
+             BEST_BEFORE_DIVERGENCE, *setting_columns}
     return [c for c in frame.columns if c not in fixed and pd.api.types.is_numeric_dtype(frame[c])]
 
 

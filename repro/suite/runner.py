@@ -17,11 +17,12 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from repro.errors import UserError
-from repro.results.provenance import provenance
+from repro.results.provenance import provenance, source_version
 from repro.results.records import (
     RECORD_SCHEMA,
     check_writable,
@@ -64,6 +65,11 @@ class SuiteRunSummary:
     stopped: list[str] = field(default_factory=list)
     #: runs handed to a cluster's scheduler (repro.execute.slurm)
     submitted: list[str] = field(default_factory=list)
+
+
+#: what a record's ``extra`` and its run's line say when the code or the suite file changed while it ran (the
+#: record's ``provenance.changed_during_run`` says how)
+PROVENANCE_CHANGED = "changed during the run"
 
 
 def _now() -> str:
@@ -117,9 +123,13 @@ class RunRecorder:
     """
 
     def __init__(self, suite: Suite, suite_path: Path, tier: str, ctx: RunContext) -> None:
-        self.suite, self.tier, self.ctx = suite, tier, ctx
-        self.suite_sha = file_sha256(suite_path)
+        self.suite, self.suite_path, self.tier, self.ctx = suite, suite_path, tier, ctx
         self.task = TASKS.get(suite.task)()
+
+    def code_version(self) -> dict[str, Any]:
+        """The source's commit and dirty flag and the suite file's hash, read now: at a run's start, and again
+        when its record is written."""
+        return {**source_version(), "suite_sha256": file_sha256(self.suite_path)}
 
     def run(self, run: RunSpec) -> tuple[RunOutcome, str | None] | None:
         """Run ``run`` and write its record (on rank 0 only when data-parallel); return outcome and error.
@@ -142,7 +152,7 @@ class RunRecorder:
 
     def _run_and_record(self, run: RunSpec, path_out: Path) -> tuple[RunOutcome, str | None]:
         ctx, data_parallel = self.ctx, self.ctx.data_parallel
-        started = _now()
+        started, code_at_start = _now(), self.code_version()
         primary = (read_record(record_path(ctx.results_dir, self.suite.name, run.shared_with))
                    if run.shared_with else None)
         shared_from = run.shared_with if is_complete(primary) else None
@@ -158,6 +168,11 @@ class RunRecorder:
         if (data_parallel is not None and not data_parallel.is_main) or outcome.status == "stopped":
             return outcome, error  # a stopped run has saved its training state; its record comes when it ends
         data = ctx.dataset(run.config["dataset"])
+        code_changes = changed_during_run(code_at_start, self.code_version())
+        if code_changes:  # the numbers may come from code other than the record names: said on the run's line
+            outcome.extra["provenance"] = PROVENANCE_CHANGED
+        else:  # a shared run's copy of its primary's note: each record speaks of its own run
+            outcome.extra.pop("provenance", None)
         record = {
             "schema": RECORD_SCHEMA, "suite": self.suite.name, "suite_version": self.suite.version,
             "run_id": run.run_id, "status": outcome.status, "tier": self.tier, "setting": run.setting,
@@ -166,16 +181,23 @@ class RunRecorder:
             "images_per_s": outcome.images_per_s, "diverged_step": outcome.diverged_step, "extra": outcome.extra,
             "error": error, "started_at": started, "finished_at": _now(), "shared_from": shared_from,
             "provenance": {
-                **provenance(ctx.device, ctx.data_fingerprint(run.config["dataset"]), data.source, self.suite_sha),
+                **provenance(ctx.device, ctx.data_fingerprint(run.config["dataset"]), data.source, code_at_start),
                 "processes": 1 if data_parallel is None else data_parallel.world_size,
                 "runs_sharing_device": ctx.runs_sharing_device,
                 **job_provenance(),
+                **({"changed_during_run": code_changes} if code_changes else {}),
             },
         }
         if is_collapsed(record):  # finished, but at chance: said in the record and on the run's line
             outcome.extra["collapsed"] = True
         write_json_atomic(path_out, record)
         return outcome, error
+
+
+def changed_during_run(start: dict[str, Any], end: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The fields of the code's version that differ between a run's start and its end, each with both values."""
+    return {name: {"start": start.get(name), "end": end.get(name)} for name in {**start, **end}
+            if start.get(name) != end.get(name)}
 
 
 def job_provenance() -> dict[str, dict[str, str]]:
@@ -211,6 +233,8 @@ def report_outcome(summary: SuiteRunSummary, run: RunSpec, prefix: str, outcome:
         echo(f"{prefix}: stopped at the deadline; its training state is saved and the next run resumes it")
         return
     summary.ran.append(run.run_id)
+    if outcome.extra.get("provenance"):
+        prefix = f"{prefix} (provenance: {outcome.extra['provenance']})"
     if outcome.status == "failed":
         summary.failed.append(run.run_id)
         echo(f"{prefix}: FAILED: {error.splitlines()[0] if error else ''}")

@@ -117,8 +117,13 @@ class RelativeReference(_Strict):
     b: dict[str, Any]
     min: float | None = None
     max: float | None = None
-    diverged_as: float | None = Field(
-        default=None, description="value a diverged run counts as (e.g. chance accuracy); None leaves it out")
+    diverged_as: float | Literal["best_before"] | None = Field(
+        default=None, description="value a diverged run counts as: a number (e.g. chance accuracy), or "
+        "'best_before' (metric best_top1): its best test top-1 before it diverged, the measure of papers that report "
+        "the best accuracy reached, chance when it diverged before its first evaluation; None leaves it out")
+    must_not_diverge: list[Literal["a", "b"]] = Field(
+        default_factory=list, description="sides whose diverged runs fail the claim (e.g. [a] for 'a trains where b "
+        "fails'), instead of counting as diverged_as says")
     percent: bool = Field(
         default=False, description="compare 100 * (mean(a) - mean(b)) / mean(b), for claims like '20% less memory'")
     sigmas: float | None = Field(
@@ -134,6 +139,13 @@ class RelativeReference(_Strict):
     def _bounded(self) -> RelativeReference:
         if self.min is None and self.max is None:
             raise ValueError("a relative claim needs min, max or both")
+        return self
+
+    @model_validator(mode="after")
+    def _best_before_reads_best_top1(self) -> RelativeReference:
+        if self.diverged_as == "best_before" and self.metric != "best_top1":
+            raise ValueError(f"diverged_as: best_before counts a diverged run at its best top-1, so the claim's "
+                             f"metric must be best_top1, not {self.metric!r}")
         return self
 
 
