@@ -19,8 +19,9 @@ BASE = {
 }
 
 
-def frame(suite: Suite, top1: dict[str, list[float | None]], loss: float = 0.5) -> pd.DataFrame:
-    """Records of the full tier's runs (the check counts only the runs its suite expands to)."""
+def frame(suite: Suite, top1: dict[str, list[float | None]], loss: float | None = None) -> pd.DataFrame:
+    """Records of the full tier's runs (the check counts only the runs its suite expands to); each run's loss is
+    its own unless ``loss`` is given, as two different trainings' losses are."""
     runs = {(r.setting["normalizer"], r.setting.get("train.micro_batch"), r.setting["seed"]): r
             for r in expand(suite, "full")}
     return records_frame([
@@ -28,7 +29,7 @@ def frame(suite: Suite, top1: dict[str, list[float | None]], loss: float = 0.5) 
          "shared_from": run.shared_with, "config": {"dataset": {"name": "fashion_mnist"}},
          "setting": {"backbone": "resnet18", "normalizer": norm, **({"train.micro_batch": micro} if micro else {}),
                      "seed": seed},
-         "metrics": {"top1": top1[norm][seed], "loss": loss},
+         "metrics": {"top1": top1[norm][seed], "loss": 0.5 + int(run.run_id[:6], 16) / 1e9 if loss is None else loss},
          "wall_time_s": 1.0, "images_per_s": 1.0, "peak_memory_mb": 1.0}
         for (norm, micro, seed), run in runs.items() if norm in top1])
 
@@ -134,6 +135,22 @@ def test_a_copied_record_stays_by_construction_after_its_seed_is_unshared():
     assert result.status == "by construction"
     assert not is_current({"status": "ok", "schema": 1, "shared_from": "x"}, None)
     assert is_current({"status": "ok", "schema": 1, "shared_from": "x"}, "x")
+
+
+def test_runs_with_equal_metric_and_losses_are_one_computation():
+    """GN's micro-batch 2 in one ghost pass is the whole batch's arithmetic: unshared, its numbers equal micro-batch
+    32's to the last bit, and the claim still measures nothing."""
+    tiers = {"tiers": {"smoke": {}, "full": {"unshared_seeds": [0, 1, 2]}}}
+    suite = Suite.model_validate({**BASE, **MICRO, **tiers})
+    same = frame(suite, {"gn": [93.0, 93.5, 92.8]}, loss=0.4)
+    reference = {"kind": "relative", "id": "flat", "claim": "c", "metric": "top1", "source": "s", "min": -1.0,
+                 "max": 1.0, "a": {"normalizer": "gn", "train.micro_batch": 2},
+                 "b": {"normalizer": "gn", "train.micro_batch": 8}}
+    (result,) = check(Suite.model_validate({**BASE, **MICRO, **tiers, "references": [reference]}), same)
+    assert result.status == "by construction" and "to the last bit" in result.detail
+    (measured,) = check(Suite.model_validate({**BASE, **MICRO, **tiers, "references": [reference]}),
+                        frame(suite, {"gn": [93.0, 93.5, 92.8]}))
+    assert measured.status == "pass" and measured.n == 3  # equal top-1 but the losses differ: measured
 
 
 def test_an_unshared_seed_is_measured_and_shared_ones_are_left_out():

@@ -76,3 +76,41 @@ def test_simulation_equals_averaging_over_replicas(normalizer, batch):
     for index, got in enumerate(simulated):
         want = torch.stack([list(r.parameters())[index].grad for r in replicas]).mean(0)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def _trained_gn_loss(micro_batch: int | None, sequential: bool) -> float:
+    """Two steps of a GN test_resnet on random 16x16 images; the final training loss, to the last bit."""
+    from repro.data import ImageDataset, TensorSplit
+    from repro.train.loop import train_and_evaluate
+
+    generator = torch.Generator().manual_seed(0)
+    split = TensorSplit(torch.randint(0, 256, (32, 1, 16, 16), dtype=torch.uint8, generator=generator),
+                        torch.randint(0, 10, (32,), generator=generator))
+    data = ImageDataset("random", split, split, 10, (0.5,), (0.25,), "test")
+    seed_everything(0)
+    model = build_model("test_resnet", "gn", num_classes=10, in_chans=1, small_input=True, groups=8)
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.1, micro_batch=micro_batch, sequential_micro_batches=sequential,
+                      eval_batch_size=32)
+    result = train_and_evaluate(model, data, cfg, device=torch.device("cpu"), seed=0, progress=False)
+    return result.metrics["train_loss"]
+
+
+def test_sequential_micro_batches_compute_what_one_ghost_pass_does_not():
+    """GN in one ghost pass is the whole batch's arithmetic, bit for bit; one pass per micro-batch is another
+    computation of the same function: equal up to float rounding only (what an unshared seed measures)."""
+    whole = _trained_gn_loss(None, sequential=False)
+    assert _trained_gn_loss(2, sequential=False) == whole
+    sequential = _trained_gn_loss(2, sequential=True)
+    assert sequential != whole and sequential == pytest.approx(whole, rel=1e-4)
+
+
+def test_an_unshared_seed_trains_its_micro_batches_one_pass_each():
+    from repro.suite.expand import expand
+    from repro.suite.load import load_suite
+
+    suite, _ = load_suite("fmnist-microbatch")
+    runs = {(r.setting["normalizer"], r.setting["train.micro_batch"], r.setting["seed"]): r
+            for r in expand(suite, "laptop")}
+    assert runs["gn", 2, 0].config["train"]["sequential_micro_batches"] is True
+    assert "sequential_micro_batches" not in runs["gn", 32, 0].config["train"]  # the whole batch: nothing to split
+    assert "sequential_micro_batches" not in runs["bn", 2, 0].config["train"]  # BN is not invariant: it shares nothing

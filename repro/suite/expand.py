@@ -64,6 +64,15 @@ def invariant_grid_keys(config: dict[str, Any], grid_keys: list[str]) -> list[st
     return [key for key in grid_keys if key in invariant]
 
 
+def _measure_invariance(config: dict[str, Any], invariant: list[str]) -> None:
+    """An unshared seed's run along the micro-batch computes its micro-batches one pass each: the one-pass path
+    would compute exactly the whole batch's numbers (GN, Fixup), and the claim of invariance would compare a
+    computation with itself."""
+    train = config["train"]
+    if "train.micro_batch" in invariant and (train["micro_batch"] or train["batch_size"]) < train["batch_size"]:
+        train["sequential_micro_batches"] = True
+
+
 def shared_execution_key(config: dict[str, Any], invariant: list[str]) -> str:
     """Equal for two runs whose configs differ only along ``invariant`` grid keys."""
     masked = json.loads(json.dumps(config))
@@ -127,8 +136,11 @@ def expand(suite: Suite, tier: str, *, source: str | None = None) -> list[RunSpe
                    "seed": seed}
         if any(matches(setting, excluded) for excluded in suite.exclude):
             continue
+        invariant = invariant_grid_keys(config, list(grid))
+        if seed in spec.unshared_seeds:
+            _measure_invariance(config, invariant)
+            invariant = []
         run_id = run_id_of(config)
-        invariant = [] if seed in spec.unshared_seeds else invariant_grid_keys(config, list(grid))
         primary = first_of_execution.setdefault(shared_execution_key(config, invariant), run_id) if invariant else None
         runs.append(RunSpec(suite.name, suite.version, tier, run_id, config, setting,
                             shared_with=primary if primary != run_id else None))

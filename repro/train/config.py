@@ -14,7 +14,7 @@ class TrainConfig(BaseModel):
 
     #: fields added after records were committed: at their default they are left out of a run's stored (and so
     #: hashed) config (``stored_dump``), so existing run ids and checkpoint keys stay what they were
-    HASH_NEUTRAL_AT_DEFAULT: ClassVar[frozenset[str]] = frozenset({"amp_cpu"})
+    HASH_NEUTRAL_AT_DEFAULT: ClassVar[frozenset[str]] = frozenset({"amp_cpu", "sequential_micro_batches"})
 
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
@@ -31,6 +31,10 @@ class TrainConfig(BaseModel):
     mixup_alpha: float = Field(default=0.0, ge=0, description="0 disables mixup")
     micro_batch: int | None = Field(
         default=None, ge=1, description="images per normalization batch; None = the whole batch")
+    sequential_micro_batches: bool = Field(
+        default=False, description="a forward and backward per micro-batch (the arithmetic of data-parallel "
+        "workers) even where one ghost-batch pass computes the same: a tier's unshared_seeds set it, so that a claim "
+        "of a normalizer's invariance to the micro-batch compares two different computations")
     crop_padding: int = Field(default=0, ge=0)
     flip: bool = False
     amp: bool = Field(default=True, description="bf16 autocast on CUDA; ignored on CPU")

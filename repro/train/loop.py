@@ -191,7 +191,8 @@ def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *
         normalizer.before_training(model, steps_per_epoch)
     # the fused CUDA kernel: one launch for every parameter instead of a few per parameter
     optimizer = make_optimizer(model, cfg, fused=on_cuda or None)
-    one_pass = data_parallel is None and can_run_in_one_pass(model, cfg.mixup_alpha)
+    one_pass = (data_parallel is None and not cfg.sequential_micro_batches
+                and can_run_in_one_pass(model, cfg.mixup_alpha))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, steps_per_epoch))
     mix_generator = torch.Generator(device=device).manual_seed(seed + 1)
 
