@@ -44,7 +44,7 @@ references:
     metric: top1
     a: {{normalizer: gn}}
     b: {{normalizer: bn}}
-    min: -100
+    min: -50
     source: test
     tiers: [smoke]
 """

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from repro.adapt import create_method
+from repro.errors import UserError
 
 torch.set_num_threads(1)
 
@@ -52,46 +53,118 @@ def learned(method) -> tuple[torch.Tensor, torch.Tensor]:
     return layer.weight.detach(), layer.bias.detach()
 
 
+def sar_gradient(model: nn.Module, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, rho: float,
+                 margin: float):
+    """SAR's two passes by hand at (γ, β): the logits, the images reliable in each pass, the loss at the ascended
+    point and its gradient, the one SGD applies."""
+    gamma, beta = gamma.detach().clone().requires_grad_(True), beta.detach().clone().requires_grad_(True)
+    logits = by_hand(model, x, gamma, beta)
+    e = entropy(logits)
+    reliable = e.detach() < margin
+    g_gamma, g_beta = torch.autograd.grad(e[reliable].mean(), [gamma, beta])
+    norm = torch.sqrt((g_gamma ** 2).sum() + (g_beta ** 2).sum())
+    gamma2 = (gamma.detach() + rho * g_gamma / (norm + 1e-12)).requires_grad_(True)
+    beta2 = (beta.detach() + rho * g_beta / (norm + 1e-12)).requires_grad_(True)
+    e2 = entropy(by_hand(model, x, gamma2, beta2))
+    keep = reliable & (e2.detach() < margin)
+    loss = e2[keep].mean()
+    return logits.detach(), reliable, keep, loss.item(), torch.autograd.grad(loss, [gamma2, beta2])
+
+
 def test_sar_one_update_follows_the_equations():
     model, x = tiny_model(), batch()
     lr, rho, fraction = 0.05, 0.1, 0.7
     sar = create_method("sar", model, lr=lr, rho=rho, margin=fraction)
-    margin = fraction * math.log(CLASSES)
-
-    gamma = model[1].weight.detach().clone().requires_grad_(True)
-    beta = model[1].bias.detach().clone().requires_grad_(True)
-    logits = by_hand(model, x, gamma, beta)
-    e = entropy(logits)
-    reliable = e.detach() < margin
+    logits, reliable, keep, loss, (h_gamma, h_beta) = sar_gradient(
+        model, x, model[1].weight, model[1].bias, rho, fraction * math.log(CLASSES))
     assert 0 < reliable.sum() < len(x)  # the filter matters on this batch
-    g_gamma, g_beta = torch.autograd.grad(e[reliable].mean(), [gamma, beta])
-    norm = torch.sqrt((g_gamma ** 2).sum() + (g_beta ** 2).sum())
-    eps_gamma, eps_beta = rho * g_gamma / (norm + 1e-12), rho * g_beta / (norm + 1e-12)
-    gamma2 = (gamma.detach() + eps_gamma).requires_grad_(True)
-    beta2 = (beta.detach() + eps_beta).requires_grad_(True)
-    e2 = entropy(by_hand(model, x, gamma2, beta2))
-    keep = reliable & (e2.detach() < margin)
     assert 0 < keep.sum() < reliable.sum()  # the second filter matters too
-    h_gamma, h_beta = torch.autograd.grad(e2[keep].mean(), [gamma2, beta2])
     # SGD with momentum 0.9, first step: the buffer is the gradient itself
-    expected_gamma, expected_beta = gamma.detach() - lr * h_gamma, beta.detach() - lr * h_beta
+    expected_gamma, expected_beta = model[1].weight - lr * h_gamma, model[1].bias - lr * h_beta
 
     returned = sar.predict(x)
-    torch.testing.assert_close(returned, logits.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(returned, logits, rtol=1e-5, atol=1e-5)
     got_gamma, got_beta = learned(sar)
-    torch.testing.assert_close(got_gamma, expected_gamma, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(got_beta, expected_beta, rtol=1e-5, atol=1e-6)
-    assert sar.entropy_average == pytest.approx(e2[keep].mean().item(), rel=1e-5)
+    torch.testing.assert_close(got_gamma, expected_gamma.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_beta, expected_beta.detach(), rtol=1e-5, atol=1e-6)
+    assert sar.entropy_average == pytest.approx(loss, rel=1e-5)
     assert (sar.forward_images, sar.backward_images) == (2 * len(x), 2 * len(x))
 
 
-def test_sar_recovers_when_the_entropy_average_collapses():
-    model, x = tiny_model(), batch()
-    sar = create_method("sar", model, lr=0.05, margin=0.9, reset_below=10.0)  # any loss is "collapsed"
-    initial = [t.clone() for t in learned(sar)]
-    sar.predict(x)
-    assert all(torch.equal(a, b) for a, b in zip(learned(sar), initial, strict=True))
-    assert sar.entropy_average is None and sar.optimizer is None
+def sar_replay(model: nn.Module, batches: list[torch.Tensor], *, lr: float, official: bool, episodic: bool = False,
+               rho: float = 0.05, fraction: float = 0.4, reset_below: float = 0.2) -> list[tuple]:
+    """SAR over a stream by hand (γ, β, average and whether the model was reset, after each batch), resetting as
+    mr-eggplant/SAR does when ``official``: a reset restores γ, β but keeps SGD's momentum (SAM.load_state_dict
+    leaves the wrapped optimizer alone) and, after a recovery, the average (SAR.forward stores it back).
+    Otherwise both are cleared at every reset."""
+    gamma0, beta0 = model[1].weight.detach().clone(), model[1].bias.detach().clone()
+    gamma, beta, buffers, average, states = gamma0, beta0, None, None, []
+    for x in batches:
+        if episodic:
+            gamma, beta, average = gamma0, beta0, None
+            buffers = buffers if official else None
+        _, _, keep, loss, grads = sar_gradient(model, x, gamma, beta, rho, fraction * math.log(CLASSES))
+        assert keep.any()  # the replay needs a loss on every batch
+        buffers = list(grads) if buffers is None else [0.9 * m + g for m, g in zip(buffers, grads, strict=True)]
+        gamma, beta = gamma - lr * buffers[0], beta - lr * buffers[1]
+        average = loss if average is None else 0.9 * average + 0.1 * loss
+        reset = average < reset_below
+        if reset:
+            gamma, beta = gamma0, beta0
+            if not official:
+                buffers, average = None, None
+        states.append((gamma, beta, average, reset))
+    return states
+
+
+def test_sar_recovery_keeps_the_average_and_the_momentum_as_the_official_code():
+    model = tiny_model()
+    with torch.no_grad():
+        model[5].weight.mul_(5.0)  # confident: the average entropy falls below 0.2 on the first batch
+    stream = [batch(6, seed) for seed in (7, 1, 5)]
+    official, clean = (sar_replay(model, stream, lr=0.05, official=keep) for keep in (True, False))
+    # official: reset after the first batch, and again after the second although its own loss is above 0.2,
+    # because the average stays below; clean: only the first; the momentum then moves the third step
+    assert [state[3] for state in official] == [True, True, False]
+    assert [state[3] for state in clean] == [True, False, False]
+    assert official[1][2] < 0.2 < clean[1][2]
+    assert not torch.allclose(official[2][0], clean[2][0])
+    for recovery, expected in (("official", official), ("clean", clean)):
+        sar = create_method("sar", model, lr=0.05, recovery=recovery)
+        for x, (gamma, beta, average, _) in zip(stream, expected, strict=True):
+            sar.predict(x)
+            torch.testing.assert_close(learned(sar), (gamma, beta), rtol=1e-5, atol=1e-6)
+            assert sar.entropy_average == (None if average is None else pytest.approx(average, rel=1e-5))
+    with pytest.raises(UserError, match="recovery"):
+        create_method("sar", model, recovery="paper")
+
+
+def test_sar_episodic_reset_keeps_the_momentum_as_the_official_code():
+    model, stream = tiny_model(), [batch(12, seed) for seed in (1, 2)]
+    official, clean = (sar_replay(model, stream, lr=0.05, official=keep, episodic=True, fraction=0.7)
+                       for keep in (True, False))
+    assert not any(state[3] for state in official + clean)  # no recovery: the episodic reset alone
+    assert not torch.allclose(official[1][0], clean[1][0])  # the first batch's momentum moves the second step
+    for recovery, expected in (("official", official), ("clean", clean)):
+        sar = create_method("sar", model, lr=0.05, margin=0.7, recovery=recovery, episodic=True)
+        for x, (gamma, beta, average, _) in zip(stream, expected, strict=True):
+            sar.predict(x)
+            torch.testing.assert_close(learned(sar), (gamma, beta), rtol=1e-5, atol=1e-6)
+            assert sar.entropy_average == pytest.approx(average, rel=1e-5)
+
+
+@pytest.mark.parametrize("recovery", ["official", "clean"])
+def test_sar_lr_is_set_once_per_stream(recovery):
+    """main.py derives lr from the configured batch size once: a short batch after a recovery keeps it."""
+    from repro.adapt.sar import official_lr
+
+    sar = create_method("sar", tiny_model(), margin=0.9, reset_below=10.0, recovery=recovery)  # always recovers
+    for n in (8, 8, 3):
+        sar.predict(batch(n))
+        assert sar.optimizer.param_groups[0]["lr"] == official_lr(8)
+    sar.reset()  # a new stream: its first batch sets lr again
+    sar.predict(batch(3))
+    assert sar.optimizer.param_groups[0]["lr"] == official_lr(3)
 
 
 def test_sar_lr_rule_and_models_with_nothing_to_adapt():

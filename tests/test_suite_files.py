@@ -34,10 +34,13 @@ FMNIST_SUITES = ("fmnist-baseline", "fmnist-normalizers", "fmnist-lr-sweep", "fm
                  "qbn-fmnist")
 
 
-def test_laptop_tiers_fit_two_cores_and_use_the_whole_test_set() -> None:
+def test_laptop_tiers_run_three_seeds_on_two_cores_and_use_the_whole_test_set() -> None:
+    """Three seeds, so that every relative claim has an interval; the minutes are those measured (README): about
+    4 hours in all at float32, over the 2.5 hours aimed at, so this guards against growing further."""
     suites = {name: load_suite(SUITES / f"{name}.yaml")[0] for name in FMNIST_SUITES}
     minutes = {name: suite.tiers["laptop"].expected_minutes for name, suite in suites.items()}
-    assert all(m is not None and m <= 30 for m in minutes.values()) and sum(minutes.values()) <= 150
+    assert all(m is not None for m in minutes.values()) and sum(minutes.values()) <= 240
+    assert all(len(suite.tiers["laptop"].seeds) >= 3 for suite in suites.values())
     for name, suite in suites.items():
         runs = expand(suite, "laptop")
         assert runs and all(r.config["dataset"]["test_subset"] is None for r in runs), name
@@ -158,7 +161,10 @@ def test_the_batch_128_experiment_changes_only_the_batch_and_what_follows_from_i
     def recipe(run, batch: bool) -> dict:
         config = {**run.config, "seed": 0, "suite": None, "tier": None}
         config["task_options"] = {k: v for k, v in config["task_options"].items() if k != "step_time_vs_bn"}
-        config["train"] = {k: v for k, v in config["train"].items() if not batch or k not in ("batch_size", "lr")}
+        # the tier's unshared seeds train GN's micro-batches one pass each (sequential_micro_batches); the
+        # experiment, which has no GN, shares nothing
+        config["train"] = {k: v for k, v in config["train"].items()
+                           if k != "sequential_micro_batches" and (not batch or k not in ("batch_size", "lr"))}
         if batch and run.setting["normalizer"] == "brn":
             config["normalizer"] = {**config["normalizer"], "options": {}}
         return config

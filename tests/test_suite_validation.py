@@ -55,6 +55,95 @@ def test_bad_suite_is_one_line_and_exit_2(case: str, suites_dir: Path, tmp_path:
     assert not results.exists()
 
 
+def _absolute(ref_id: str, normalizer: str, value: float, tolerance: float, metric: str = "top1",
+              extra: str = "tolerance_from: measurement, note: a stated difference") -> str:
+    return (f"  - {{kind: absolute, id: {ref_id}, metric: {metric}, value: {value}, tolerance: {tolerance}, "
+            f"setting: {{normalizer: {normalizer}}}, source: s, confidence: P, tiers: [smoke], {extra}}}\n")
+
+
+#: the reference rules of repro.suite.validate.check_references, each as an edit of tests/conftest.py's tiny suite
+#: (whose one claim is gn − bn ≥ -50 on top1) and the one-line error it must give; every edit loaded before them
+REFERENCE_RULES = {
+    "claim compares a setting with itself": (
+        "b: {normalizer: bn}", "b: {normalizer: gn}",
+        "field references.0.b: gn-vs-bn: equals a ({'normalizer': 'gn'}): the claim compares a setting with itself"),
+    "difference of percentages below -100": (
+        "    min: -50", "    min: -100",
+        "field references.0.min: gn-vs-bn: -100 cannot be violated: a − b of top1, a percentage, lies in [-100, 100]"),
+    "difference of percentages above 100": (
+        "    min: -50", "    max: 100",
+        "field references.0.max: gn-vs-bn: 100 cannot be violated"),
+    "infinite bound": ("    min: -50", "    min: -.inf", "field references.0.min: gn-vs-bn: -inf cannot be violated"),
+    "percent change below -100": (
+        "    min: -50", "    min: -100\n    percent: true",
+        "field references.0.min: gn-vs-bn: -100 cannot be violated: a change in % of b of top1"),
+    "infinite tolerance": (
+        "references:\n", "references:\n" + _absolute("bn-top1", "bn", 90.0, ".inf"),
+        "field references.0.tolerance: bn-top1: inf admits every value, so the reference checks nothing"),
+    "tolerance without its source": (
+        "references:\n", "references:\n" + _absolute("bn-top1", "bn", 90.0, 1.0, extra="note: n"),
+        "field references.0.tolerance_from: bn-top1: required: where the tolerance 1 comes from; allowed: paper_std"),
+    "paper_std named but not given": (
+        "references:\n", "references:\n" + _absolute("bn-top1", "bn", 90.0, 1.0, extra="tolerance_from: paper_std"),
+        "field references.0.paper_std: bn-top1: required by tolerance_from paper_std"),
+    "measurement without a note": (
+        "references:\n", "references:\n" + _absolute("bn-top1", "bn", 90.0, 1.0, extra="tolerance_from: measurement"),
+        "field references.0.note: bn-top1: tolerance_from measurement needs a note naming the difference"),
+    # mimicnorm-memory before its fix: BN 27,083 ± 8,100 and MimicNorm 22,489 ± 6,700 MB (here gn stands in for
+    # MimicNorm), while a claim says MimicNorm saves 10 to 30 %: BN's own measurement (21,461) passed MimicNorm's
+    "tolerance admits the other setting's value": (
+        "references:\n", "references:\n" + _absolute("bn-memory", "bn", 27083, 8100, "peak_memory_mb")
+        + _absolute("gn-memory", "gn", 22489, 6700, "peak_memory_mb")
+        + "  - {kind: relative, id: gn-saves, claim: c, metric: peak_memory_mb, a: {normalizer: gn}, "
+          "b: {normalizer: bn}, min: -30, max: -10, percent: true, source: s, tiers: [smoke]}\n",
+        "field references.1.tolerance: gn-memory: 22489 ± 6700 admits bn-memory's 27083, yet gn-saves says the two "
+        "settings differ: the tolerance cannot tell them apart; allowed: below 4594"),
+    # imagenet-c-tta before its fix: TENT 44.0 ± 3 and EATA 52.19 ± 1.5 (bn and gn stand in), and "EATA lowers
+    # TENT's error": the three could not all pass
+    "references that cannot all pass": (
+        "references:\n", "references:\n" + _absolute("bn-error", "bn", 44.0, 3.0, "mean_error_s5")
+        + _absolute("gn-error", "gn", 52.19, 1.5, "mean_error_s5")
+        + "  - {kind: relative, id: gn-beats-bn, claim: c, metric: mean_error_s5, a: {normalizer: gn}, "
+          "b: {normalizer: bn}, max: 0.0, source: s, tiers: [smoke]}\n",
+        "field references.2: gn-beats-bn cannot pass while gn-error and bn-error do: their values ± tolerances put "
+        "a − b in [3.69, 12.69], outside the claim's [-inf, 0]"),
+}
+
+
+@pytest.mark.parametrize("rule", list(REFERENCE_RULES))
+def test_reference_rule_is_one_line_and_exit_2(rule: str, suites_dir: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """A claim no outcome can violate, a tolerance that admits anything, says nothing of where it comes from or
+    cannot tell apart two settings a claim orders, and references that cannot pass together are refused at load."""
+    old, new, expected = REFERENCE_RULES[rule]
+    path = suites_dir / "tiny.yaml"
+    text = path.read_text()
+    assert old in text, "the test's edit must apply"
+    path.write_text(text.replace(old, new, 1))
+    results = tmp_path / "results"
+    assert main(["run", str(path), "--results", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"repro: error: {path}: field references.")
+    assert expected in err
+    assert not results.exists()
+
+
+def test_tolerances_that_tell_ordered_settings_apart_and_close_claims_load(suites_dir: Path) -> None:
+    """What the rules leave alone: a value on the other's edge (a reproduction there straddles the bound, never
+    passes), and absolute references whose tolerances admit each other's values where the only claim between them
+    says they are close (MimicNorm's and BN's accuracies in the paper)."""
+    path = suites_dir / "tiny.yaml"
+    close = path.read_text().replace("references:\n", "references:\n" + _absolute("bn-top1", "bn", 74.72, 1.5)
+                                     + _absolute("gn-top1", "gn", 74.96, 1.5), 1)
+    path.write_text(close)
+    load_suite(path)
+    edge = close.replace("value: 74.96, tolerance: 1.5", "value: 76.22, tolerance: 1.5").replace(
+        "    min: -50", "    min: 0.0")
+    path.write_text(edge)
+    load_suite(path)
+
+
 def test_missing_file_and_unknown_name(suites_dir: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["run", str(suites_dir / "nope.yaml")]) == 2
     assert "nope.yaml: suite file does not exist" in capsys.readouterr().err
@@ -109,9 +198,11 @@ def test_amp_cpu_enters_the_run_id_only_when_set(suites_dir: Path) -> None:
 
 
 def test_every_shipped_suite_validates() -> None:
-    """The suites in the repository load, and their smoke tiers expand to at least one run."""
-    shipped = sorted(Path(__file__).resolve().parents[1].joinpath("suites").glob("*.yaml"))
-    assert shipped
+    """The suites and experiments in the repository load (the reference rules included), and their smoke tiers
+    expand to at least one run."""
+    root = Path(__file__).resolve().parents[1]
+    shipped = sorted([*(root / "suites").glob("*.yaml"), *(root / "benchmarks" / "experiments").glob("*.yaml")])
+    assert len(shipped) > 17
     for path in shipped:
         suite, _ = load_suite(path)
         assert expand(suite, "smoke")

@@ -20,18 +20,20 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="repro", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a suite's runs that have no complete record yet")
+    run = sub.add_parser("run", help="run a suite's runs that have no complete record yet; exit 1 when a run failed "
+                         "or was left alone because another process (or host) holds its lock")
     run.add_argument("suite", help="suite file (suites/NAME.yaml) or suite name")
-    run.add_argument("--tier", default="smoke", help="tier to run (smoke or full; default smoke)")
+    run.add_argument("--tier", default="smoke", help=f"{TIER_HELP} (default smoke)")
     run.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    run.add_argument("--results", type=Path, default=Path("results"), help="results folder (default results/)")
+    run.add_argument("--results", type=Path, default=Path("results"), help=RESULTS_HELP)
     run.add_argument("--force", action="store_true", help="run again even when a complete record exists")
-    run.add_argument("--data-dir", type=Path, default=None, help="folder holding local dataset copies")
+    run.add_argument("--data-dir", type=Path, default=None, help=DATA_DIR_HELP)
     run.add_argument("--no-progress", action="store_true", help="no per-epoch progress bars")
     run.add_argument("--checkpoint-every", default="10m",
                      help="save a resumable training state this often (default 10m); an interrupted run resumes it")
     run.add_argument("--nproc", type=int, default=1,
-                     help="data-parallel processes on this machine, started with torchrun (one per GPU; gloo on CPU)")
+                     help="data-parallel processes on this machine, started with torchrun (one per GPU; gloo on CPU); "
+                     "for suites of task train whose runs set train.micro_batch")
     run.add_argument("--run-id", action="append", default=None, help="run only this run (repeatable)")
     run.add_argument("--seed", action="append", type=int, default=None,
                      help="run only the tier's runs of this seed (repeatable; with --run-id, runs matching both)")
@@ -39,24 +41,25 @@ def _parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="each run's state: pending, queued, running, ok, failed, diverged")
     status.add_argument("suite", help="suite file or suite name")
-    status.add_argument("--tier", default="smoke", help="tier (default smoke)")
-    status.add_argument("--results", type=Path, default=Path("results"))
+    status.add_argument("--tier", default="smoke", help=f"{TIER_HELP} (default smoke)")
+    status.add_argument("--results", type=Path, default=Path("results"), help=RESULTS_HELP)
 
     gather = sub.add_parser("gather", help="run records -> pandas tables (csv, md), plots and an index")
-    gather.add_argument("--results", type=Path, default=Path("results"))
-    gather.add_argument("suites", nargs="*", help="suite names (default: every suite with records)")
+    gather.add_argument("--results", type=Path, default=Path("results"), help=RESULTS_HELP)
+    gather.add_argument("suites", nargs="*", help="suite names or files (default: every suite with records)")
 
     check = sub.add_parser("check", help="compare results with the suites' references; exit 1 on a failed check")
-    check.add_argument("--results", type=Path, default=Path("results"))
+    check.add_argument("--results", type=Path, default=Path("results"), help=RESULTS_HELP)
     check.add_argument("--strict", action="store_true",
                        help="also exit 1 when a reference is 'not run' or 'incomplete' (use in CI and campaigns)")
     check.add_argument("suites", nargs="*", help="suite names or files (default: every suite with records)")
 
     compare = sub.add_parser("compare", help="metric deltas between two results folders for the runs they share; "
-                             "exit 1 when a setting differs beyond seed noise (or the tolerance, for single runs)")
+                             "exit 1 when a setting differs beyond seed noise (or the tolerance, for single runs), "
+                             "a run's status changed, or a record or metric of A is missing or unreadable in B")
     compare.add_argument("results_a", type=Path, help="reference results folder (e.g. the committed results/)")
     compare.add_argument("results_b", type=Path, help="results folder to judge (e.g. a fresh run)")
-    compare.add_argument("suites", nargs="*", help="suite names (default: every suite with records)")
+    compare.add_argument("suites", nargs="*", help="suite names or files (default: every suite with records)")
     compare.add_argument("--tolerance", type=float, default=0.5,
                          help="largest |B - A| still accepted where a setting has a single seed in common, in each "
                          "metric's unit (default 0.5: points of top-1)")
@@ -68,17 +71,18 @@ def _parser() -> argparse.ArgumentParser:
 
     campaign = sub.add_parser("campaign", help="spend a time budget on the pending runs of several suites")
     campaign.add_argument("suites", nargs="*", help="suite names or files (default: every suite whose data is here)")
-    campaign.add_argument("--tier", default="full", help="tier to run (default full)")
-    campaign.add_argument("--budget", default="9m", help="time budget, e.g. 90s, 9m, 1h30m (default 9m)")
-    campaign.add_argument("--results", type=Path, default=Path("results"))
+    campaign.add_argument("--tier", default="full",
+                          help="a tier every named suite has (each suite's tiers: `repro list`; default full)")
+    campaign.add_argument("--budget", default="9m", help="time budget above 0, e.g. 90s, 9m, 1h30m (default 9m)")
+    campaign.add_argument("--results", type=Path, default=Path("results"), help=RESULTS_HELP)
     campaign.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    campaign.add_argument("--data-dir", type=Path, default=None, help="folder holding local dataset copies")
+    campaign.add_argument("--data-dir", type=Path, default=None, help=DATA_DIR_HELP)
     campaign.add_argument("--archive", type=Path, default=None,
                           help="tar.gz of records, tables, checks, plots and the log, refreshed after every run")
     campaign.add_argument("--plan", action="store_true", help="print the pending runs and estimates; run nothing")
     campaign.add_argument("--json", action="store_true", help="with --plan: one JSON object per suite")
-    campaign.add_argument("--plan-device", default=None, help="with --plan: device kind to estimate for "
-                          "(h200, cpu; default this machine's)")
+    campaign.add_argument("--plan-device", default=None, help="with --plan: device kind to estimate for, as "
+                          "records name it (h200, a100, cpu, ...; default this machine's)")
     campaign.add_argument("--workers", type=int, default=1, help="runs at once, in spawned processes sharing the "
                           "device (default 1); with --plan, the window this takes is estimated too")
     campaign.add_argument("--progress", action="store_true", help="per-epoch progress bars")
@@ -86,20 +90,30 @@ def _parser() -> argparse.ArgumentParser:
                           "10m); a run is also saved when the deadline stops it")
 
     unpack = sub.add_parser("unpack", help="merge a campaign archive's records into a results folder")
-    unpack.add_argument("archive", type=Path)
-    unpack.add_argument("--results", type=Path, default=Path("results"))
+    unpack.add_argument("archive", type=Path, help="a .tar.gz written by `repro campaign --archive` (at most 16 MiB)")
+    unpack.add_argument("--results", type=Path, default=Path("results"), help="results folder to merge into "
+                        "(default results/)")
 
     bundle = sub.add_parser("bundle", help="wheels, data and source commit for a GPU box that has only PyTorch")
-    bundle.add_argument("out", type=Path)
+    bundle.add_argument("out", type=Path, help="a new (or empty) folder for the bundle")
     bundle.add_argument("--dataset", action="append", default=None,
-                        help="dataset whose files to include (default: fashion_mnist)")
-    bundle.add_argument("--data-dir", type=Path, default=None)
+                        help="dataset whose files to include: fashion_mnist, the only one that ships as files small "
+                        "enough to carry (default: fashion_mnist)")
+    bundle.add_argument("--data-dir", type=Path, default=None, help=f"{DATA_DIR_HELP}, else Debian's copy")
     bundle.add_argument("--python-version", default="3.12", help="target CPython (default 3.12)")
     bundle.add_argument("--platform", action="append", default=None,
-                        help="target platform tags (default: manylinux x86-64 tags)")
+                        help="target platform tag (repeatable; default: manylinux x86-64 tags)")
     return parser
 
 
+TIER_HELP = "a tier of the suite (each suite's tiers: `repro list`)"
+RESULTS_HELP = "results folder (default results/)"
+DATA_DIR_HELP = "folder holding local dataset copies (default: REPRO_DATA_DIR)"
+
+
+#: ``repro run``'s flags (as argparse names them) that only the Slurm executor reads
+SLURM_FLAGS = ("wait", "dry_run", "cluster", "partition", "time", "gpus_per_node", "cpus_per_task", "mem",
+               "sbatch_option")
 DEFAULT_PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
                      "manylinux2014_x86_64"]
 
@@ -109,17 +123,19 @@ def _add_executor_arguments(run: argparse.ArgumentParser) -> None:
     where.add_argument("--executor", choices=("local", "slurm"), default="local",
                        help="local: this machine (default); slurm: one job per run through submitit")
     where.add_argument("--workers", type=int, default=1,
-                       help="local: runs at once in separate processes, one GPU each or sharing the device")
+                       help="local: runs at once in separate processes, one GPU each or sharing the device "
+                       "(default 1)")
     where.add_argument("--wait", action="store_true", help="slurm: return when every submitted job has ended")
     where.add_argument("--dry-run", action="store_true", help="slurm: print the sbatch scripts, submit nothing")
     where.add_argument("--cluster", type=Path, default=None, help="slurm: a YAML file with a 'cluster:' block")
-    where.add_argument("--partition", default=None)
-    where.add_argument("--time", type=int, default=None, help="minutes per job")
-    where.add_argument("--gpus-per-node", type=int, default=None)
-    where.add_argument("--cpus-per-task", type=int, default=None)
-    where.add_argument("--mem", type=float, default=None, help="GB per job")
+    where.add_argument("--partition", default=None, help="slurm: the partition the jobs go to")
+    where.add_argument("--time", type=int, default=None, help="slurm: minutes per job")
+    where.add_argument("--gpus-per-node", type=int, default=None,
+                       help="slurm: GPUs per job of a one-process run (a run with --nproc N gets N)")
+    where.add_argument("--cpus-per-task", type=int, default=None, help="slurm: CPU cores per job")
+    where.add_argument("--mem", type=float, default=None, help="slurm: memory per job in GB, a finite number above 0")
     where.add_argument("--sbatch-option", action="append", default=[], metavar="KEY=VALUE",
-                       help="extra sbatch option, e.g. account=mylab (repeatable)")
+                       help="slurm: extra sbatch option, e.g. account=mylab (repeatable)")
 
 
 def _submit(args: argparse.Namespace, request) -> int:
@@ -161,8 +177,9 @@ def _cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
         raise UserError(f"--nproc {args.nproc}: must be at least 1")
     if args.workers < 1:
         raise UserError(f"--workers {args.workers}: must be at least 1")
-    if args.executor == "local" and (args.wait or args.dry_run):
-        raise UserError(f"--{'wait' if args.wait else 'dry-run'}: applies to --executor slurm")
+    slurm_only = next((name for name in SLURM_FLAGS if getattr(args, name) not in (None, False, [])), None)
+    if args.executor == "local" and slurm_only:
+        raise UserError(f"--{slurm_only.replace('_', '-')}: applies to --executor slurm")
     if args.workers > 1 and args.nproc > 1:
         raise UserError(f"--workers {args.workers}: a run with --nproc {args.nproc} already uses several processes; "
                         "pass one of them")
@@ -192,9 +209,10 @@ def _cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
             dist.destroy_process_group()
     if data_parallel is not None and not data_parallel.is_main:
         return 0
-    print(f"{summary.suite} ({summary.tier}): {len(summary.ran)} ran, {len(summary.skipped)} skipped, "
+    locked = f" ({len(summary.locked)} locked by another process: see above)" if summary.locked else ""
+    print(f"{summary.suite} ({summary.tier}): {len(summary.ran)} ran, {len(summary.skipped)} skipped{locked}, "
           f"{len(summary.diverged)} diverged, {len(summary.failed)} failed")
-    return 1 if summary.failed else 0
+    return 1 if summary.failed or summary.locked else 0
 
 
 def _selected_run_ids(args: argparse.Namespace) -> tuple[str, ...] | None:
@@ -320,7 +338,13 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise UserError(f"--workers {args.workers}: must be at least 1")
-    campaign = Campaign(_campaign_suites(args.suites), args.tier, parse_duration(args.budget), args.results,
+    for flag, given in (("--json", args.json), ("--plan-device", args.plan_device)):
+        if given and not args.plan:
+            raise UserError(f"{flag}: applies to --plan")
+    budget_s = parse_duration(args.budget)
+    if budget_s <= 0:
+        raise UserError(f"--budget {args.budget!r}: must be more than 0, e.g. 9m")
+    campaign = Campaign(_campaign_suites(args.suites), args.tier, budget_s, args.results,
                         device=args.device, data_dir=args.data_dir, archive=args.archive, progress=args.progress,
                         checkpoint_every_s=parse_duration(args.checkpoint_every, "--checkpoint-every"),
                         workers=args.workers)

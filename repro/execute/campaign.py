@@ -34,7 +34,7 @@ from typing import Any
 
 from repro.errors import UserError
 from repro.execute.estimate import Estimate, Estimator, device_kind, device_type
-from repro.results.records import is_current, read_record, record_path
+from repro.results.records import check_writable, is_current, read_record, record_path
 from repro.suite.expand import matches
 from repro.suite.schema import Suite
 
@@ -308,6 +308,13 @@ class Campaign:
         return plans
 
     def run(self) -> CampaignSummary:
+        from repro.execute.archive import check_archive_path
+
+        # what is written after every run must be writable before the first: a window is not spent on runs whose
+        # records and archive cannot be kept
+        check_writable(self.results_dir, f"--results {self.results_dir}")
+        if self.archive is not None:
+            check_archive_path(self.archive)
         summary = CampaignSummary(archive=self.archive)
         plans = self.plans()
         for plan in plans:
@@ -410,12 +417,15 @@ class Campaign:
         from repro.suite.runner import SuiteRunSummary, report_outcome
 
         if result is None:
-            self.log(f"{prefix}: being run, or completed, by another process; skipped")
+            self.log(f"{prefix}: completed by another process meanwhile; skipped")
             return
         outcome, error = result
         report_outcome(SuiteRunSummary(item.suite.name, self.tier), item.run, prefix, outcome, error, self.log)
         if outcome.status == "stopped":
             summary.stopped_at_deadline.append(item.run.run_id)
+            return
+        if outcome.status == "locked":
+            summary.not_started.append(item.run.run_id)
             return
         summary.ran.append(item.run.run_id)
         summary.statuses[outcome.status] = summary.statuses.get(outcome.status, 0) + 1

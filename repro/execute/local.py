@@ -163,7 +163,7 @@ def run_workers(request: SuiteRequest, workers: int, echo: Callable[[str], None]
                 run, prefix = by_id[run_id], f"[{done}/{len(pending)}] {by_id[run_id].label}"
                 if result is None:
                     summary.skipped.append(run_id)
-                    echo(f"{prefix}: being run, or completed, by another process; skipped")
+                    echo(f"{prefix}: completed by another process meanwhile; skipped")
                     continue
                 report_outcome(summary, run, prefix, *result, echo)
     return summary

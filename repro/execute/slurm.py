@@ -13,6 +13,7 @@ the stand-in the tests use, and a way to try a cluster setup on a workstation. s
 
 from __future__ import annotations
 
+import re
 import shlex
 import sys
 import time
@@ -22,9 +23,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from repro.errors import UserError
+from repro.errors import UserError, printable
 from repro.execute.base import SuiteRequest
 from repro.execute.job import RunJob
 from repro.execute.jobs import jobs_dir, log_path, new_entry, run_states
@@ -36,6 +37,17 @@ from repro.suite.runner import (
     expand_tier,
     select_runs,
 )
+
+#: C0 and C1 control characters and DEL: a newline in a value would end an ``#SBATCH`` line and start a shell line
+#: in the script's header (sbatch stops reading options there)
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+SBATCH_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+
+
+def _one_line(value: str) -> str:
+    if CONTROL_CHARACTER.search(value):
+        raise ValueError(f"{value!r} holds a control character; allowed: one line of text")
+    return value
 
 
 class ClusterConfig(BaseModel):
@@ -49,7 +61,7 @@ class ClusterConfig(BaseModel):
     #: GPUs per job when a run uses one process; a run with --nproc N gets N
     gpus_per_node: int = Field(1, ge=0)
     cpus_per_task: int | None = Field(None, ge=1)
-    mem_gb: float | None = Field(None, gt=0)
+    mem_gb: float | None = Field(None, gt=0, allow_inf_nan=False)
     #: at most this many array tasks run at once
     array_parallelism: int = Field(64, ge=1)
     #: false: one job per run instead of one array per submission
@@ -61,6 +73,30 @@ class ClusterConfig(BaseModel):
     setup: list[str] = Field(default_factory=list)
     #: the Python that runs repro in the job (default: this one; the file system is shared)
     python: str | None = None
+
+    @field_validator("partition", "python")
+    @classmethod
+    def _text_is_one_line(cls, value: str | None) -> str | None:
+        return value if value is None else _one_line(value)
+
+    @field_validator("setup")
+    @classmethod
+    def _lines_are_lines(cls, lines: list[str]) -> list[str]:
+        return [_one_line(line) for line in lines]
+
+    @field_validator("sbatch_options")
+    @classmethod
+    def _options_are_sbatch_lines(cls, options: dict[str, str | int | bool]) -> dict[str, str | int | bool]:
+        for key, value in options.items():
+            if not SBATCH_KEY.fullmatch(key):
+                raise ValueError(f"key {key!r} holds a control character or is no sbatch option name; "
+                                 "allowed: letters, digits, - and _")
+            if value is False:
+                raise ValueError(f"{key}: false is no sbatch value; leave the option out (true gives a bare flag, "
+                                 "such as --exclusive)")
+            if isinstance(value, str):
+                _one_line(value)
+        return options
 
 
 class _ClusterFile(BaseModel):
@@ -82,6 +118,11 @@ def load_cluster_file(path: Path) -> ClusterConfig:
         raise UserError(format_validation_error(path, err, _ClusterFile)) from None
 
 
+#: the ``repro run`` flag of each cluster field that a flag sets
+CLUSTER_FLAGS = {"partition": "--partition", "time": "--time", "gpus_per_node": "--gpus-per-node",
+                 "cpus_per_task": "--cpus-per-task", "mem_gb": "--mem", "sbatch_options": "--sbatch-option"}
+
+
 def cluster_config(path: Path | None, overrides: dict[str, Any]) -> ClusterConfig:
     """The cluster file's block (or the defaults) with the command line's flags on top."""
     base = load_cluster_file(path) if path is not None else ClusterConfig()
@@ -92,7 +133,7 @@ def cluster_config(path: Path | None, overrides: dict[str, Any]) -> ClusterConfi
         return ClusterConfig.model_validate({**base.model_dump(), **given})
     except ValidationError as err:
         first = err.errors()[0]
-        raise UserError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+        raise UserError(f"{CLUSTER_FLAGS[first['loc'][0]]}: {first['msg']}") from None
 
 
 def parse_sbatch_options(options: list[str]) -> dict[str, str | bool]:
@@ -184,6 +225,9 @@ def submit_suite(request: SuiteRequest, cluster: ClusterConfig, *, dry_run: bool
     runs = select_runs(runs, None if request.run_ids is None else list(request.run_ids), path)
     if request.nproc > 1:
         check_data_parallel(request.suite, request.tier, request.nproc)
+    results = str(request.results_dir.resolve())
+    if CONTROL_CHARACTER.search(results):  # the jobs' folder under it is named in the script's #SBATCH lines
+        raise UserError(f"--results {printable(results)}: holds a control character; allowed: a path without them")
     summary = SuiteRunSummary(suite.name, request.tier)
     complete = complete_run_ids(suite, runs, request.results_dir, request.force)
     active = {state.run.run_id for state in run_states(suite.name, runs, request.results_dir)

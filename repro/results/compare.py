@@ -11,8 +11,11 @@ t-interval (``confidence``, n - 1 degrees of freedom): ``identical`` when every 
 when the interval contains 0, else ``differs``; side A's standard deviation over those seeds is reported next to
 it as the yardstick of seed noise. A setting with a single seed in common has no noise estimate, so a fixed
 ``tolerance`` (in the metric's own unit: points of top-1 or error) judges it: ``identical``, ``within tolerance``
-or ``differs``. A run whose status differs between the sides (``ok`` vs ``diverged``) makes its setting differ;
-a metric that is nan on both sides agrees, on one side only it differs.
+or ``differs``. A run whose status differs between the sides (``ok`` vs ``diverged``, or a complete record on one
+side against a ``failed`` or unreadable one on the other) makes its setting differ, and so does a metric that one
+side has as a number and the other lacks (or holds as text); a metric that is nan (or the same infinity) on both
+sides agrees, nan on one side only differs. A run complete on one side with no record at all on the other is
+counted as only in A (or B), not judged: a results folder may hold a subset of the runs.
 The overall verdict is ``differs`` if any setting differs. Provenance fields that differ are named, those that
 change numbers first (precision, device, threads, torch and library versions, data), then the rest (commit,
 platform).
@@ -30,7 +33,7 @@ import pandas as pd
 from scipy import stats
 
 from repro.errors import UserError
-from repro.results.records import is_collapsed, is_complete, iter_records
+from repro.results.records import is_collapsed, is_complete, read_record
 from repro.results.tables import RUN_FIELDS
 
 TIMING_SUFFIXES = ("_s", "_ms", "_per_s", "_mb")
@@ -72,8 +75,9 @@ def overall_verdict(verdicts: list[str]) -> str:
 
 
 def delta(a: float, b: float) -> float:
-    """``b - a``; 0 where both are nan (a metric that a row does not measure, on both sides, agrees)."""
-    return 0.0 if math.isnan(a) and math.isnan(b) else b - a
+    """``b - a``; 0 where both are equal, infinities included, or both are nan (a metric that a row does not
+    measure, on both sides, agrees)."""
+    return 0.0 if a == b or (math.isnan(a) and math.isnan(b)) else b - a
 
 
 def judge(a: np.ndarray, deltas: np.ndarray, tolerance: float, confidence: float) -> dict[str, Any]:
@@ -107,11 +111,19 @@ def _long_metrics(record: dict[str, Any]) -> list[dict[str, Any]]:
     return entries
 
 
-def _records(results_dir: Path, suites: list[str] | None) -> dict[tuple[str, str], dict[str, Any]]:
-    if not (results_dir / "runs").is_dir():
+def _records(results_dir: Path, suites: list[str] | None) -> dict[tuple[str, str], dict[str, Any] | None]:
+    """Every record file by (suite, run id), whatever its status; None for one that is unreadable or malformed
+    (reported by path): a record that B broke must not pass for one that B never had."""
+    root = results_dir / "runs"
+    if not root.is_dir():
         raise UserError(f"{results_dir}: no runs/ folder; allowed: a results folder written by `repro run`")
-    records = [r for suite in suites or [None] for r in iter_records(results_dir, suite)]
-    return {(r["suite"], r["run_id"]): r for r in records if is_complete(r)}
+    folders = [root / suite for suite in suites] if suites else sorted(p for p in root.iterdir() if p.is_dir())
+    records: dict[tuple[str, str], dict[str, Any] | None] = {}
+    for folder in folders:
+        for path in sorted(folder.glob("*.json")):
+            record = read_record(path)
+            records[(record["suite"], record["run_id"]) if record else (folder.name, path.stem)] = record
+    return records
 
 
 def precision(record: dict[str, Any]) -> str | None:
@@ -151,34 +163,40 @@ def _provenance_differences(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) 
             for field, (a, b) in sorted(sides.items(), key=lambda item: rank(item[0])) if a != b]
 
 
-def _status(record: dict[str, Any]) -> str:
+def _status(record: dict[str, Any] | None) -> str:
     """A run's status, with a finish at chance named: ``ok`` and ``ok, collapsed`` are different outcomes."""
+    if record is None:
+        return "unreadable record"
     return f"{record['status']}, collapsed" if is_collapsed(record) else record["status"]
 
 
 def compare(results_a: Path, results_b: Path, *, tolerance: float = 0.5, confidence: float = 0.95,
             suites: list[str] | None = None) -> Comparison:
-    """Compare the complete records that ``results_a`` and ``results_b`` share (same suite and run id)."""
+    """Compare the runs (same suite and run id) that have a record on both sides, complete on one at least."""
     if not tolerance >= 0:  # also refuses nan
         raise UserError(f"--tolerance {tolerance}: must be at least 0")
     if not 0 < confidence < 1:
         raise UserError(f"--confidence {confidence}: must be between 0 and 1, exclusive (e.g. 0.95)")
     a, b = _records(results_a, suites), _records(results_b, suites)
-    shared = sorted(set(a) & set(b))
+    complete_a, complete_b = {k for k in a if is_complete(a[k])}, {k for k in b if is_complete(b[k])}
+    shared = sorted((set(a) & set(b)) & (complete_a | complete_b))  # complete on one side at least
     if not shared:
         raise UserError(f"{results_a} and {results_b} have no complete run in common (same suite and run id)")
-    run_rows, paired, statuses = [], {}, {}
+    run_rows, paired, statuses, lost = [], {}, {}, {}
     for key in shared:
         ra, rb = a[key], b[key]
+        known = ra if key in complete_a else rb
         status_a, status_b = _status(ra), _status(rb)
-        setting = (key[0], ra["tier"], _label({k: v for k, v in ra["setting"].items() if k != "seed"}))
-        values_a = {(e["row"], e["metric"]): e["value"] for e in _long_metrics(ra)}
-        values_b = {(e["row"], e["metric"]): e["value"] for e in _long_metrics(rb)}
-        deltas = {k: delta(values_a[k], values_b[k]) for k in values_a.keys() & values_b.keys()}
+        setting = (key[0], known["tier"], _label({k: v for k, v in known["setting"].items() if k != "seed"}))
+        values_a = {(e["row"], e["metric"]): e["value"] for e in _long_metrics(ra or {})}
+        values_b = {(e["row"], e["metric"]): e["value"] for e in _long_metrics(rb or {})}
+        lacking = {k: "B" if k in values_a else "A" for k in values_a.keys() ^ values_b.keys()}
+        deltas = {k: math.nan if k in lacking else delta(values_a[k], values_b[k])
+                  for k in values_a.keys() | values_b.keys()}
         worst = max((k for k in deltas if deltas[k] != 0), key=lambda k: (math.isnan(deltas[k]), abs(deltas[k])),
                     default=None)
         run_rows.append({
-            "suite": key[0], "run_id": key[1], "tier": ra["tier"], "setting": _label(ra["setting"]),
+            "suite": key[0], "run_id": key[1], "tier": known["tier"], "setting": _label(known["setting"]),
             "status_a": status_a, "status_b": status_b, "status_differs": status_a != status_b,
             "metrics": len(deltas), "max_abs_delta": abs(deltas[worst]) if worst else 0.0,
             "worst": _metric_label(*worst) if worst else "",
@@ -186,21 +204,24 @@ def compare(results_a: Path, results_b: Path, *, tolerance: float = 0.5, confide
         if status_a != status_b:
             statuses.setdefault(setting, set()).add(f"A {status_a}, B {status_b}")
         for row, metric in sorted(deltas, key=str):
-            paired.setdefault((*setting, _label(dict(row)), metric), []).append(
-                (values_a[(row, metric)], deltas[(row, metric)]))
+            judged_key = (*setting, _label(dict(row)), metric)
+            paired.setdefault(judged_key, []).append((values_a.get((row, metric), math.nan), deltas[(row, metric)]))
+            if (row, metric) in lacking:
+                lost.setdefault(judged_key, set()).add(f"no number in {lacking[(row, metric)]}")
     settings = []
     for (suite, tier, setting, row, metric), values in paired.items():
         judged = judge(*np.array(values).T, tolerance, confidence)
-        status = "; ".join(sorted(statuses.get((suite, tier, setting), ())))
+        notes = statuses.get((suite, tier, setting), set()) | lost.get((suite, tier, setting, row, metric), set())
+        status = "; ".join(sorted(notes))
         if status:
             judged["verdict"] = "differs"
         settings.append({"suite": suite, "tier": tier, "setting": setting, "row": row, "metric": metric, **judged,
                          "status": status})
     columns = ["suite", "tier", "setting", "row", "metric", "n", "a", "delta", "se", "low", "high", "a_std", "rule",
                "verdict", "status"]
-    provenance = _provenance_differences([(a[k], b[k]) for k in shared])
+    provenance = _provenance_differences([(a[k], b[k]) for k in shared if a[k] and b[k]])
     return Comparison(tolerance, confidence, pd.DataFrame(run_rows), pd.DataFrame(settings, columns=columns),
-                      provenance, len(set(a) - set(b)), len(set(b) - set(a)))
+                      provenance, len(complete_a - set(b)), len(complete_b - set(a)))
 
 
 def _label(setting: dict[str, Any]) -> str:

@@ -27,6 +27,17 @@ def run_id_of(config: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def config_value(config: dict[str, Any], column: str) -> Any:
+    """What a run's resolved config holds for one of its setting's columns (``backbone``, ``normalizer``,
+    ``seed``, or a grid key such as ``train.lr``); KeyError or TypeError when it holds none."""
+    if column == "normalizer":
+        return config["normalizer"]["label"]
+    if column in ("backbone", "seed"):
+        return config[column]
+    section, _, field = column.partition(".")
+    return config[_SECTIONS[section]][field]
+
+
 def _same(value: Any, wanted: Any) -> bool:
     """Equal, numbers compared as numbers (``0.1`` matches ``1e-1``, ``8`` matches ``8.0``) and others as text,
     as tables select rows."""

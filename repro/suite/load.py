@@ -139,7 +139,8 @@ def load_suite(name_or_path: str | Path) -> tuple[Suite, Path]:
         raise UserError(format_validation_error(path, err)) from None
     if suite.name != path.stem:
         raise UserError(f"{path}: field name: {suite.name!r} must equal the file name {path.stem!r}")
-    from repro.suite.validate import check_registries
+    from repro.suite.validate import check_references, check_registries
 
     check_registries(suite, path)
+    check_references(suite, path)
     return suite, path

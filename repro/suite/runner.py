@@ -65,6 +65,9 @@ class SuiteRunSummary:
     stopped: list[str] = field(default_factory=list)
     #: runs handed to a cluster's scheduler (repro.execute.slurm)
     submitted: list[str] = field(default_factory=list)
+    #: runs left alone because their lock is held (by a live process, by another host, or by a lock path that is
+    #: not a file), also in ``skipped``: not done, so ``repro run`` exits 1
+    locked: list[str] = field(default_factory=list)
 
 
 #: what a record's ``extra`` and its run's line say when the code or the suite file changed while it ran (the
@@ -134,14 +137,16 @@ class RunRecorder:
     def run(self, run: RunSpec) -> tuple[RunOutcome, str | None] | None:
         """Run ``run`` and write its record (on rank 0 only when data-parallel); return outcome and error.
 
-        None when another process holds the run's lock or completed it meanwhile: one process per run and
-        results folder (data-parallel ranks share one run and take no lock).
+        One process per run and results folder (data-parallel ranks share one run and take no lock): when the
+        run's lock is held, the outcome is ``locked`` and the error says by whom and how to remove the lock file.
+        None when another process completed the run meanwhile.
         """
         ctx, data_parallel = self.ctx, self.ctx.data_parallel
         path_out = record_path(ctx.results_dir, self.suite.name, run.run_id)
         locking = data_parallel is None
-        if locking and not claim_run(path_out):
-            return None
+        holder = claim_run(path_out) if locking else None
+        if holder is not None:
+            return RunOutcome("locked", {}, 0.0), holder
         try:
             if locking and not ctx.retrain and is_current(read_record(path_out, warn=False), run.shared_with):
                 return None
@@ -232,6 +237,11 @@ def report_outcome(summary: SuiteRunSummary, run: RunSpec, prefix: str, outcome:
         summary.stopped.append(run.run_id)
         echo(f"{prefix}: stopped at the deadline; its training state is saved and the next run resumes it")
         return
+    if outcome.status == "locked":
+        summary.skipped.append(run.run_id)
+        summary.locked.append(run.run_id)
+        echo(f"{prefix}: not run: {error}")
+        return
     summary.ran.append(run.run_id)
     if outcome.extra.get("provenance"):
         prefix = f"{prefix} (provenance: {outcome.extra['provenance']})"
@@ -278,7 +288,7 @@ def run_suite(suite_ref: str | Path, tier: str, *, device: str = "auto", results
         result = recorder.run(run)
         if result is None:
             summary.skipped.append(run.run_id)
-            echo(f"{prefix}: being run, or completed, by another process; skipped")
+            echo(f"{prefix}: completed by another process meanwhile; skipped")
             continue
         outcome, error = result
         if is_main:

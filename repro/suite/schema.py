@@ -96,7 +96,15 @@ class AbsoluteReference(_Strict):
     tolerance: float = Field(ge=0)
     setting: dict[str, Any]
     source: str
-    confidence: Literal["P", "A", "T", "S"] = Field(description="provenance tag as in paper_numbers.md")
+    confidence: Literal["P", "A", "T", "S", "R", "U"] = Field(
+        description="provenance tag: P, A, T, S as in shared/reference/paper_numbers.md; R for a bound or value of "
+        "repro's own derivation (its analysis, not the paper's); U for an unverified lead (paper_numbers.md's "
+        "appendix), a soft target only")
+    tolerance_from: Literal["paper_std", "seed_spread", "measurement", "exact"] | None = Field(
+        default=None, description="where the tolerance comes from (required in suite files): the paper's std "
+        "(paper_std set), our seed spread (note or noise_floor says where measured), a measurement difference the "
+        "note names (allocator peak vs nvidia-smi, other weights, another image subset), or exact (tolerance 0: a "
+        "count or flag)")
     tiers: list[str] = Field(default_factory=lambda: ["full"])
     note: str = ""
     paper_std: float | None = Field(default=None, ge=0, description="the std the paper reports with the value")
