@@ -184,3 +184,20 @@ def test_collapsed_runs_are_flagged_and_count_as_the_claim_says():
     summary = summarize(collapsed, ["backbone", "normalizer"])
     assert summary["n_collapsed"].tolist() == [3]
     assert "collapsed" in to_markdown(summary, ["backbone", "normalizer"], ["top1"])
+
+
+def test_two_methods_evaluated_by_one_run_are_two_computations():
+    """A TTA run evaluates every method on the same model: its rows share a run id but not a computation."""
+    suite = Suite.model_validate({**BASE, "normalizers": ["bn"], "references": [
+        {"kind": "relative", "id": "ptbn-beats-source", "claim": "c", "metric": "error", "source": "s", "max": 0.0,
+         "a": {"normalizer": "bn", "method": "ptbn"}, "b": {"normalizer": "bn", "method": "source"}}]})
+    errors = {"source": [40.0, 41.0, 39.5], "ptbn": [20.0, 22.0, 19.0]}
+    records = [{"suite": "t", "suite_version": 1, "tier": "full", "run_id": run.run_id, "status": "ok",
+                "setting": run.setting, "metrics": {},
+                "rows": [{"method": method, "error": values[run.setting["seed"]], "loss": 1.0}
+                         for method, values in errors.items()]}
+               for run in expand(suite, "full")]
+    (result,) = check(suite, records_frame(records))
+    assert result.status == "pass" and result.n == 3
+    low, high = expected_interval([-20.0, -19.0, -20.5])
+    assert (result.low, result.high) == (pytest.approx(low), pytest.approx(high))

@@ -32,7 +32,9 @@ def test_run_gather_check_rerun(suites_dir: Path, tmp_path: Path) -> None:
 
     checked = _repro("check", "--results", str(results), "tiny", env_dir=suites_dir)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "gn-vs-bn" in checked.stdout and "1 passed, 0 failed, 0 not run" in checked.stdout
+    # one seed per side gives no interval: listed as inconclusive, which fails only a strict check
+    assert "gn-vs-bn" in checked.stdout and "0 passed, 0 failed, 1 inconclusive" in checked.stdout
+    assert _repro("check", "--results", str(results), "tiny", "--strict", env_dir=suites_dir).returncode == 1
 
     again = _repro("run", "tiny", "--results", str(results), "--no-progress", env_dir=suites_dir)
     assert again.returncode == 0 and "0 ran, 2 skipped" in again.stdout
@@ -57,4 +59,4 @@ def test_a_suite_file_outside_suites_runs_gathers_and_checks_by_its_path(suites_
     assert (results / "tables" / "tiny-experiment.md").is_file()
     checked = _repro("check", "--results", str(results), str(experiment), env_dir=suites_dir)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "tiny-experiment" in checked.stdout and "1 passed, 0 failed, 0 not run" in checked.stdout
+    assert "tiny-experiment" in checked.stdout and "0 passed, 0 failed, 1 inconclusive" in checked.stdout

@@ -127,7 +127,7 @@ class _Side:
     values: pd.Series
     per_seed: pd.Series  # the values' mean per seed, for paired differences
     #: per seed, the runs that computed this side's numbers (a run shared with another counts as that one)
-    executions: dict[int, frozenset[str]]
+    executions: dict[int, frozenset[tuple]]
     #: per seed, the metric with the test and training losses: equal on both sides only for equal arithmetic
     outcomes: dict[int, tuple[float, ...]]
     expected: int
@@ -160,12 +160,9 @@ def _side(frame: pd.DataFrame, runs: list[RunSpec], setting: dict, metric: str,
         empty = pd.Series(dtype=float)
         return _Side(empty, empty, {}, {}, len(expected), 0, len(expected), 0, [], 0, False)
     ours = frame[frame["run_id"].isin(expected)]
-    # what the records say computed each run: a record copied from another run (shared_from) stands for that one
-    computed_by = ours["shared_from"].where(ours["shared_from"].notna(), ours["run_id"]) if (
-        "shared_from" in ours) else ours["run_id"]
-    executions = {seed: frozenset(ids) for seed, ids in computed_by.groupby(ours["seed"]).agg(set).items()}
     status = ours.groupby("run_id")["status"].first()
     rows = select(ours, setting)
+    executions = _executions(rows)
     failed = int((~status.isin(COMPLETE_STATUSES)).sum())
     diverged_runs = sorted(status.index[status == "diverged"])
     has_metric = metric in rows.columns
@@ -189,6 +186,23 @@ def _side(frame: pd.DataFrame, runs: list[RunSpec], setting: dict, metric: str,
     per_seed = values.groupby(rows.loc[values.index, "seed"]).mean() if "seed" in rows else pd.Series(dtype=float)
     return _Side(values, per_seed, executions, _outcomes(rows, metric), len(expected), used,
                  len(expected) - len(status), failed, diverged_runs, collapsed, has_metric)
+
+
+#: columns that tell apart the rows one run computes (a TTA run: method, corruption, severity, test batch)
+ROW_KEYS = ("method", "corruption", "severity", "batch_size")
+
+
+def _executions(rows: pd.DataFrame) -> dict[int, frozenset[tuple]]:
+    """Per seed, what computed a side's rows: the run (a record copied from another run, ``shared_from``, stands
+    for that one) and the row within it, so that two methods evaluated by one TTA run stay two computations."""
+    if rows.empty or "seed" not in rows:
+        return {}
+    computed_by = rows["shared_from"].where(rows["shared_from"].notna(), rows["run_id"]) if (
+        "shared_from" in rows) else rows["run_id"]
+    keys = [column for column in ROW_KEYS if column in rows]
+    identity = pd.Series([(run, *row) for run, row in zip(computed_by, rows[keys].itertuples(index=False),
+                                                           strict=True)], index=rows.index)
+    return {seed: frozenset(ids) for seed, ids in identity.groupby(rows["seed"]).agg(set).items()}
 
 
 #: continuous results that two different computations do not share to the last bit
