@@ -9,6 +9,7 @@ import pytest
 from scipy import stats
 
 from repro.cli import main
+from repro.errors import UserError
 from repro.results.compare import INTERVAL_RULE, TOLERANCE_RULE, compare
 from repro.results.records import RECORD_SCHEMA, record_path, write_json_atomic
 
@@ -224,3 +225,33 @@ def test_a_run_that_collapses_on_one_side_is_named_and_differs(tmp_path):
     result = compare(a, b, tolerance=100.0)
     assert result.runs["status_b"].tolist() == ["ok, collapsed"] and result.verdict == "differs"
     assert any(line.startswith("cpu_threads") for line in result.provenance)
+
+
+def test_two_recipes_of_the_same_settings_pair_by_setting_and_name_the_precision(tmp_path, capsys):
+    """float32 records against bf16 ones: the run ids differ (the precision is in the config), so only
+    ``match="setting"`` pairs them, seed by seed, and the provenance names the precision first."""
+    fp32, bf16 = {"train": {"lr": 0.1}}, {"train": {"lr": 0.1, "amp_cpu": True}}
+    top1_a, deltas = [91.4, 91.0, 91.3], [-0.1, 0.2, 0.0]
+    a = write(tmp_path / "a", *(record(f"f{seed}", seed, x, config=fp32) for seed, x in enumerate(top1_a)))
+    b = write(tmp_path / "b", *(record(f"b{seed}", seed, x + d, config=bf16)
+                                for seed, (x, d) in enumerate(zip(top1_a, deltas, strict=True))))
+    with pytest.raises(UserError, match="no complete run in common"):
+        compare(a, b)
+    result = compare(a, b, match="setting")
+    top1 = top1_row(result)
+    half = stats.t.ppf(0.975, 2) * np.std(deltas, ddof=1) / math.sqrt(3)
+    assert top1["n"] == 3 and top1["delta"] == pytest.approx(np.mean(deltas))
+    assert (top1["low"], top1["high"]) == pytest.approx((np.mean(deltas) - half, np.mean(deltas) + half))
+    assert top1["verdict"] == "within noise"
+    assert result.provenance[0] == "precision: A fp32 on cpu vs B bf16 autocast on cpu"
+    assert main(["compare", str(a), str(b), "--match", "setting"]) == 0
+    assert "bf16 autocast" in capsys.readouterr().out
+
+
+def test_matching_by_setting_refuses_a_folder_with_two_recipes_of_one_setting(tmp_path):
+    a = write(tmp_path / "a", record("f0", 0, 91.0), record("g0", 0, 91.2))
+    b = write(tmp_path / "b", record("b0", 0, 91.1))
+    with pytest.raises(UserError, match="runs f0 and g0 of suite s have one setting"):
+        compare(a, b, match="setting")
+    with pytest.raises(UserError, match="allowed: run_id, setting"):
+        compare(a, b, match="seed")

@@ -106,17 +106,24 @@ def test_percent_claim_compares_relative_to_b() -> None:
 EXPERIMENTS = Path(__file__).parents[1] / "benchmarks" / "experiments"
 
 
+def _at_float32(config: dict) -> dict:
+    """A run's config trained in float32: the laptop tiers train under CPU bf16 (``train.amp_cpu``) since
+    2026-12-05; the experiments ran before, against the float32 records kept in results/laptop-fp32/."""
+    return {**config, "train": {k: v for k, v in config["train"].items() if k != "amp_cpu"}}
+
+
 def _recipe(run) -> str:
-    """A run's trained-model key with the seed left out: what an experiment must share with the tier it explains."""
-    return model_key({**run.config, "seed": 0})
+    """A run's float32 trained-model key with the seed left out: what an experiment must share with the tier it
+    explains."""
+    return model_key(_at_float32({**run.config, "seed": 0}))
 
 
 def test_experiments_train_the_recipe_of_the_laptop_tier_they_explain() -> None:
     """The experiments behind the laptop findings vary only what they say they vary (seeds, epochs, group size,
-    BRN's clipping), so their numbers stand next to the tier's."""
+    BRN's clipping), so their numbers stand next to the tier's float32 records."""
     baseline, _ = load_suite(SUITES / "fmnist-baseline.yaml")
     gn_experiment, _ = load_suite(EXPERIMENTS / "gn-close-to-bn.yaml")
-    laptop = {r.setting["normalizer"]: model_key(r.config)
+    laptop = {r.setting["normalizer"]: model_key(_at_float32(r.config))
               for r in expand(baseline, "laptop") if r.setting["seed"] == 0}
     four_epochs = {(r.setting["normalizer"], r.setting["seed"]): model_key(r.config)
                    for r in expand(gn_experiment, "full") if r.setting["train.epochs"] == 4}
@@ -134,8 +141,8 @@ def test_experiments_train_the_recipe_of_the_laptop_tier_they_explain() -> None:
 
 
 def test_the_cpu_bf16_experiment_changes_only_the_precision_of_the_laptop_bn_runs() -> None:
-    """cpu-bf16-laptop's float32 runs are fmnist-baseline's laptop bn runs (same model keys, so their checkpoints
-    load); its bf16 runs differ from them in ``train.amp_cpu`` alone."""
+    """cpu-bf16-laptop's bf16 runs are fmnist-baseline's laptop bn runs (same model keys, so their checkpoints
+    load); its float32 runs differ from them in ``train.amp_cpu`` alone."""
     baseline, _ = load_suite(SUITES / "fmnist-baseline.yaml")
     experiment, _ = load_suite(EXPERIMENTS / "cpu-bf16-laptop.yaml")
     laptop_bn = {r.setting["seed"]: r.config for r in expand(baseline, "laptop") if r.setting["normalizer"] == "bn"}
@@ -144,11 +151,12 @@ def test_the_cpu_bf16_experiment_changes_only_the_precision_of_the_laptop_bn_run
         (amp_cpu, seed) for amp_cpu in (False, True) for seed in laptop_bn}
     for run in runs:
         laptop = laptop_bn[run.setting["seed"]]
+        assert laptop["train"]["amp_cpu"] is True
         if run.setting["train.amp_cpu"]:
-            assert run.config["train"] == {**laptop["train"], "amp_cpu": True}
-            assert model_key({**run.config, "train": laptop["train"]}) == model_key(laptop)
-        else:
             assert model_key(run.config) == model_key(laptop)
+        else:
+            assert run.config["train"] == _at_float32(laptop)["train"]
+            assert model_key(run.config) == model_key(_at_float32(laptop))
 
 
 def test_the_batch_128_experiment_changes_only_the_batch_and_what_follows_from_it() -> None:
@@ -159,7 +167,7 @@ def test_the_batch_128_experiment_changes_only_the_batch_and_what_follows_from_i
     experiment, _ = load_suite(EXPERIMENTS / "microbatch-batch128-laptop.yaml")
 
     def recipe(run, batch: bool) -> dict:
-        config = {**run.config, "seed": 0, "suite": None, "tier": None}
+        config = {**_at_float32(run.config), "seed": 0, "suite": None, "tier": None}
         config["task_options"] = {k: v for k, v in config["task_options"].items() if k != "step_time_vs_bn"}
         # the tier's unshared seeds train GN's micro-batches one pass each (sequential_micro_batches); the
         # experiment, which has no GN, shares nothing

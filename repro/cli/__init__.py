@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--tolerance", type=float, default=0.5,
                          help="largest |B - A| still accepted where a setting has a single seed in common, in each "
                          "metric's unit (default 0.5: points of top-1)")
+    compare.add_argument("--match", choices=("run_id", "setting"), default="run_id",
+                         help="pair runs by run id (the same recipe and seed; default), or by suite, tier and setting "
+                              "(seed included), to compare two recipes of the same settings, e.g. float32 and bf16")
     compare.add_argument("--confidence", type=float, default=0.95,
                          help="level of the t-interval of the differences paired by seed, where a setting has 2 or "
                          "more seeds in common; 0 within it is 'within noise' (default 0.95)")
@@ -302,7 +305,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from repro.results.compare import compare, report
 
     comparison = compare(args.results_a, args.results_b, tolerance=args.tolerance, confidence=args.confidence,
-                         suites=[Path(s).stem for s in args.suites] or None)
+                         match=args.match, suites=[Path(s).stem for s in args.suites] or None)
     print(report(comparison, args.results_a, args.results_b))
     return 1 if comparison.verdict == "differs" else 0
 

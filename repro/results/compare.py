@@ -1,6 +1,8 @@
 """Regression report between two results folders: the same run ids, their metric deltas and a verdict.
 
-Runs match by suite and run id (a hash of the resolved configuration, so a match is the same recipe and seed).
+Runs match by suite and run id (a hash of the resolved configuration, so a match is the same recipe and seed),
+or with ``match="setting"`` by suite, tier and setting (seed included): two recipes of the same settings, for
+example float32 records against bf16 ones, whose run ids differ because the precision is part of the config.
 Every numeric metric of a run, and of each row of a run that has rows (corruption x severity x method x test
 batch), is compared as ``B - A``; timing and memory (``*_s``, ``*_ms``, ``*_per_s``, ``*_mb``, ``step_time_vs_bn``)
 depend on the machine and load, so they are listed but never judged.
@@ -44,6 +46,7 @@ ROW_KEYS = ("method", "corruption", "severity", "batch_size")
 #: fingerprint, then the rest)
 NUMERIC_PROVENANCE = ("precision", "device", "device_name", "cpu_threads", "processes", "torch", "cuda", "cudnn")
 INTERVAL_RULE, TOLERANCE_RULE = "interval over n seeds", "tolerance, single run"
+MATCHES = ("run_id", "setting")
 
 
 def is_timing(metric: str) -> bool:
@@ -126,6 +129,24 @@ def _records(results_dir: Path, suites: list[str] | None) -> dict[tuple[str, str
     return records
 
 
+def _by_setting(records: dict[tuple[str, str], dict[str, Any] | None], results_dir: Path
+                ) -> dict[tuple[str, str], dict[str, Any] | None]:
+    """The same records keyed by suite and ``tier setting`` (seed included) instead of run id. Two records of one
+    setting in a folder (two recipes of it) or an unreadable one (no setting to match by) cannot be placed."""
+    keyed: dict[tuple[str, str], dict[str, Any] | None] = {}
+    for (suite, run_id), record in records.items():
+        if record is None:
+            raise UserError(f"{results_dir / 'runs' / suite / run_id}.json: unreadable record; --match setting "
+                            "needs every record's setting (move it aside or use --match run_id)")
+        key = (suite, f"{record['tier']} {_label(record['setting'])}")
+        if key in keyed:
+            other = keyed[key]["run_id"]  # type: ignore[index]
+            raise UserError(f"{results_dir}: runs {other} and {run_id} of suite {suite} have one setting "
+                            f"({key[1]}); --match setting needs one record per setting on each side")
+        keyed[key] = record
+    return keyed
+
+
 def precision(record: dict[str, Any]) -> str | None:
     """The precision a training run actually ran at: ``train.amp`` is bf16 autocast on CUDA only (the trainer
     ignores it elsewhere); ``amp_cpu`` (the same on CPU) and ``precision`` (stated outright) count where a
@@ -171,17 +192,23 @@ def _status(record: dict[str, Any] | None) -> str:
 
 
 def compare(results_a: Path, results_b: Path, *, tolerance: float = 0.5, confidence: float = 0.95,
-            suites: list[str] | None = None) -> Comparison:
-    """Compare the runs (same suite and run id) that have a record on both sides, complete on one at least."""
+            suites: list[str] | None = None, match: str = "run_id") -> Comparison:
+    """Compare the runs (same suite and run id, or setting with ``match="setting"``) that have a record on both
+    sides, complete on one at least."""
     if not tolerance >= 0:  # also refuses nan
         raise UserError(f"--tolerance {tolerance}: must be at least 0")
     if not 0 < confidence < 1:
         raise UserError(f"--confidence {confidence}: must be between 0 and 1, exclusive (e.g. 0.95)")
+    if match not in MATCHES:
+        raise UserError(f"--match {match}: allowed: {', '.join(MATCHES)}")
     a, b = _records(results_a, suites), _records(results_b, suites)
+    if match == "setting":
+        a, b = _by_setting(a, results_a), _by_setting(b, results_b)
     complete_a, complete_b = {k for k in a if is_complete(a[k])}, {k for k in b if is_complete(b[k])}
     shared = sorted((set(a) & set(b)) & (complete_a | complete_b))  # complete on one side at least
     if not shared:
-        raise UserError(f"{results_a} and {results_b} have no complete run in common (same suite and run id)")
+        same = "suite and run id" if match == "run_id" else "suite, tier and setting"
+        raise UserError(f"{results_a} and {results_b} have no complete run in common (same {same})")
     run_rows, paired, statuses, lost = [], {}, {}, {}
     for key in shared:
         ra, rb = a[key], b[key]
@@ -196,7 +223,7 @@ def compare(results_a: Path, results_b: Path, *, tolerance: float = 0.5, confide
         worst = max((k for k in deltas if deltas[k] != 0), key=lambda k: (math.isnan(deltas[k]), abs(deltas[k])),
                     default=None)
         run_rows.append({
-            "suite": key[0], "run_id": key[1], "tier": known["tier"], "setting": _label(known["setting"]),
+            "suite": key[0], "run_id": known["run_id"], "tier": known["tier"], "setting": _label(known["setting"]),
             "status_a": status_a, "status_b": status_b, "status_differs": status_a != status_b,
             "metrics": len(deltas), "max_abs_delta": abs(deltas[worst]) if worst else 0.0,
             "worst": _metric_label(*worst) if worst else "",

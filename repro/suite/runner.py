@@ -157,7 +157,7 @@ class RunRecorder:
 
     def _run_and_record(self, run: RunSpec, path_out: Path) -> tuple[RunOutcome, str | None]:
         ctx, data_parallel = self.ctx, self.ctx.data_parallel
-        started, code_at_start = _now(), self.code_version()
+        started, code_at_start, cpu_at_start = _now(), self.code_version(), time.process_time()
         primary = (read_record(record_path(ctx.results_dir, self.suite.name, run.shared_with))
                    if run.shared_with else None)
         shared_from = run.shared_with if is_complete(primary) else None
@@ -182,7 +182,8 @@ class RunRecorder:
             "schema": RECORD_SCHEMA, "suite": self.suite.name, "suite_version": self.suite.version,
             "run_id": run.run_id, "status": outcome.status, "tier": self.tier, "setting": run.setting,
             "config": run.config, "metrics": outcome.metrics, "curve": outcome.curve, "rows": outcome.rows,
-            "wall_time_s": outcome.wall_time_s, "peak_memory_mb": outcome.peak_memory_mb,
+            "wall_time_s": outcome.wall_time_s, "cpu_time_s": time.process_time() - cpu_at_start,
+            "peak_memory_mb": outcome.peak_memory_mb,
             "images_per_s": outcome.images_per_s, "diverged_step": outcome.diverged_step, "extra": outcome.extra,
             "error": error, "started_at": started, "finished_at": _now(), "shared_from": shared_from,
             "provenance": {
