@@ -14,6 +14,7 @@ that is not on disk, and the loaders say so when they do.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import nox
@@ -53,6 +54,21 @@ def tests(session: nox.Session) -> None:
     session.env.update(OFFLINE)
     session.run("python", "-c", ENVIRONMENT_CHECK)
     session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session(**SHARED_VENV, default=False)
+def slurm(session: nox.Session) -> None:
+    """The Slurm executor against a real one-node cluster: installs slurm-wlm and munge from Debian when missing,
+    starts munged, slurmctld and slurmd (``.ci/slurm-cluster``), runs tests/test_slurm_cluster.py, and stops the
+    cluster even when a test fails. Needs root (it runs the daemons as root)."""
+    _install(session)
+    cluster = tempfile.mkdtemp(prefix="repro-slurm-")  # short: munge's socket path must fit in 108 bytes
+    session.run("bash", ".ci/slurm-cluster", "start", cluster, external=True)
+    try:
+        session.env.update({**OFFLINE, "SLURM_CONF": f"{cluster}/slurm.conf", "REPRO_TEST_SLURM_CLUSTER": "1"})
+        session.run("python", "-m", "pytest", "tests/test_slurm_cluster.py", *session.posargs)
+    finally:
+        session.run("bash", ".ci/slurm-cluster", "stop", cluster, external=True)
 
 
 @nox.session(reuse_venv=True)

@@ -76,3 +76,20 @@ def test_reaching_the_hub_is_announced(capsys: pytest.CaptureFixture, monkeypatc
     with pytest.raises(Exception):  # noqa: B017 - offline here: whatever datasets raises, the line came first
         load_hub_split("zalando-datasets/fashion_mnist", "train", "image", "label")
     assert "from the Hugging Face hub" in capsys.readouterr().err
+
+
+def test_the_slurm_session_stops_its_cluster_when_a_test_fails(noxfile) -> None:
+    class FailingTests(FakeSession):
+        def run(self, *args: str, **options: object) -> None:
+            super().run(*args, **options)
+            if args[:3] == ("python", "-m", "pytest"):
+                raise RuntimeError("a test failed")
+
+    session = FailingTests([])
+    with pytest.raises(RuntimeError, match="a test failed"):
+        noxfile.slurm.func(session)
+    (start, tests, stop) = session.commands
+    assert start[:3] == ("bash", ".ci/slurm-cluster", "start") and stop[:3] == ("bash", ".ci/slurm-cluster", "stop")
+    assert start[3] == stop[3] and session.env["SLURM_CONF"] == f"{start[3]}/slurm.conf"
+    assert tests[:4] == ("python", "-m", "pytest", "tests/test_slurm_cluster.py")
+    assert session.env["REPRO_TEST_SLURM_CLUSTER"] == "1"

@@ -234,3 +234,33 @@ def test_tier_runs_a_subset_of_normalizers_and_list_shows_its_minutes(suites_dir
     assert [r.setting["normalizer"] for r in expand(suite, "smoke")] == ["bn", "gn"]
     assert main(["list"]) == 0
     assert "full: 1 runs (~2.5 min on 2 CPU cores)" in capsys.readouterr().out
+
+
+ROW_KEY_CASES = {  # (suite, text replaced, replacement, message): a row that no run of the tier writes
+    "unknown method": ("cifar10-c-tent", "setting: {method: source, batch_size: 200}",
+                       "setting: {method: no_such_method, batch_size: 200}", "method 'no_such_method' is in no row"),
+    "batch size not evaluated": ("cifar10-c-tent", "setting: {method: source, batch_size: 200}",
+                                 "setting: {method: source, batch_size: 7}", "batch_size 7 is in no row"),
+    "severity out of the tier": ("cifar10-c-tent", "setting: {method: source, batch_size: 200}",
+                                 "setting: {method: source, batch_size: 200, severity: 9}", "severity 9 is in no row"),
+    "corruption of a relative claim's a": ("fmnist-c-tta", "a: {normalizer: bn, method: ptbn, batch_size: 64}",
+                                           "a: {normalizer: bn, method: ptbn, corruption: fog_typo, batch_size: 64}",
+                                           "corruption 'fog_typo' is in no row"),
+    "method at a batch size it does not run": ("fmnist-c-tta", "a: {normalizer: bn, method: ptbn, batch_size: 64}",
+                                               "a: {normalizer: bn, method: bn_adapt_N16, batch_size: 64}",
+                                               "no row of tier"),
+}
+
+
+@pytest.mark.parametrize("case", list(ROW_KEY_CASES))
+def test_a_reference_naming_a_row_no_run_writes_is_refused(case: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    suite, old, new, expected = ROW_KEY_CASES[case]
+    text = (Path(__file__).parents[1] / "suites" / f"{suite}.yaml").read_text()
+    assert old in text, "the test's edit must apply"
+    path = tmp_path / f"{suite}.yaml"
+    path.write_text(text.replace(old, new, 1))
+    assert main(["run", str(path), "--tier", "smoke", "--results", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{path}: field references." in err and expected in err
+    assert not (tmp_path / "results").exists()

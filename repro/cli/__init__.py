@@ -115,8 +115,8 @@ DATA_DIR_HELP = "folder holding local dataset copies (default: REPRO_DATA_DIR)"
 
 
 #: ``repro run``'s flags (as argparse names them) that only the Slurm executor reads
-SLURM_FLAGS = ("wait", "dry_run", "cluster", "partition", "time", "gpus_per_node", "cpus_per_task", "mem",
-               "sbatch_option")
+SLURM_FLAGS = ("wait", "poll_every", "dry_run", "cluster", "partition", "time", "gpus_per_node", "cpus_per_task",
+               "mem", "sbatch_option")
 DEFAULT_PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
                      "manylinux2014_x86_64"]
 
@@ -129,6 +129,8 @@ def _add_executor_arguments(run: argparse.ArgumentParser) -> None:
                        help="local: runs at once in separate processes, one GPU each or sharing the device "
                        "(default 1)")
     where.add_argument("--wait", action="store_true", help="slurm: return when every submitted job has ended")
+    where.add_argument("--poll-every", default=None, metavar="DURATION",
+                       help="slurm --wait: how often to ask the scheduler, e.g. 5s (default 30s)")
     where.add_argument("--dry-run", action="store_true", help="slurm: print the sbatch scripts, submit nothing")
     where.add_argument("--cluster", type=Path, default=None, help="slurm: a YAML file with a 'cluster:' block")
     where.add_argument("--partition", default=None, help="slurm: the partition the jobs go to")
@@ -142,13 +144,17 @@ def _add_executor_arguments(run: argparse.ArgumentParser) -> None:
 
 
 def _submit(args: argparse.Namespace, request) -> int:
+    from repro.execute.campaign import parse_duration
     from repro.execute.slurm import SlurmExecutor, cluster_config, parse_sbatch_options
 
     cluster = cluster_config(args.cluster, {
         "partition": args.partition, "time": args.time, "gpus_per_node": args.gpus_per_node,
         "cpus_per_task": args.cpus_per_task, "mem_gb": args.mem,
         "sbatch_options": parse_sbatch_options(args.sbatch_option)})
-    poll_s = 1.0 if cluster.scheduler == "local" else 30.0
+    poll_s = (parse_duration(args.poll_every, "--poll-every") if args.poll_every
+              else 1.0 if cluster.scheduler == "local" else 30.0)
+    if poll_s <= 0:
+        raise UserError(f"--poll-every {args.poll_every}: allowed: a duration above 0, such as 5s")
     summary = SlurmExecutor(cluster, args.dry_run, args.wait, poll_s).run(request)
     if args.dry_run:
         return 0

@@ -110,12 +110,14 @@ def check_registries(suite: Suite, path: Path) -> None:
         for tier in ref.tiers:
             if tier not in suite.tiers:
                 raise _fail(path, f"references.{i}.tiers", f"unknown tier {tier!r}; allowed: {', '.join(suite.tiers)}")
-            run_settings = [run.setting for run in expand(suite, tier, source=str(path))]
+            runs = expand(suite, tier, source=str(path))
             for setting in settings:
-                own = {k: v for k, v in setting.items() if k in run_settings[0]} if run_settings else setting
-                if not any(matches(run, own) for run in run_settings):
+                own = {k: v for k, v in setting.items() if k in runs[0].setting} if runs else setting
+                matched = [run for run in runs if matches(run.setting, own)]
+                if not matched:
                     raise _fail(path, f"references.{i}", f"{ref.id}: setting {own} matches no run of tier {tier!r}; "
                                 "it could never be checked")
+                _check_row_keys(path, i, ref.id, tier, {k: v for k, v in setting.items() if k not in own}, matched)
     for name in suite.tiers:
         expand(suite, name, source=str(path))
     axes = columns | {"seed"}
@@ -127,6 +129,27 @@ def check_registries(suite: Suite, path: Path) -> None:
     ids = [ref.id for ref in suite.references]
     if len(set(ids)) != len(ids):
         raise _fail(path, "references", "reference ids must be unique")
+
+
+def _check_row_keys(path: Path, i: int, ref_id: str, tier: str, row: dict, runs: list) -> None:
+    """A reference's row-level keys (a TTA method, corruption, severity, batch size) name a row that some run of
+    the tier matching the rest of its setting writes; else it would stay ``not run`` forever."""
+    if not row:
+        return
+    identities: dict[str, list[dict]] = {}
+    for run in runs:  # runs of one tier mostly share their task options: each distinct one is listed once
+        key = repr(sorted(run.config["task_options"].items(), key=str))
+        if key not in identities:
+            identities[key] = TASKS.get(run.config["task"]).row_identities(run.config)
+    rows = [identity for listed in identities.values() for identity in listed]
+    if any(matches(identity, row) for identity in rows):
+        return
+    for column, value in row.items():  # name the first key whose value no row has, with what is allowed
+        values = sorted({identity.get(column) for identity in rows}, key=str)
+        if not any(matches(identity, {column: value}) for identity in rows):
+            raise _fail(path, f"references.{i}", f"{ref_id}: {column} {value!r} is in no row of tier {tier!r}; "
+                        f"allowed: {', '.join(map(str, values))}")
+    raise _fail(path, f"references.{i}", f"{ref_id}: no row of tier {tier!r} has {row} together")
 
 
 #: metrics that are percentages in [0, 100]: a difference a − b of two lies in [−100, 100]

@@ -146,6 +146,12 @@ class Task:
         """
         return Workload() if model_cached else training_workload(config, device_type)
 
+    @classmethod
+    def row_identities(cls, config: dict[str, Any]) -> list[dict[str, Any]]:
+        """The ``extra_columns`` values of every table row a run of ``config`` writes, so that a reference naming
+        a row (a method, corruption, severity, batch size) no run produces is refused when the suite loads."""
+        return []
+
     def shared_outcome(self, run: RunSpec, primary: dict[str, Any], ctx: RunContext) -> RunOutcome:
         """``run``'s outcome taken from the record of the run it shares (``RunSpec.shared_with``): the same numbers.
 
@@ -294,5 +300,8 @@ def train_or_load(run: RunSpec, ctx: RunContext, *, save: bool = True) -> Traine
                                 description=run.label, resume=ctx.resume_policy(run))
     if save and result.status == "ok":  # with the result: a train run of another suite reports it
         save_checkpoint(model, result.metrics, run, ctx, result)
+    # handed on in the layout a loaded model has: a channels-last model's convolutions round differently, so a
+    # task's numbers would depend on whether its process trained the model or loaded it (--workers, campaigns)
+    model.to(memory_format=torch.contiguous_format)
     return TrainedModel(model, data, result.status, result.metrics, from_checkpoint=False, result=result,
                         training_extra=dict(result.extra))

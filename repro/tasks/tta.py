@@ -225,6 +225,18 @@ class TTATask(Task):
             return own
         return own + training_workload(config, device_type)
 
+    @classmethod
+    def row_identities(cls, config: dict[str, Any]) -> list[dict[str, Any]]:
+        """Per method × batch size: each view, the clean images (``clean``, severity 0) when evaluated, and the
+        summary (``all``, no severity)."""
+        options = TTAOptions.model_validate(config["task_options"])
+        views = [(c, s) for s in options.severities for c in options.corruptions]
+        views += [("clean", 0)] * options.clean + [("all", None)]
+        return [{"method": spec.column, "setting": options.setting, "corruption": corruption, "severity": severity,
+                 "batch_size": batch_size}
+                for spec in options.methods for batch_size in spec.batch_sizes or options.batch_sizes
+                for corruption, severity in views]
+
     def run(self, run: RunSpec, ctx: RunContext) -> RunOutcome:
         options = TTAOptions.model_validate(run.config["task_options"])
         start = time.perf_counter()
