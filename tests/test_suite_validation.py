@@ -26,6 +26,10 @@ CASES = {
                                           "unknown normalizer 'ln'; allowed: bn, gn"),
     "tier runs an unknown normalizer": ("  smoke: {}", "  smoke: {normalizers: [ln]}",
                                         "tiers.smoke.normalizers: unknown normalizer 'ln'; allowed: bn, gn"),
+    "tier train of unknown normalizer": ("  smoke: {}", "  smoke: {normalizer_train: {ln: {amp_cpu: true}}}",
+                                         "tiers.smoke.normalizer_train: unknown normalizer 'ln'; allowed: bn, gn"),
+    "unknown key in a normalizer's train": ("  smoke: {}", "  smoke: {normalizer_train: {gn: {amp_gpu: true}}}",
+                                            "field tiers.smoke.normalizer_train.gn: unknown key amp_gpu; allowed:"),
     "tier minutes not positive": ("  smoke: {}", "  smoke: {expected_minutes: 0}",
                                   "field tiers.smoke.expected_minutes: Input should be greater than 0"),
     "bad tier normalizer option": ("  smoke: {}", "  smoke: {normalizer_options: {gn: {groupz: 8}}}",
@@ -222,6 +226,23 @@ def test_tier_normalizer_options_and_linked_grid_values(suites_dir: Path) -> Non
         (16, 0.02), (32, 0.04)]
     full = {r.setting["normalizer"]: r.config for r in expand(suite, "full")}
     assert full["gn"]["normalizer"]["options"] == {"group_size": 8}
+
+
+def test_a_tier_can_train_one_normalizer_with_its_own_fields(suites_dir: Path) -> None:
+    """``normalizer_train`` overrides the tier's train fields for the normalizer it names only: the laptop tiers
+    keep ``none`` in float32 under a bf16 tier, so its runs are the float32 runs, ids included."""
+    path = suites_dir / "tiny.yaml"
+    path.write_text(path.read_text().replace(
+        "  smoke: {}", "  smoke: {train: {amp_cpu: true}, normalizer_train: {gn: {amp_cpu: false, lr: 0.01}}}"))
+    suite, _ = load_suite(path)
+    smoke = {r.setting["normalizer"]: r for r in expand(suite, "smoke")}
+    assert smoke["bn"].config["train"]["amp_cpu"] is True
+    assert "amp_cpu" not in smoke["gn"].config["train"] and smoke["gn"].config["train"]["lr"] == 0.01
+    path.write_text(path.read_text().replace("normalizer_train: {gn: {amp_cpu: false, lr: 0.01}}",
+                                             "normalizer_train: {}").replace("train: {amp_cpu: true}", "train: {lr: 0.01}"))
+    plain, _ = load_suite(path)
+    (gn,) = [r for r in expand(plain, "smoke") if r.setting["normalizer"] == "gn"]
+    assert gn.run_id == smoke["gn"].run_id
 
 
 def test_tier_runs_a_subset_of_normalizers_and_list_shows_its_minutes(suites_dir: Path,

@@ -123,7 +123,8 @@ def expand(suite: Suite, tier: str, *, source: str | None = None) -> list[RunSpe
             "dataset": dataset, "backbone": backbone,
             "normalizer": {"name": normalizer.name, "label": normalizer.column,
                            "options": {**normalizer.options, **spec.normalizer_options.get(normalizer.column, {})}},
-            "model": suite.model.model_dump(), "seed": seed, "train": dict(train), "task_options": dict(task_options),
+            "model": suite.model.model_dump(), "seed": seed,
+            "train": {**train, **spec.normalizer_train.get(normalizer.column, {})}, "task_options": dict(task_options),
         }
         config = json.loads(json.dumps(config))  # deep copy, and JSON-typed as it will be stored
         for key, value in zip(grid, values, strict=True):

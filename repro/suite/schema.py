@@ -63,6 +63,9 @@ class TierSpec(_Strict):
         default_factory=dict, description="options merged into a normalizer's, by its label (e.g. GN groups that "
         "suit the tier's smaller backbone)")
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of train fields")
+    normalizer_train: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="overrides of train fields for one normalizer, by its label, on top of "
+        "`train` (e.g. a precision whose numbers it does not keep)")
     task: dict[str, Any] = Field(default_factory=dict, description="overrides of task option fields")
     unshared_seeds: list[int] = Field(
         default_factory=list, description="seeds whose runs execute even where their normalizer is invariant to a "
@@ -213,7 +216,7 @@ class Suite(_Strict):
     def _tier_normalizers_exist(self) -> Suite:
         labels = [n.column for n in self.normalizers]
         for name, tier in self.tiers.items():
-            for field in ("normalizer_options", "normalizers"):
+            for field in ("normalizer_options", "normalizer_train", "normalizers"):
                 unknown = sorted(set(getattr(tier, field) or ()) - set(labels))
                 if unknown:
                     raise ValueError(f"tiers.{name}.{field}: unknown normalizer {unknown[0]!r}; "

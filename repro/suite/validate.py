@@ -76,7 +76,10 @@ def check_registries(suite: Suite, path: Path) -> None:
         grid = {**suite.grid, **(tier.grid or {})}
         for key in grid:
             _check_field_path(path, f"grid.{key}", key, task_options)
-        for section, overrides, model in (("train", tier.train, TrainConfig), ("task", tier.task, task_options)):
+        sections = [("train", tier.train, TrainConfig), ("task", tier.task, task_options),
+                    *((f"normalizer_train.{label}", overrides, TrainConfig)
+                      for label, overrides in tier.normalizer_train.items())]
+        for section, overrides, model in sections:
             unknown = set(overrides) - set(model.model_fields)
             if unknown:
                 allowed = ", ".join(model.model_fields)
