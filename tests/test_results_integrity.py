@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from repro.cli import main
+from repro.execute import run_suite
 from repro.results.records import RECORD_SCHEMA, read_record, record_path, write_json_atomic
-from repro.suite import expand, load_suite, run_suite
+from repro.suite import expand, load_suite
 from repro.suite.expand import run_id_of
 from repro.tasks.base import RunContext, RunOutcome, model_key, train_or_load
 from repro.tasks.train import TrainTask

@@ -106,7 +106,7 @@ def plan_suite(suite_ref: str | Path, tier: str, results_dir: Path, estimator: E
 
     ``saved_models``: the checkpoint cache as ``repro.tasks.base.saved_trainings`` describes it
     (``Campaign.plans`` then counts the models the campaign's other runs save)."""
-    from repro.suite.runner import expand_tier
+    from repro.execute.runner import expand_tier
     from repro.tasks.base import TASKS, model_key
 
     suite, path, runs = expand_tier(suite_ref, tier)
@@ -253,7 +253,7 @@ class Campaign:
                  data_dir: Path | None = None, archive: Path | None = None, progress: bool = False,
                  echo: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
                  checkpoint_every_s: float | None = None, workers: int = 1) -> None:
-        from repro.suite.runner import resolve_device
+        from repro.execute.runner import resolve_device
         from repro.tasks import RunContext
 
         # a campaign runs what is already here (a GPU window has no network): no dataset comes from the hub
@@ -335,7 +335,7 @@ class Campaign:
 
     def _run_here(self, queue: list[tuple[str, PlannedRun]], plans: list[SuitePlan], summary: CampaignSummary
                   ) -> None:
-        from repro.suite.runner import RunRecorder
+        from repro.execute.runner import RunRecorder
 
         recorders = {}
         for prefix, item in queue:
@@ -414,7 +414,7 @@ class Campaign:
 
     def _finish(self, prefix: str, item: PlannedRun, result: tuple | None, plans: list[SuitePlan],
                 summary: CampaignSummary) -> None:
-        from repro.suite.runner import SuiteRunSummary, report_outcome
+        from repro.execute.runner import SuiteRunSummary, report_outcome
 
         if result is None:
             self.log(f"{prefix}: completed by another process meanwhile; skipped")
