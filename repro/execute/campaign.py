@@ -33,10 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from repro.errors import UserError
-from repro.execute.estimate import Estimate, Estimator, device_kind, device_type
+from repro.execute.estimate import Estimate, Estimator, device_kind
 from repro.results.records import check_writable, is_current, read_record, record_path
 from repro.suite.expand import matches
 from repro.suite.schema import Suite
+from repro.tasks.workload import device_type
 
 #: a run starts only when its estimate times this still fits before the deadline
 SAFETY_FACTOR = 1.15

@@ -33,8 +33,8 @@ from repro.data.corrupted import (
 )
 from repro.data.loaders import PixelNormalizer, decode_folder
 from repro.errors import UserError
-from repro.execute.estimate import Workload, split_sizes, training_workload
 from repro.tasks.base import RunContext, RunOutcome, RunSpec, Task, build_run_model, register_task, train_or_load
+from repro.tasks.workload import Workload, split_sizes, training_workload
 
 #: datasets whose released corrupted copy has a loader (CIFAR-10-C, CIFAR-100-C, ImageNet-C)
 RELEASED = ("cifar10", "cifar100", "imagenet")
