@@ -24,7 +24,7 @@ import yaml
 
 from repro.models import build_model
 from repro.norms.ghost import can_run_in_one_pass
-from repro.results.provenance import device_name
+from repro.store.provenance import device_name
 from repro.train.config import TrainConfig
 from repro.train.loop import _forward_backward, make_optimizer, synchronize
 from repro.train.operations import training_step_operations

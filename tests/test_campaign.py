@@ -16,7 +16,7 @@ from repro.cli import main
 from repro.execute.archive import unpack
 from repro.execute.campaign import Campaign, PlannedRun, order_runs, parse_duration, plan_suite, window_seconds
 from repro.execute.estimate import Estimate, Estimator
-from repro.results.records import is_complete, iter_records
+from repro.store.records import is_complete, iter_records
 from tests.conftest import TINY_SUITE, computed_fields
 
 

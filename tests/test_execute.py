@@ -20,7 +20,8 @@ from repro.execute.base import SuiteRequest
 from repro.execute.jobs import new_entry, run_states
 from repro.execute.local import run_workers
 from repro.execute.runner import expand_tier
-from repro.results.records import RECORD_SCHEMA, iter_records, write_json_atomic
+from repro.store.atomic import write_json_atomic
+from repro.store.records import RECORD_SCHEMA, iter_records
 from tests.conftest import computed_fields
 
 

@@ -11,7 +11,7 @@ from repro.execute.base import SuiteRequest
 from repro.execute.campaign import Campaign, order_runs, plan_suite
 from repro.execute.estimate import Estimator
 from repro.execute.local import run_workers
-from repro.results.records import iter_records
+from repro.store.records import iter_records
 from repro.suite.expand import expand
 from repro.suite.load import load_suite
 from repro.tasks import train as train_task

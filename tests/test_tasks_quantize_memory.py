@@ -8,7 +8,7 @@ import torch
 
 from repro.errors import UserError
 from repro.execute import run_suite
-from repro.results.records import iter_records
+from repro.store.records import iter_records
 from repro.train.timing import reset_peak_memory, window_peak_memory_mb
 from tests.conftest import computed_fields
 

@@ -13,7 +13,7 @@ from repro.data import TensorSplit, corrupted
 from repro.data.corrupted import GeneratedView, subset_view
 from repro.errors import UserError
 from repro.execute import run_suite
-from repro.results.records import iter_records
+from repro.store.records import iter_records
 from repro.suite import load_suite
 
 SUITE = """

@@ -432,7 +432,7 @@ def _interrupted(args: argparse.Namespace) -> str:
     if args.command != "run":
         return "interrupted"
     from repro.execute.runner import expand_tier
-    from repro.results.records import is_current, read_record, record_path
+    from repro.store.records import is_current, read_record, record_path
 
     try:
         suite, _, runs = expand_tier(args.suite, args.tier)

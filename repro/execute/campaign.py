@@ -34,7 +34,7 @@ from typing import Any
 
 from repro.errors import UserError
 from repro.execute.estimate import Estimate, Estimator, device_kind
-from repro.results.records import check_writable, is_current, read_record, record_path
+from repro.store.records import check_writable, is_current, read_record, record_path
 from repro.suite.expand import matches
 from repro.suite.schema import Suite
 from repro.tasks.workload import device_type
@@ -285,7 +285,7 @@ class Campaign:
         return self.deadline - self.clock()
 
     def plans(self, kind: str | None = None) -> list[SuitePlan]:
-        from repro.results.provenance import device_name
+        from repro.store.provenance import device_name
         from repro.tasks.base import TASKS, saved_trainings
 
         kind = kind or device_kind(device_name(self.device), self.device.type)
@@ -445,7 +445,7 @@ class Campaign:
 
     @property
     def executor_kind(self) -> str:
-        from repro.results.provenance import device_name
+        from repro.store.provenance import device_name
 
         return device_kind(device_name(self.device), self.device.type)
 

@@ -168,7 +168,7 @@ class Estimator:
     """Estimates run times on one device kind from the records in a results folder, else the cost model."""
 
     def __init__(self, results_dir: Path, kind: str) -> None:
-        from repro.results.records import COMPLETE_STATUSES, iter_records
+        from repro.store.records import COMPLETE_STATUSES, iter_records
 
         self.kind = kind
         self._measured: dict[tuple[str, bool], list[float]] = {}  # (config, model loaded) -> wall times
