@@ -14,8 +14,9 @@ import pytest
 
 from repro.cli import main
 from repro.execute.archive import unpack
-from repro.execute.campaign import Campaign, PlannedRun, order_runs, parse_duration, plan_suite, window_seconds
+from repro.execute.campaign import Campaign
 from repro.execute.estimate import Estimate, Estimator
+from repro.execute.plan import PlannedRun, order_runs, parse_duration, plan_suite, window_seconds
 from repro.store.records import is_complete, iter_records
 from tests.conftest import TINY_SUITE, computed_fields
 

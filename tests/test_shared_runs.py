@@ -8,9 +8,10 @@ import torch
 
 from repro.execute import run_suite
 from repro.execute.base import SuiteRequest
-from repro.execute.campaign import Campaign, order_runs, plan_suite
+from repro.execute.campaign import Campaign
 from repro.execute.estimate import Estimator
 from repro.execute.local import run_workers
+from repro.execute.plan import order_runs, plan_suite
 from repro.store.records import iter_records
 from repro.suite.expand import expand
 from repro.suite.load import load_suite

@@ -144,7 +144,7 @@ def _add_executor_arguments(run: argparse.ArgumentParser) -> None:
 
 
 def _submit(args: argparse.Namespace, request) -> int:
-    from repro.execute.campaign import parse_duration
+    from repro.execute.plan import parse_duration
     from repro.execute.slurm import SlurmExecutor, cluster_config, parse_sbatch_options
 
     cluster = cluster_config(args.cluster, {
@@ -176,8 +176,8 @@ def _launch_torchrun(nproc: int, argv: list[str]) -> int:
 
 def _cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     from repro.execute.base import SuiteRequest
-    from repro.execute.campaign import parse_duration
     from repro.execute.local import SequentialExecutor, WorkerExecutor
+    from repro.execute.plan import parse_duration
     from repro.execute.runner import check_data_parallel, resolve_device
     from repro.train.distributed import init_data_parallel, under_torchrun
 
@@ -342,7 +342,8 @@ def _campaign_suites(names: list[str]) -> list[str]:
 def _cmd_campaign(args: argparse.Namespace) -> int:
     import json
 
-    from repro.execute.campaign import Campaign, order_runs, parse_duration, window_seconds
+    from repro.execute.campaign import Campaign
+    from repro.execute.plan import order_runs, parse_duration, window_seconds
     from repro.results.check import failing
 
     if args.workers < 1:
