@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import nn
 
 from repro.adapt import ADAPTATION_METHODS, create_method
-from repro.adapt.evaluate import Evaluation, Setting, evaluate_views, evaluation_passes
+from repro.adapt.evaluate import Evaluation, Setting, evaluate_views
+from repro.adapt.grouping import evaluation_passes
 from repro.adapt.metrics import BENCHMARK_CORRUPTIONS, SEVERITIES, mce, mean_error
 from repro.corruptions import CORRUPTION_REGISTRY
 from repro.data import ImageDataset, TensorSplit, cache_root
