@@ -2,7 +2,7 @@
 
 Every session that needs torch installs the package against ``requirements.lock`` (exact versions) into a
 virtualenv that can see system site-packages, so a machine that already has the multi-GB torch install reuses
-it, and reuses its environment between invocations. ``lint`` installs ruff alone.
+it, and reuses its environment between invocations. ``lint`` installs ruff and import-linter alone.
 
 Console scripts are never run by name: a system-wide ``pytest`` or ``repro`` script would win over the venv's
 when pip considered the package already installed (system site-packages), and its interpreter may lack torch.
@@ -71,11 +71,18 @@ def slurm(session: nox.Session) -> None:
         session.run("bash", ".ci/slurm-cluster", "stop", cluster, external=True)
 
 
+#: import-linter's ``lint-imports`` console script, run on the session's interpreter: the package has no
+#: ``__main__`` (``python -m importlinter.cli`` would import the module, check nothing and exit 0)
+LINT_IMPORTS = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
+
+
 @nox.session(reuse_venv=True)
 def lint(session: nox.Session) -> None:
-    """ruff over the package, tests and this file (installs ruff alone, at the locked version)."""
-    session.run_install("python", "-m", "pip", "install", "-q", "-c", "requirements.lock", "ruff")
+    """ruff over the package, tests and this file, and import-linter's contracts of pyproject.toml (the layers of
+    the package, one way down); installs ruff and import-linter alone, at their locked versions."""
+    session.run_install("python", "-m", "pip", "install", "-q", "-c", "requirements.lock", "ruff", "import-linter")
     session.run("python", "-m", "ruff", "check", "repro", "tests", "benchmarks", "noxfile.py")
+    session.run("python", "-c", LINT_IMPORTS, "--no-cache")
 
 
 @nox.session(**SHARED_VENV, default=False)

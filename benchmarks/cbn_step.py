@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from repro.models import build_model
 from repro.norms.ghost import ghost_batches
 from repro.process import malloc_setting
-from repro.results.provenance import device_name
+from repro.store.provenance import device_name
 
 NORMALIZERS = {"bn": {}, "cbn": {"window": 4}, "cbn_naive": {"window": 4}}
 

@@ -25,7 +25,7 @@ from repro.data import load_dataset, make_loader
 from repro.models import build_model
 from repro.norms.ghost import ghost_batches
 from repro.process import keep_freed_memory
-from repro.results.provenance import device_name
+from repro.store.provenance import device_name
 from repro.train import seed_everything
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from repro.models import build_model
-from repro.results.provenance import device_name
+from repro.store.provenance import device_name
 from repro.train import TrainConfig, seed_everything
 from repro.train.loop import _forward_backward, make_optimizer
 

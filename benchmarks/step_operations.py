@@ -4,7 +4,7 @@ device (``repro.train.operations``): what a launch-bound GPU step costs, measure
 With ``--device``, each step is also timed there as the trainer runs it (micro-batches in one pass, channels-last,
 bf16 autocast and the fused SGD on CUDA), in alternating rounds, the device synchronized only around each round's
 steps: the time per operation tells whether a step's time does grow with its operations, which is what the time
-estimates assume on accelerators (``repro.execute.estimate.step_pass_weight``).
+estimates assume on accelerators (``repro.tasks.workload.step_pass_weight``).
 
     python benchmarks/step_operations.py --out step_operations.md
     python benchmarks/step_operations.py --normalizers cbn --micro-batches 2 --by-name
@@ -24,7 +24,7 @@ import yaml
 
 from repro.models import build_model
 from repro.norms.ghost import can_run_in_one_pass
-from repro.results.provenance import device_name
+from repro.store.provenance import device_name
 from repro.train.config import TrainConfig
 from repro.train.loop import _forward_backward, make_optimizer, synchronize
 from repro.train.operations import training_step_operations

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from repro.models import build_model
-from repro.results.provenance import device_name
+from repro.store.provenance import device_name
 from repro.train.timing import measure_step_time
 
 NORMALIZERS = ("bn", "gn", "brn", "cbn", "cbn_naive", "mimicnorm", "fixup", "none")

@@ -34,7 +34,7 @@ from repro.data.base import ImageDataset, TensorSplit
 from repro.data.loaders import PixelNormalizer
 from repro.models import build_model
 from repro.process import malloc_setting
-from repro.results.provenance import device_name
+from repro.store.provenance import device_name
 from repro.train import TrainConfig, seed_everything
 from repro.train.loop import _forward_backward, autocast, synchronize, train_and_evaluate
 

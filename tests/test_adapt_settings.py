@@ -8,7 +8,8 @@ import torch
 from test_adapt import CORRUPTIONS, MEAN, STD, bn_convnet, clean_images, logits_bn_net, recorded
 
 from repro.adapt import ADAPTATION_METHODS, create_method
-from repro.adapt.evaluate import Evaluation, dirichlet_label_order, evaluate_views
+from repro.adapt.evaluate import Evaluation, evaluate_views
+from repro.adapt.orders import dirichlet_label_order
 from repro.data.loaders import PixelNormalizer
 
 torch.set_num_threads(1)
@@ -122,10 +123,10 @@ def test_grouped_evaluation_equals_the_per_batch_loop(name, options, make_model)
 def test_tent_episodes_side_by_side_equal_the_per_view_loop(options, make_model, setting, monkeypatch):
     """Each view's episode alone after a reset, against all of them in one forward per step; 3 views per
     forward at batch 64 and blocks of 2 + 2 at batch 100 cover full, partial and single-view blocks."""
-    import repro.adapt.evaluate as evaluate
+    import repro.adapt.grouping as grouping
 
-    monkeypatch.setattr(evaluate, "GROUPED_IMAGES", 200)
-    monkeypatch.setattr(evaluate, "GROUPED_BELOW", {})  # every batch size, as on a GPU
+    monkeypatch.setattr(grouping, "GROUPED_IMAGES", 200)
+    monkeypatch.setattr(grouping, "GROUPED_BELOW", {})  # every batch size, as on a GPU
     view, images, labels = make_view()
     model = make_model()
 
@@ -203,12 +204,12 @@ def test_dirichlet_label_shift_is_a_permutation_correlated_by_gamma():
 def test_estimated_passes_are_the_forwards_the_evaluator_makes(device_type, monkeypatch):
     """The time estimate's pass count (``evaluation_passes``) against the forwards counted on the model, with the
     CPU's grouping rule and with a GPU's (every batch size grouped)."""
-    import repro.adapt.evaluate as evaluate
-    from repro.adapt.evaluate import evaluation_passes
+    import repro.adapt.grouping as grouping
+    from repro.adapt.grouping import evaluation_passes
 
-    monkeypatch.setattr(evaluate, "GROUPED_IMAGES", 20)
+    monkeypatch.setattr(grouping, "GROUPED_IMAGES", 20)
     if device_type == "cuda":
-        monkeypatch.setattr(evaluate, "GROUPED_BELOW", {})
+        monkeypatch.setattr(grouping, "GROUPED_BELOW", {})
     view, images, labels = make_view()
     clean = (images[:9], labels[:9])
     methods = [("source", {}), ("ptbn", {}), ("tent", {"lr": 1e-3}), ("tent", {"lr": 1e-3, "episodic": True}),

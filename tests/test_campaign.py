@@ -14,9 +14,10 @@ import pytest
 
 from repro.cli import main
 from repro.execute.archive import unpack
-from repro.execute.campaign import Campaign, PlannedRun, order_runs, parse_duration, plan_suite, window_seconds
+from repro.execute.campaign import Campaign
 from repro.execute.estimate import Estimate, Estimator
-from repro.results.records import is_complete, iter_records
+from repro.execute.plan import PlannedRun, order_runs, parse_duration, plan_suite, window_seconds
+from repro.store.records import is_complete, iter_records
 from tests.conftest import TINY_SUITE, computed_fields
 
 
@@ -120,7 +121,8 @@ def test_bad_budget_is_one_line_and_exit_2(capsys: pytest.CaptureFixture) -> Non
 def test_calibration_sums_the_runs_that_did_their_own_work(campaign_suite: str, tmp_path: Path) -> None:
     """Calibrated scale = Σ measured / Σ modelled over records that did their own work; shared runs, trainings
     loaded from the checkpoint cache and runs on generated stand-in data do not count."""
-    from repro.execute.estimate import modelled_seconds, training_workload
+    from repro.execute.estimate import modelled_seconds
+    from repro.tasks.workload import training_workload
 
     plan = plan_suite(campaign_suite, "smoke", tmp_path, Estimator(tmp_path, "cpu"), {})
     runs = [item.run for item in plan.runs]
@@ -158,7 +160,8 @@ def test_costs_are_fitted_once_records_span_three_workloads(campaign_suite: str,
     """Records of workloads that differ in epochs and in evaluation passes, timed as t = a·FLOP time + b·passes + c:
     the estimator recovers a, b and c and predicts an unseen workload with them; a diverged run (it stopped early)
     is left out. Records that differ in their epochs only cannot separate the costs: one scale instead."""
-    from repro.execute.estimate import cost_terms, training_workload
+    from repro.execute.estimate import cost_terms
+    from repro.tasks.workload import training_workload
 
     plan = plan_suite(campaign_suite, "smoke", tmp_path, Estimator(tmp_path, "cpu"), {})
     record_dir = tmp_path / "runs" / "tiny4"

@@ -7,8 +7,8 @@ import pytest
 from scipy import stats
 
 from repro.results.check import check, failing, interval, seeds_to_decide, verdict
-from repro.results.records import is_current
 from repro.results.tables import records_frame, summarize, to_markdown
+from repro.store.records import is_current
 from repro.suite.expand import expand
 from repro.suite.schema import NoiseFloor, Suite
 

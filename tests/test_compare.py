@@ -11,7 +11,8 @@ from scipy import stats
 from repro.cli import main
 from repro.errors import UserError
 from repro.results.compare import INTERVAL_RULE, TOLERANCE_RULE, compare
-from repro.results.records import RECORD_SCHEMA, record_path, write_json_atomic
+from repro.store.atomic import write_json_atomic
+from repro.store.records import RECORD_SCHEMA, record_path
 
 PROVENANCE = {"git_commit": "abc", "torch": "2.15.0+cpu", "device": "cpu", "device_name": "AMD EPYC",
               "cpu_threads": 2, "packages": {"torch": "2.15.0", "timm": "1.0.31"}}

@@ -14,11 +14,12 @@ from torch import nn
 
 from repro.data import ImageDataset, load_dataset
 from repro.errors import UserError
+from repro.execute import run_suite
 from repro.models import build_model
-from repro.results.records import iter_records
-from repro.suite import run_suite
+from repro.store.records import iter_records
 from repro.train import TrainConfig, loop, seed_everything, train_and_evaluate
-from repro.train.distributed import DataParallel, to_sync_batchnorm, train_data_parallel
+from repro.train.distributed import DataParallel, to_sync_batchnorm
+from repro.train.loop import train_data_parallel
 
 torch.set_num_threads(1)
 

@@ -15,12 +15,13 @@ import pytest
 
 from repro.cli import main
 from repro.errors import UserError
+from repro.execute import run_suite
 from repro.execute.base import SuiteRequest
 from repro.execute.jobs import new_entry, run_states
 from repro.execute.local import run_workers
-from repro.results.records import RECORD_SCHEMA, iter_records, write_json_atomic
-from repro.suite import run_suite
-from repro.suite.runner import expand_tier
+from repro.execute.runner import expand_tier
+from repro.store.atomic import write_json_atomic
+from repro.store.records import RECORD_SCHEMA, iter_records
 from tests.conftest import computed_fields
 
 
@@ -216,7 +217,7 @@ def test_without_submitit_the_error_names_the_extra(suites_dir: Path, tmp_path: 
 def test_executor_flags_that_do_not_go_together(suites_dir: Path, tmp_path: Path, flags: list[str], message: str,
                                                 capsys: pytest.CaptureFixture,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("repro.suite.runner.check_data_parallel", lambda *args: None)
+    monkeypatch.setattr("repro.execute.runner.check_data_parallel", lambda *args: None)
     code = main(["run", "tiny", "--device", "cpu", "--results", str(tmp_path), *flags])
     assert code == 2 and message in capsys.readouterr().err
 

@@ -13,7 +13,8 @@ from PIL import Image
 from repro.results.check import STATUSES, CheckResult
 from repro.results.forest import STATUS_COLORS, forest_rows, write_forest_plots
 from repro.results.gather import gather
-from repro.results.records import RECORD_SCHEMA, record_path, write_json_atomic
+from repro.store.atomic import write_json_atomic
+from repro.store.records import RECORD_SCHEMA, record_path
 from repro.suite.expand import expand
 from repro.suite.load import load_suite
 

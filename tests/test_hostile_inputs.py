@@ -458,7 +458,7 @@ def _start_ticks(pid: int) -> int:
 
 def _locked_run(suites_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
     """The results folder and the lock file of the tiny suite's first run."""
-    from repro.results.records import lock_path, record_path
+    from repro.store.records import lock_path, record_path
     from repro.suite import expand, load_suite
 
     results = tmp_path / "results"

@@ -2,7 +2,7 @@
 
 A fake session records what each session would run, so the promises of issue 9 hold without a network:
 no console script is run by name (a system ``pytest`` without torch once ran the tests), ``lint`` installs
-ruff alone, and only ``tests`` switches the Hugging Face hub off.
+ruff and import-linter alone, and only ``tests`` switches the Hugging Face hub off.
 """
 
 import importlib.util
@@ -53,12 +53,14 @@ def test_every_command_runs_on_the_sessions_interpreter(noxfile, name: str, posa
     assert offline == (name == "tests"), f"{name}: the hub must be off in tests only"
 
 
-def test_lint_installs_ruff_alone(noxfile) -> None:
+def test_lint_installs_ruff_and_import_linter_alone(noxfile) -> None:
     session = FakeSession([])
     noxfile.lint.func(session)
     installed = [arg for command in session.installs for arg in command[command.index("install") + 1:]
                  if not arg.startswith("-") and arg != "requirements.lock"]
-    assert installed == ["ruff"]
+    assert installed == ["ruff", "import-linter"]
+    # the contracts are checked, by import-linter's own entry point on the session's interpreter
+    assert any(command[:2] == ("python", "-c") and "importlinter" in command[2] for command in session.commands)
 
 
 def test_the_tests_session_checks_its_interpreter_first(noxfile) -> None:

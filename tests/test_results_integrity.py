@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from repro.cli import main
-from repro.results.records import RECORD_SCHEMA, read_record, record_path, write_json_atomic
-from repro.suite import expand, load_suite, run_suite
+from repro.execute import run_suite
+from repro.store.atomic import write_json_atomic
+from repro.store.records import RECORD_SCHEMA, read_record, record_path
+from repro.suite import expand, load_suite
 from repro.suite.expand import run_id_of
 from repro.tasks.base import RunContext, RunOutcome, model_key, train_or_load
 from repro.tasks.train import TrainTask
@@ -284,7 +286,7 @@ def test_a_run_locked_by_a_live_process_is_not_run_twice(suites_dir: Path, tmp_p
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
 
-    from repro.results.records import lock_path
+    from repro.store.records import lock_path
 
     results = tmp_path / "results"
     suite, _ = load_suite("tiny")

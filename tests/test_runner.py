@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from repro.data import load_dataset
+from repro.execute import run_suite, runner
 from repro.models import build_model
-from repro.results.records import iter_records, write_json_atomic
-from repro.suite import run_suite, runner
+from repro.store.atomic import write_json_atomic
+from repro.store.records import iter_records
 from repro.suite.load import file_sha256
 from repro.tasks.base import RunOutcome
 from repro.tasks.train import TrainTask

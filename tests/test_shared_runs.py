@@ -6,12 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from repro.execute import run_suite
 from repro.execute.base import SuiteRequest
-from repro.execute.campaign import Campaign, order_runs, plan_suite
+from repro.execute.campaign import Campaign
 from repro.execute.estimate import Estimator
 from repro.execute.local import run_workers
-from repro.results.records import iter_records
-from repro.suite import run_suite
+from repro.execute.plan import order_runs, plan_suite
+from repro.store.records import iter_records
 from repro.suite.expand import expand
 from repro.suite.load import load_suite
 from repro.tasks import train as train_task

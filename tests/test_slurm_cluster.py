@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from repro.results.records import iter_records
+from repro.store.records import iter_records
 from tests.conftest import computed_fields
 
 pytestmark = pytest.mark.skipif(not os.environ.get("REPRO_TEST_SLURM_CLUSTER") or shutil.which("sbatch") is None,

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from repro.execute.estimate import REFERENCE_BACKBONE, step_pass_weight
 from repro.norms import create_normalizer
+from repro.tasks.workload import REFERENCE_BACKBONE, step_pass_weight
 from repro.train.operations import OperationCounter, step_recipe, training_step_operations
 
 META = torch.device("meta")
@@ -135,7 +135,7 @@ def test_a_step_that_cannot_be_counted_weighs_one_and_says_so():
 
 def test_only_an_accelerator_weighs_a_step_by_its_operations():
     """On the CPU an operation costs its arithmetic: a CBN step is weighed as one pass there."""
-    from repro.execute.estimate import training_workload
+    from repro.tasks.workload import training_workload
 
     config = _config("cbn", 4)
     steps, eval_batches = 60_000 // 32, -(-10_000 // 32)  # the evaluation batch defaults to the training one

@@ -238,8 +238,8 @@ def test_a_tier_can_train_one_normalizer_with_its_own_fields(suites_dir: Path) -
     smoke = {r.setting["normalizer"]: r for r in expand(suite, "smoke")}
     assert smoke["bn"].config["train"]["amp_cpu"] is True
     assert "amp_cpu" not in smoke["gn"].config["train"] and smoke["gn"].config["train"]["lr"] == 0.01
-    path.write_text(path.read_text().replace("normalizer_train: {gn: {amp_cpu: false, lr: 0.01}}",
-                                             "normalizer_train: {}").replace("train: {amp_cpu: true}", "train: {lr: 0.01}"))
+    text = path.read_text().replace("normalizer_train: {gn: {amp_cpu: false, lr: 0.01}}", "normalizer_train: {}")
+    path.write_text(text.replace("train: {amp_cpu: true}", "train: {lr: 0.01}"))
     plain, _ = load_suite(path)
     (gn,) = [r for r in expand(plain, "smoke") if r.setting["normalizer"] == "gn"]
     assert gn.run_id == smoke["gn"].run_id

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from repro.execute import run_suite
 from repro.results.check import CheckResult
 from repro.results.compare import compare, report
 from repro.results.gather import gather, run_checks
-from repro.results.records import read_record, record_path
-from repro.suite import expand, load_suite, run_suite
+from repro.store.records import read_record, record_path
+from repro.suite import expand, load_suite
 
 ROOT = Path(__file__).parents[1]
 SUITES = sorted((ROOT / "suites").glob("*.yaml"))

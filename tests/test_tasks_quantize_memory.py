@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from repro.errors import UserError
-from repro.results.records import iter_records
-from repro.suite import run_suite
+from repro.execute import run_suite
+from repro.store.records import iter_records
 from repro.train.timing import reset_peak_memory, window_peak_memory_mb
 from tests.conftest import computed_fields
 

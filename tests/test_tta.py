@@ -12,8 +12,9 @@ from repro.corruptions import corrupt
 from repro.data import TensorSplit, corrupted
 from repro.data.corrupted import GeneratedView, subset_view
 from repro.errors import UserError
-from repro.results.records import iter_records
-from repro.suite import load_suite, run_suite
+from repro.execute import run_suite
+from repro.store.records import iter_records
+from repro.suite import load_suite
 
 SUITE = """
 name: {name}

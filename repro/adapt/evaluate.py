@@ -25,7 +25,7 @@ forward with per-batch statistics (``AdaptationMethod.grouped``); ``source`` run
 shared by every test batch size. Under ``episodic`` and ``label_shift`` a method with ``parallel_episodes``
 (tent) runs the episodes of several views side by side, one forward for the current batch of each
 (``AdaptationMethod.episodes``). All give the rows of the per-batch loop (``grouped=False``), the last to float
-rounding.
+rounding. When to group, and the passes that makes, is ``repro.adapt.grouping``; the orders, ``repro.adapt.orders``.
 """
 
 from __future__ import annotations
@@ -35,12 +35,20 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
+from repro.adapt import grouping
 from repro.adapt.base import AdaptationMethod
+from repro.adapt.grouping import (
+    by_episode,
+    episodes_per_forward,
+    grouped_chunks,
+    predicts_batches_together,
+    runs_episodes_side_by_side,
+)
 from repro.adapt.metrics import error_row
+from repro.adapt.orders import dirichlet_label_order, evaluation_order, label_shift_order
 from repro.data.corrupted import CorruptionView, ImageSource
 from repro.data.loaders import PixelNormalizer
 from repro.errors import UserError
@@ -49,49 +57,8 @@ from repro.train.loop import autocast
 ResetPolicy = Literal["per_view", "online"]
 Setting = Literal["episodic", "continual", "mixed", "label_shift"]
 SETTINGS: tuple[str, ...] = ("episodic", "continual", "mixed", "label_shift")
-#: Images per forward pass when batches are grouped (stateless methods).
-GROUPED_IMAGES = 512
-#: On a CPU, batch statistics are grouped only below this test batch size: there the per-batch loop is bound by
-#: the per-call overhead (2x faster grouped at batch 1), above it the loop is faster (0.76-0.95x grouped at 16
-#: and 64, ResNet-20; benchmarks/tta_eval.py). A GPU groups every batch size: at these image sizes a forward
-#: costs its kernel launches, whatever its batch (not yet measured on a GPU; the same benchmark will say).
-GROUPED_BELOW = {"cpu": 8}
 #: Views of generated (in-memory) images kept for episodes side by side: bytes at most, per flush.
 EPISODE_VIEW_BYTES = 1 << 30
-
-
-def evaluation_order(n: int, seed: int | None) -> torch.Tensor:
-    """The order in which the n images of a view are evaluated: a fixed permutation, or file order for None."""
-    if seed is None:
-        return torch.arange(n)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-
-
-def label_shift_order(order: torch.Tensor, labels: torch.Tensor, seed: int | None) -> torch.Tensor:
-    """``order`` regrouped class by class: classes in a permutation drawn from ``seed``, each class's images in
-    the order they had (a stable sort on the class's rank)."""
-    classes = int(labels.max()) + 1
-    rank = torch.empty(classes, dtype=torch.long)
-    rank[evaluation_order(classes, seed)] = torch.arange(classes)
-    return order[torch.sort(rank[labels[order].cpu()], stable=True).indices]
-
-
-def dirichlet_label_order(order: torch.Tensor, labels: torch.Tensor, gamma: float, seed: int | None
-                          ) -> torch.Tensor:
-    """``order`` regrouped into RoTTA's Dirichlet time slots (module docstring); the draws come from ``seed``
-    (0 when the order is the file order, so that the stream is still reproducible)."""
-    rng = np.random.default_rng(0 if seed is None else seed)
-    ordered = labels[order].cpu().numpy()
-    classes = int(ordered.max()) + 1
-    slots: list[list[np.ndarray]] = [[] for _ in range(min(classes, 100))]
-    proportions = rng.dirichlet([gamma] * len(slots), classes)
-    for label, share in zip(range(classes), proportions, strict=True):
-        members = np.flatnonzero(ordered == label)
-        cuts = (np.cumsum(share)[:-1] * len(members)).astype(int)
-        for slot, chunk in zip(slots, np.split(members, cuts), strict=True):
-            slot.append(chunk)
-    positions = [slot[i] for slot in slots for i in rng.permutation(len(slot))]
-    return order[torch.from_numpy(np.concatenate(positions)).long()]
 
 
 @dataclass
@@ -165,13 +132,6 @@ def view_batches(images: ImageSource, labels: torch.Tensor, order: torch.Tensor,
         yield normalize(batch.to(device, non_blocking=True)), labels[index]
 
 
-def grouped_chunks(order: torch.Tensor, batch_size: int, group: int) -> list[torch.Tensor]:
-    """``order`` cut into batches, then consecutive full batches joined ``group`` at a time."""
-    full = len(order) // batch_size * batch_size
-    chunks = list(order[:full].split(batch_size * group)) if full else []  # splitting nothing gives one empty chunk
-    return chunks + ([order[full:]] if full < len(order) else [])
-
-
 @dataclass
 class Evaluation:
     """One method at one test batch size under one reset policy; ``label`` names it in the result rows."""
@@ -204,7 +164,7 @@ class Evaluator:
         if self.grouped and method.batch_independent and (evaluation.label, key[1]) in self.shared:
             return self.shared[evaluation.label, key[1]]
         groupable = predicts_batches_together(method, evaluation.batch_size, self.device.type)
-        group = GROUPED_IMAGES // evaluation.batch_size if self.grouped and groupable else 1
+        group = grouping.GROUPED_IMAGES // evaluation.batch_size if self.grouped and groupable else 1
         batches = view_batches(images, labels, order, evaluation.batch_size, device=self.device, mean=self.mean,
                                std=self.std, workers=self.workers, group=max(group, 1), channels_last=self.amp)
         if group > 1:
@@ -351,55 +311,6 @@ def evaluate_views(evaluations: Sequence[Evaluation], view: CorruptionView, view
             kept.append((view_number, corruption, severity, images, labels, order))
     run_kept_episodes()
     return [rows[key] for key in sorted(rows)]
-
-
-def by_episode(values: torch.Tensor, step_sizes: Sequence[int], count: int) -> torch.Tensor:
-    """Per-image results of a side-by-side stream (each step: ``count`` episodes × that step's size, in episode
-    order) regrouped as E × N × ...: each episode's results in its stream order."""
-    steps = values.split([count * size for size in step_sizes])
-    return torch.cat([step.unflatten(0, (count, -1)) for step in steps], 1)
-
-
-def groups_batches(batch_size: int, device_type: str) -> bool:
-    """Whether several test batches of this size go through one forward on this device type."""
-    return batch_size < GROUPED_BELOW.get(device_type, GROUPED_IMAGES + 1)
-
-
-def predicts_batches_together(method: AdaptationMethod | type[AdaptationMethod], batch_size: int,
-                              device_type: str) -> bool:
-    """Whether the evaluator predicts several of a method's test batches per forward: ``source`` always (its
-    predictions ignore the batch), methods that only read each batch's statistics where this device groups."""
-    return method.batch_independent or (not method.stateful and groups_batches(batch_size, device_type))
-
-
-def runs_episodes_side_by_side(method: AdaptationMethod | type[AdaptationMethod], episodic: bool, setting: str,
-                               batch_size: int, device_type: str) -> bool:
-    """Whether the evaluator runs a method's per-view episodes side by side (``AdaptationMethod.episodes``): a
-    method that can and is not reset before every batch, under a setting that resets per view, at a batch size
-    this device groups (on a CPU, tent at batch 1 runs 2.2x faster side by side, at 16 and 64 0.7-0.8x) and that
-    leaves room for two or more episodes per forward."""
-    return (method.parallel_episodes and not episodic and setting in ("episodic", "label_shift")
-            and groups_batches(batch_size, device_type) and episodes_per_forward(batch_size) > 1)
-
-
-def evaluation_passes(method: type[AdaptationMethod], options: dict[str, object], batch_size: int, images: int,
-                      views: int, setting: str, clean_after: int, device_type: str) -> int:
-    """Forward passes the evaluator makes for one method at one batch size over ``views`` views of ``images``
-    images, with ``clean_after`` clean images scored after each view (stateful methods): what a time estimate
-    needs, since small models at small test batches are bound by the cost per pass, not per image."""
-    steps = -(-images // batch_size)
-    clean_steps = -(-clean_after // batch_size) if method.stateful else 0
-    if predicts_batches_together(method, batch_size, device_type):
-        full_batches, partial = divmod(images, batch_size)  # as grouped_chunks cuts them
-        return views * (-(-full_batches // episodes_per_forward(batch_size)) + (partial > 0))
-    together = runs_episodes_side_by_side(method, bool(options.get("episodic")), setting, batch_size, device_type)
-    forwards = -(-views // episodes_per_forward(batch_size)) if together else views
-    return forwards * (steps + clean_steps)
-
-
-def episodes_per_forward(batch_size: int) -> int:
-    """Episodes side by side in one forward at this test batch size: up to ``GROUPED_IMAGES`` images."""
-    return max(1, GROUPED_IMAGES // batch_size)
 
 
 def checked_view(view: CorruptionView, corruption: str, severity: int) -> tuple[ImageSource, torch.Tensor]:

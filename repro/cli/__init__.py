@@ -144,7 +144,7 @@ def _add_executor_arguments(run: argparse.ArgumentParser) -> None:
 
 
 def _submit(args: argparse.Namespace, request) -> int:
-    from repro.execute.campaign import parse_duration
+    from repro.execute.plan import parse_duration
     from repro.execute.slurm import SlurmExecutor, cluster_config, parse_sbatch_options
 
     cluster = cluster_config(args.cluster, {
@@ -176,9 +176,9 @@ def _launch_torchrun(nproc: int, argv: list[str]) -> int:
 
 def _cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     from repro.execute.base import SuiteRequest
-    from repro.execute.campaign import parse_duration
     from repro.execute.local import SequentialExecutor, WorkerExecutor
-    from repro.suite.runner import check_data_parallel, resolve_device
+    from repro.execute.plan import parse_duration
+    from repro.execute.runner import check_data_parallel, resolve_device
     from repro.train.distributed import init_data_parallel, under_torchrun
 
     started = int(os.environ["WORLD_SIZE"]) if under_torchrun() else 1
@@ -228,7 +228,7 @@ def _selected_run_ids(args: argparse.Namespace) -> tuple[str, ...] | None:
     """``--run-id`` and ``--seed`` as the run ids to run (None: all of the tier's)."""
     if args.seed is None:
         return None if args.run_id is None else tuple(args.run_id)
-    from repro.suite.runner import expand_tier
+    from repro.execute.runner import expand_tier
 
     _, path, runs = expand_tier(args.suite, args.tier)
     seeds = {run.setting["seed"] for run in runs}
@@ -242,7 +242,7 @@ def _selected_run_ids(args: argparse.Namespace) -> tuple[str, ...] | None:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from repro.execute.jobs import run_states, status_lines
-    from repro.suite.runner import expand_tier
+    from repro.execute.runner import expand_tier
 
     suite, _, runs = expand_tier(args.suite, args.tier)
     print(f"suite {suite.name} v{suite.version}, tier {args.tier}: {len(runs)} runs")
@@ -342,7 +342,8 @@ def _campaign_suites(names: list[str]) -> list[str]:
 def _cmd_campaign(args: argparse.Namespace) -> int:
     import json
 
-    from repro.execute.campaign import Campaign, order_runs, parse_duration, window_seconds
+    from repro.execute.campaign import Campaign
+    from repro.execute.plan import order_runs, parse_duration, window_seconds
     from repro.results.check import failing
 
     if args.workers < 1:
@@ -431,8 +432,8 @@ def _interrupted(args: argparse.Namespace) -> str:
     same command skips them)."""
     if args.command != "run":
         return "interrupted"
-    from repro.results.records import is_current, read_record, record_path
-    from repro.suite.runner import expand_tier
+    from repro.execute.runner import expand_tier
+    from repro.store.records import is_current, read_record, record_path
 
     try:
         suite, _, runs = expand_tier(args.suite, args.tier)

@@ -27,14 +27,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from repro.errors import UserError, printable
-from repro.results.records import (
-    check_writable,
-    is_complete,
-    read_record,
-    record_problem,
-    write_json_atomic,
-    write_text_atomic,
-)
+from repro.store.atomic import write_json_atomic, write_text_atomic
+from repro.store.records import check_writable, is_complete, read_record, record_problem
 from repro.suite.load import list_suite_files, suites_dir
 
 #: what ``unpack`` reads at most: the archive (what ``pack`` writes at most), any one member of it (a record is

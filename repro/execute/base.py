@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from repro.suite.runner import SuiteRunSummary
+    from repro.execute.runner import SuiteRunSummary
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class Executor(Protocol):
     """Places a request's pending runs: in this process, on local workers, or as cluster jobs.
 
     Every executor skips runs with a complete record (unless ``force``) and has each run's record written by
-    whoever ran it, through ``repro.suite.runner.RunRecorder``.
+    whoever ran it, through ``repro.execute.runner.RunRecorder``.
     """
 
     def run(self, request: SuiteRequest, echo: Callable[[str], None] = print) -> SuiteRunSummary: ...

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from repro.errors import UserError
-from repro.results.records import check_writable
+from repro.store.records import check_writable
 
 #: repro's imports that a PyTorch box lacks, pinned through requirements.lock when it is there
 BUNDLED_PACKAGES = ("pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions",
@@ -113,7 +113,7 @@ def _fill(folder: Path, datasets: list[str], data_dir: Path | None, python_versi
           repo: Path) -> dict[str, object]:
     wheels = download_wheels(folder / "wheels", python_version, platforms, repo / "requirements.lock")
     data = copy_data(datasets, folder / "data", data_dir)
-    from repro.results.provenance import source_version
+    from repro.store.provenance import source_version
 
     commit = source_version()  # what provenance will record for this code, read the same way
     source = {"git_commit": commit["git_commit"], "git_dirty": commit["git_dirty"],

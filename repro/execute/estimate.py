@@ -18,7 +18,8 @@ Three bases, best first:
    architecture by ``torch.utils.flop_counter`` on a one-image batch), over a per-device rate, plus a fixed
    cost per pass (kernel launches, Python): small models at 28 px are launch-bound, not FLOP-bound.
 
-A training image costs three forward passes (forward, and a backward of about twice that).
+A training image costs three forward passes (forward, and a backward of about twice that). What a run computes
+(its ``Workload``) is the task's to say: ``repro.tasks.workload``; this module turns it into seconds.
 """
 
 from __future__ import annotations
@@ -27,18 +28,11 @@ import functools
 import json
 import re
 import statistics
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-#: train/test sizes of the full splits and the image shape, so that a plan needs no data on disk
-DATASET_SHAPES = {
-    "fashion_mnist": (60_000, 10_000, 1, 28, 10),
-    "cifar10": (50_000, 10_000, 3, 32, 10),
-    "cifar100": (50_000, 10_000, 3, 32, 100),
-    "imagenet": (1_281_167, 50_000, 3, 224, 1000),
-}
+from repro.tasks.workload import DATASET_SHAPES, Workload, device_type
 
 
 @dataclass(frozen=True)
@@ -67,11 +61,6 @@ def device_kind(device_name: str | None, device_type: str | None = None) -> str:
     return match.group(1).lower() if match else device_name.lower().replace(" ", "_")
 
 
-def device_type(kind: str) -> str:
-    """The torch device type of a device kind: ``cpu``, else ``cuda``."""
-    return "cpu" if kind == "cpu" else "cuda"
-
-
 def record_device_kind(record: dict[str, Any]) -> str:
     provenance = record.get("provenance") or {}
     return device_kind(provenance.get("device_name"), provenance.get("device"))
@@ -98,73 +87,6 @@ def forward_flops(backbone: str, normalizer: str, options_json: str, small_input
     with torch.no_grad(), counter:
         model(torch.zeros(1, in_chans, image_size, image_size))
     return float(counter.get_total_flops())
-
-
-@dataclass(frozen=True)
-class Workload:
-    """What a run computes: images through forward+backward, forward-only images, and passes (launches)."""
-
-    train_images: int = 0
-    forward_images: int = 0
-    passes: float = 0  # pass-equivalents: a training step weighs by its operations (``step_pass_weight``)
-
-    def __add__(self, other: Workload) -> Workload:
-        return Workload(self.train_images + other.train_images, self.forward_images + other.forward_images,
-                        self.passes + other.passes)
-
-
-def training_workload(config: dict[str, Any], device_type: str = "cuda") -> Workload:
-    """The train task's work: every epoch trains on the split and evaluates the test split. On an accelerator a
-    training step counts as ``step_pass_weight`` passes; on the CPU, where an operation's cost is its arithmetic
-    (fmnist-microbatch's laptop CBN and BN steps at micro-batch 32 took the same 62 s), as one."""
-    train_n, test_n = split_sizes(config["dataset"])
-    train = config["train"]
-    batch = train["batch_size"]
-    steps = train_n // batch
-    if train.get("max_steps_per_epoch"):
-        steps = min(steps, train["max_steps_per_epoch"])
-    epochs = train["epochs"]
-    eval_batches = -(-test_n // train.get("eval_batch_size", batch))
-    weight = step_pass_weight(config) if device_type != "cpu" else 1.0
-    return Workload(epochs * steps * batch, epochs * test_n, epochs * (steps * weight + eval_batches))
-
-
-#: the pass every other is weighed against: a BatchNorm training step of this backbone, the kind of run the first
-#: H200 window measured (a pass of ResNet-50 or MobileNetV2 asks 2.4 times its operations; MobileNetV2-0.5's
-#: full fmnist-normalizers run did not finish in 3.6 minutes where one pass each per step predicted 3.3)
-REFERENCE_BACKBONE = "resnet18"
-
-
-def step_pass_weight(config: dict[str, Any]) -> float:
-    """How many passes one training step costs where passes are launch-bound: its device operations
-    (``repro.train.operations``) over those of a ``REFERENCE_BACKBONE`` BatchNorm step at whole-batch statistics
-    on the same input. A ghost-batch BatchNorm step launches about twice the kernels of a plain one, a
-    Cross-Iteration BN step eight times as many; sequential micro-batch passes (mixup) count in full. 1, with a
-    warning, where the step cannot be counted (a model that does not build on the meta device)."""
-    from repro.train.operations import step_recipe, training_step_operations
-
-    _, _, chans, size, classes = DATASET_SHAPES.get(config["dataset"]["name"], (0, 0, 3, 32, 10))
-    small_input = bool(config["model"].get("small_input"))
-
-    def operations(backbone: str, normalizer: str, options: dict[str, Any], train: dict[str, Any]) -> float:
-        return training_step_operations(backbone, normalizer, json.dumps(options, sort_keys=True), small_input,
-                                        (chans, size, size), classes, step_recipe(train)).device_operations
-
-    train = config["train"]
-    try:
-        return (operations(config["backbone"], config["normalizer"]["name"], config["normalizer"]["options"], train)
-                / operations(REFERENCE_BACKBONE, "bn", {}, {**train, "micro_batch": None, "mixup_alpha": 0.0}))
-    except Exception as err:  # every setting of the committed suites is counted (138 of them); say when one is not
-        warnings.warn(f"time estimate: {config['backbone']} under {config['normalizer']['name']}: its training step "
-                      f"could not be counted on the meta device ({type(err).__name__}: {err}); weighed as one "
-                      "plain pass", stacklevel=2)
-        return 1.0
-
-
-def split_sizes(dataset: dict[str, Any]) -> tuple[int, int]:
-    full_train, full_test, *_ = DATASET_SHAPES.get(dataset["name"], (50_000, 10_000, 3, 32, 10))
-    return (min(dataset.get("train_subset") or full_train, full_train),
-            min(dataset.get("test_subset") or full_test, full_test))
 
 
 @dataclass(frozen=True)
@@ -246,7 +168,7 @@ class Estimator:
     """Estimates run times on one device kind from the records in a results folder, else the cost model."""
 
     def __init__(self, results_dir: Path, kind: str) -> None:
-        from repro.results.records import COMPLETE_STATUSES, iter_records
+        from repro.store.records import COMPLETE_STATUSES, iter_records
 
         self.kind = kind
         self._measured: dict[tuple[str, bool], list[float]] = {}  # (config, model loaded) -> wall times

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from repro.errors import UserError
-from repro.results.records import read_record, record_path, write_json_atomic
+from repro.store.atomic import write_json_atomic
+from repro.store.records import read_record, record_path
 from repro.tasks.base import RunSpec
 
 RUN_STATES = ("pending", "queued", "running", "ok", "failed", "diverged")

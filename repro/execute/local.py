@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from repro.execute.base import SuiteRequest
-from repro.process import keep_freed_memory
-from repro.suite.runner import (
+from repro.execute.runner import (
     RunRecorder,
     SuiteRunSummary,
     complete_run_ids,
@@ -30,6 +29,7 @@ from repro.suite.runner import (
     run_suite,
     select_runs,
 )
+from repro.process import keep_freed_memory
 from repro.tasks.base import RunContext, RunOutcome
 from repro.train.distributed import DataParallel
 

@@ -29,14 +29,14 @@ from repro.errors import UserError, printable
 from repro.execute.base import SuiteRequest
 from repro.execute.job import RunJob
 from repro.execute.jobs import jobs_dir, log_path, new_entry, run_states
-from repro.suite.load import format_validation_error
-from repro.suite.runner import (
+from repro.execute.runner import (
     SuiteRunSummary,
     check_data_parallel,
     complete_run_ids,
     expand_tier,
     select_runs,
 )
+from repro.suite.load import format_validation_error
 
 #: C0 and C1 control characters and DEL: a newline in a value would end an ``#SBATCH`` line and start a shell line
 #: in the script's header (sbatch stops reading options there)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import pandas as pd
 from scipy import stats
 
-from repro.results.records import COMPLETE_STATUSES
 from repro.results.tables import BEST_BEFORE_DIVERGENCE, select
+from repro.store.records import COMPLETE_STATUSES
 from repro.suite.expand import expand, matches
 from repro.suite.schema import AbsoluteReference, NoiseFloor, RelativeReference, Suite
 from repro.tasks.base import RunSpec

@@ -35,8 +35,9 @@ import pandas as pd
 from scipy import stats
 
 from repro.errors import UserError
-from repro.results.records import is_collapsed, is_complete, read_record
+from repro.results.chance import is_collapsed
 from repro.results.tables import RUN_FIELDS
+from repro.store.records import is_complete, read_record
 
 TIMING_SUFFIXES = ("_s", "_ms", "_per_s", "_mb")
 TIMING_METRICS = {"step_time_vs_bn", "ms_per_image", *RUN_FIELDS}

@@ -18,8 +18,9 @@ import pandas as pd
 from repro.errors import UserError
 from repro.results.check import CheckResult, check, report_frame
 from repro.results.forest import write_forest_plots
-from repro.results.records import iter_records, write_text_atomic
 from repro.results.tables import markdown, metric_columns, records_frame, select, summarize, to_markdown
+from repro.store.atomic import write_text_atomic
+from repro.store.records import iter_records
 from repro.suite.expand import expand
 from repro.suite.load import load_suite, resolve_suite_path
 from repro.suite.schema import Suite

@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 
 from repro.errors import UserError
-from repro.results.records import best_top1_before_divergence, is_collapsed
+from repro.results.chance import best_top1_before_divergence, is_collapsed
 
 RUN_FIELDS = ("wall_time_s", "cpu_time_s", "images_per_s", "peak_memory_mb")
-#: a diverged run's best test top-1 before it diverged (records.best_top1_before_divergence), for the check; a
+#: a diverged run's best test top-1 before it diverged (chance.best_top1_before_divergence), for the check; a
 #: column of the frame, not a metric of the tables
 BEST_BEFORE_DIVERGENCE = "best_top1_before_divergence"
 

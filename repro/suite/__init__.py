@@ -1,8 +1,7 @@
-"""Suites: pinned YAML files that expand into runs, and the runner that executes them."""
+"""Suites: pinned YAML files that expand into runs (the runner that executes them is repro.execute.runner)."""
 
 from repro.suite.expand import expand
 from repro.suite.load import list_suite_files, load_suite, resolve_suite_path
-from repro.suite.runner import run_suite
 from repro.suite.schema import Suite
 from repro.tasks import TASKS, RunContext, RunOutcome, RunSpec, Task, register_task
 
@@ -18,5 +17,4 @@ __all__ = [
     "load_suite",
     "register_task",
     "resolve_suite_path",
-    "run_suite",
 ]

@@ -20,10 +20,10 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from repro.data import ImageDataset, load_dataset
-from repro.execute.estimate import Workload, training_workload
 from repro.models import build_model
 from repro.registry import Registry
-from repro.results.records import move_aside
+from repro.store.atomic import move_aside
+from repro.tasks.workload import Workload, training_workload
 from repro.train import TrainConfig, TrainResult, seed_everything, train_and_evaluate
 from repro.train.distributed import DataParallel
 from repro.train.resume import ResumePolicy

@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from repro.execute.estimate import Workload
 from repro.models import build_model
 from repro.tasks.base import RunContext, RunOutcome, RunSpec, Task, register_task
+from repro.tasks.workload import Workload
 from repro.train import TrainConfig, seed_everything
 from repro.train.timing import measure_step_time
 

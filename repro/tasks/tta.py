@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import nn
 
 from repro.adapt import ADAPTATION_METHODS, create_method
-from repro.adapt.evaluate import Evaluation, Setting, evaluate_views, evaluation_passes
+from repro.adapt.evaluate import Evaluation, Setting, evaluate_views
+from repro.adapt.grouping import evaluation_passes
 from repro.adapt.metrics import BENCHMARK_CORRUPTIONS, SEVERITIES, mce, mean_error
 from repro.corruptions import CORRUPTION_REGISTRY
 from repro.data import ImageDataset, TensorSplit, cache_root
@@ -33,8 +34,8 @@ from repro.data.corrupted import (
 )
 from repro.data.loaders import PixelNormalizer, decode_folder
 from repro.errors import UserError
-from repro.execute.estimate import Workload, split_sizes, training_workload
 from repro.tasks.base import RunContext, RunOutcome, RunSpec, Task, build_run_model, register_task, train_or_load
+from repro.tasks.workload import Workload, split_sizes, training_workload
 
 #: datasets whose released corrupted copy has a loader (CIFAR-10-C, CIFAR-100-C, ImageNet-C)
 RELEASED = ("cifar10", "cifar100", "imagenet")

@@ -6,12 +6,14 @@ gradients, so world_size ranks with slices of b images compute what the one-proc
 computes, CBN's per-micro-batch windows included. What differs: BatchNorm running statistics (DDP hands every rank
 rank 0's at each forward; the simulation updates them with each micro-batch in turn), hence evaluation; BRN's
 training output, which uses those running statistics; and mixup draws.
+
+This module knows the process group, not the training loop: ``repro.train.loop.train_data_parallel`` is what
+every process runs.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,10 +23,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
-from repro.data import ImageDataset
 from repro.errors import UserError
 from repro.train.config import TrainConfig
-from repro.train.loop import TrainResult, seed_everything, train_and_evaluate
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -109,22 +109,3 @@ def init_data_parallel(sync_batchnorm: bool = False, use_cuda: bool | None = Non
         device = torch.device("cpu")
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
     return DataParallel(rank, world_size, device, sync_batchnorm)
-
-
-def train_data_parallel(make_model: Callable[[], nn.Module], data: ImageDataset, cfg: TrainConfig, *, seed: int,
-                        sync_batchnorm: bool = False, progress: bool = True, description: str = ""
-                        ) -> TrainResult | None:
-    """Called by every process torchrun starts: join the group, build the model, train and evaluate, leave.
-
-    ``make_model`` is called after seeding and must build the same model on every rank. Returns the run's
-    ``TrainResult`` on rank 0 and ``None`` on the other ranks (the metrics are global sums, the same everywhere),
-    so that only rank 0 writes records. Progress output comes from rank 0 only.
-    """
-    data_parallel = init_data_parallel(sync_batchnorm)
-    try:
-        seed_everything(seed)
-        result = train_and_evaluate(make_model(), data, cfg, device=data_parallel.device, seed=seed,
-                                    progress=progress, description=description, data_parallel=data_parallel)
-    finally:
-        dist.destroy_process_group()
-    return result if data_parallel.is_main else None

@@ -7,10 +7,12 @@ import contextlib
 import math
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -19,6 +21,7 @@ from tqdm.auto import tqdm
 from repro.data import ImageDataset, make_loader
 from repro.norms.ghost import can_run_in_one_pass, ghost_batches
 from repro.train.config import TrainConfig
+from repro.train.distributed import DataParallel, init_data_parallel
 from repro.train.resume import (
     ResumePolicy,
     load_normalizer_states,
@@ -27,9 +30,6 @@ from repro.train.resume import (
     random_states,
 )
 from repro.train.schedule import lr_multiplier
-
-if TYPE_CHECKING:
-    from repro.train.distributed import DataParallel
 
 #: how often (in steps) the loop reads the loss back to check it and update the progress bar (only with progress on)
 SYNC_EVERY = 20
@@ -313,3 +313,22 @@ def _diverged(step: int, curve: list, start_wall: float, images: int, train_time
     return TrainResult("diverged", metrics, curve, time.perf_counter() - start_wall,
                        images / train_time if train_time else 0.0, peak_memory_mb(device), diverged_step=step,
                        extra=extra)
+
+
+def train_data_parallel(make_model: Callable[[], nn.Module], data: ImageDataset, cfg: TrainConfig, *, seed: int,
+                        sync_batchnorm: bool = False, progress: bool = True, description: str = ""
+                        ) -> TrainResult | None:
+    """Called by every process torchrun starts: join the group, build the model, train and evaluate, leave.
+
+    ``make_model`` is called after seeding and must build the same model on every rank. Returns the run's
+    ``TrainResult`` on rank 0 and ``None`` on the other ranks (the metrics are global sums, the same everywhere),
+    so that only rank 0 writes records. Progress output comes from rank 0 only.
+    """
+    data_parallel = init_data_parallel(sync_batchnorm)
+    try:
+        seed_everything(seed)
+        result = train_and_evaluate(make_model(), data, cfg, device=data_parallel.device, seed=seed,
+                                    progress=progress, description=description, data_parallel=data_parallel)
+    finally:
+        dist.destroy_process_group()
+    return result if data_parallel.is_main else None

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from repro.results.records import move_aside
+from repro.store.atomic import move_aside
 
 RESUME_FORMAT = 1
 

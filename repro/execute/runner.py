@@ -22,18 +22,18 @@ from typing import Any
 import torch
 
 from repro.errors import UserError
-from repro.results.provenance import provenance, source_version
-from repro.results.records import (
+from repro.results.chance import is_collapsed
+from repro.store.atomic import write_json_atomic
+from repro.store.provenance import provenance, source_version
+from repro.store.records import (
     RECORD_SCHEMA,
     check_writable,
     claim_run,
-    is_collapsed,
     is_complete,
     is_current,
     read_record,
     record_path,
     release_run,
-    write_json_atomic,
 )
 from repro.suite.expand import expand
 from repro.suite.load import file_sha256, load_suite

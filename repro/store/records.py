@@ -1,10 +1,12 @@
-"""Run records: one JSON file per run at ``RESULTS/runs/<suite>/<run_id>.json``, written atomically."""
+"""Run records: one JSON file per run at ``RESULTS/runs/<suite>/<run_id>.json``, written atomically; reading them
+back (a malformed record is reported and treated as missing); and the lock a run holds while it runs.
+
+What a record's numbers mean (collapsed at chance, best top-1 before divergence) is ``repro.results.chance``'s."""
 
 from __future__ import annotations
 
 import atexit
 import json
-import math
 import os
 import shlex
 import socket
@@ -16,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from repro.data import DATASETS
 from repro.errors import UserError
 
 #: statuses of a finished run; a ``failed`` record is retried on the next ``repro run``
@@ -24,73 +25,8 @@ COMPLETE_STATUSES = ("ok", "diverged")
 RECORD_SCHEMA = 1
 
 
-#: how close to chance a finished run must end to count as collapsed (see ``is_collapsed``)
-CHANCE_TOP1_FACTOR = 1.5
-CHANCE_LOSS_RELATIVE = 0.02
-
-
-def is_collapsed(record: dict[str, Any]) -> bool:
-    """Whether a run finished (``ok``) at chance: top-1 at most 1.5x chance and a test loss within 2% of ln(C),
-    the loss of a uniform prediction.
-
-    Such a network stopped learning (a constant output) without a non-finite loss, so it is not ``diverged``; a
-    claim must say how it counts (``collapsed_as``). Chance is that of the registered dataset's classes, so a
-    generated stand-in with fewer classes (the ImageNet smoke tier's 4) is never flagged.
-    """
-    metrics = record.get("metrics") or {}
-    top1, loss = metrics.get("top1"), metrics.get("loss")
-    dataset = ((record.get("config") or {}).get("dataset") or {}).get("name")
-    if record.get("status") != "ok" or dataset not in DATASETS or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) for v in (top1, loss)):
-        return False
-    classes = DATASETS.get(dataset).num_classes
-    chance_loss = math.log(classes)
-    return top1 <= CHANCE_TOP1_FACTOR * 100 / classes and abs(loss - chance_loss) <= CHANCE_LOSS_RELATIVE * chance_loss
-
-
-def best_top1_before_divergence(record: dict[str, Any]) -> float | None:
-    """A diverged run's best test top-1 before it diverged: what a paper reports for it when its measure is the
-    best accuracy reached (MimicNorm's Table 2). None for a run that did not diverge.
-
-    Only epochs evaluated at a finite test loss count: the evaluation that found a NaN loss scores the argmax of
-    NaN logits, not an accuracy. A run that diverged before its first such evaluation scores chance (100 / the
-    registered dataset's classes), what its untrained network scores and what the paper reports for such runs;
-    None when the dataset is not registered.
-    """
-    if record.get("status") != "diverged":
-        return None
-    reached = [point["test_top1"] for point in record.get("curve") or []
-               if isinstance(point.get("test_loss"), int | float) and math.isfinite(point["test_loss"])
-               and isinstance(point.get("test_top1"), int | float)]
-    if reached:
-        return float(max(reached))
-    dataset = ((record.get("config") or {}).get("dataset") or {}).get("name")
-    return 100 / DATASETS.get(dataset).num_classes if dataset in DATASETS else None
-
-
 def record_path(results_dir: Path, suite: str, run_id: str) -> Path:
     return results_dir / "runs" / suite / f"{run_id}.json"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder and rename it: a reader, or a process killed half-way,
-    never leaves half a file. Readable by others (0644), like any file a tool writes for sharing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(handle, 0o644)
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    write_text_atomic(path, json.dumps(payload, indent=1, sort_keys=False, default=str) + "\n")
 
 
 #: fields every record has, and their types: a record without them is reported and treated as missing
@@ -112,14 +48,6 @@ def record_problem(record: Any) -> str | None:
     if not isinstance(record.get("rows", []), list) or not all(isinstance(r, dict) for r in record.get("rows", [])):
         return "field rows is not a list of objects"
     return None
-
-
-def move_aside(what: str, path: Path, problem: str, consequence: str) -> None:
-    """Rename a damaged file to ``<name>.bad-<time>`` and say so on stderr, so that the next run does not fail on
-    it again (checkpoints, training states)."""
-    aside = path.with_name(f"{path.name}.bad-{int(time.time())}")
-    path.replace(aside)
-    print(f"repro: warning: {what} {path} {problem}; moved to {aside.name}; {consequence}", file=sys.stderr)
 
 
 def warn_malformed(path: Path, problem: str) -> None:
