@@ -78,11 +78,15 @@ LINT_IMPORTS = "import sys; from importlinter.cli import lint_imports_command; s
 
 @nox.session(reuse_venv=True)
 def lint(session: nox.Session) -> None:
-    """ruff over the package, tests and this file, and import-linter's contracts of pyproject.toml (the layers of
-    the package, one way down); installs ruff and import-linter alone, at their locked versions."""
-    session.run_install("python", "-m", "pip", "install", "-q", "-c", "requirements.lock", "ruff", "import-linter")
+    """ruff over the package, tests and this file, import-linter's contracts of pyproject.toml (the layers of the
+    package, one way down) and ``mkdocs build --strict`` of docs/; installs ruff, import-linter and mkdocs alone, at
+    their locked versions."""
+    session.run_install("python", "-m", "pip", "install", "-q", "-c", "requirements.lock", "ruff", "import-linter",
+                        "mkdocs")
     session.run("python", "-m", "ruff", "check", "repro", "tests", "benchmarks", "noxfile.py")
     session.run("python", "-c", LINT_IMPORTS, "--no-cache")
+    # docs/ as a site: a broken link between its pages fails the build
+    session.run("python", "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", session.create_tmp() + "/site")
 
 
 @nox.session(**SHARED_VENV, default=False)

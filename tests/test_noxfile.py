@@ -28,6 +28,9 @@ class FakeSession:
     def run(self, *args: str, **_: object) -> None:
         self.commands.append(args)
 
+    def create_tmp(self) -> str:
+        return "/tmp/nox-session-tmp"
+
     def error(self, message: str) -> None:
         raise AssertionError(message)
 
@@ -53,14 +56,16 @@ def test_every_command_runs_on_the_sessions_interpreter(noxfile, name: str, posa
     assert offline == (name == "tests"), f"{name}: the hub must be off in tests only"
 
 
-def test_lint_installs_ruff_and_import_linter_alone(noxfile) -> None:
+def test_lint_installs_ruff_import_linter_and_mkdocs_alone(noxfile) -> None:
     session = FakeSession([])
     noxfile.lint.func(session)
     installed = [arg for command in session.installs for arg in command[command.index("install") + 1:]
                  if not arg.startswith("-") and arg != "requirements.lock"]
-    assert installed == ["ruff", "import-linter"]
+    assert installed == ["ruff", "import-linter", "mkdocs"]
     # the contracts are checked, by import-linter's own entry point on the session's interpreter
     assert any(command[:2] == ("python", "-c") and "importlinter" in command[2] for command in session.commands)
+    # and docs/ is built with warnings (a broken link) as errors
+    assert any(command[:5] == ("python", "-m", "mkdocs", "build", "--strict") for command in session.commands)
 
 
 def test_the_tests_session_checks_its_interpreter_first(noxfile) -> None:
