@@ -129,6 +129,11 @@ class TTAOptions(BaseModel):
         return self
 
 
+def corrupted_views(options: TTAOptions) -> list[tuple[str, int]]:
+    """The (corruption, severity) views a run evaluates, severity by severity: what it runs and what its rows name."""
+    return [(c, s) for s in options.severities for c in options.corruptions]
+
+
 def in_memory_split(data: ImageDataset, workers: int) -> TensorSplit:
     """The clean test split as uint8 tensors (an image folder decoded once: resize, center crop)."""
     test = data.test
@@ -231,8 +236,7 @@ class TTATask(Task):
         """Per method × batch size: each view, the clean images (``clean``, severity 0) when evaluated, and the
         summary (``all``, no severity)."""
         options = TTAOptions.model_validate(config["task_options"])
-        views = [(c, s) for s in options.severities for c in options.corruptions]
-        views += [("clean", 0)] * options.clean + [("all", None)]
+        views = [*corrupted_views(options), *[("clean", 0)] * options.clean, ("all", None)]
         return [{"method": spec.column, "setting": options.setting, "corruption": corruption, "severity": severity,
                  "batch_size": batch_size}
                 for spec in options.methods for batch_size in spec.batch_sizes or options.batch_sizes
@@ -272,7 +276,7 @@ class TTATask(Task):
                 normalize(clean.images[start : start + 64].to(ctx.device)) for start in range(0, len(clean.labels), 64))
         rows = evaluate_views(evaluations, lambda *_: (clean.images, clean.labels), [("clean", 0)], **common
                               ) if options.clean else []
-        views = [(c, s) for s in options.severities for c in options.corruptions]
+        views = corrupted_views(options)
         corrupted = evaluate_views(evaluations, view, views, **common, workers=options.workers,
                                    setting=options.setting, label_gamma=options.label_gamma,
                                    clean=forgetting_set(clean, options.clean_after_images))
