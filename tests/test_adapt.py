@@ -85,6 +85,16 @@ def test_registry_and_options():
         create_method("bn_adapt", bn_convnet(), pseudo_samples=-1)
 
 
+def test_forward_only_says_whether_a_method_goes_backward():
+    """The time estimates count a forward-only method's images as forward passes alone (tasks/tta.py)."""
+    model, x = bn_convnet(), shifted_batch()
+    for name in ADAPTATION_METHODS.names():
+        method = create_method(name, model, **({"pseudo_samples": 16.0} if name == "bn_adapt" else {}))
+        method.predict(x)
+        method.predict(x)
+        assert (method.backward_images == 0) == method.forward_only, name
+
+
 def test_source_is_eval_mode_and_leaves_the_model_alone():
     model = bn_convnet()
     x = shifted_batch()

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from repro.data import DeviceLoader, FolderSplit, TensorSplit, load_dataset
+from repro.data import DATASETS, DeviceLoader, FolderSplit, TensorSplit, load_dataset
 from repro.data import fashion_mnist as fm
+from repro.data.base import DatasetShape
 from repro.data.generated import class_images, write_cifar, write_fashion_mnist, write_hub_parquet, write_image_folder
 from repro.data.idx import read_idx, write_idx
 from repro.errors import UserError
@@ -97,6 +98,20 @@ def test_imagenet_folder_layout(tmp_path: Path) -> None:
 def test_imagenet_missing_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="ImageNet not found"):
         load_dataset("imagenet", data_dir=tmp_path)
+
+
+def test_registry_entries_carry_the_full_splits_and_image_shapes() -> None:
+    """The time estimates read these instead of loading data (repro.tasks.workload)."""
+    assert {name: DATASETS.get(name).shape for name in DATASETS} == {
+        "cifar10": DatasetShape(50_000, 10_000, 3, 32, 10),
+        "cifar100": DatasetShape(50_000, 10_000, 3, 32, 100),
+        "fashion_mnist": DatasetShape(60_000, 10_000, 1, 28, 10),
+        "imagenet": DatasetShape(1_281_167, 50_000, 3, 224, 1000),
+    }
+    for name in ("cifar10", "cifar100", "fashion_mnist"):  # the generated copies have the real image shape
+        shape, data = DATASETS.get(name).shape, load_dataset(name, generated=True)
+        assert data.train.images.shape[1:] == (shape.channels, shape.image_size, shape.image_size)
+        assert data.num_classes == shape.num_classes
 
 
 def test_subset_is_fixed_and_shared() -> None:

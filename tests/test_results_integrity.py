@@ -12,7 +12,7 @@ import torch
 
 from repro.cli import main
 from repro.execute import run_suite
-from repro.store.atomic import write_json_atomic
+from repro.store.atomic import atomic_path, write_json_atomic
 from repro.store.records import RECORD_SCHEMA, read_record, record_path
 from repro.suite import expand, load_suite
 from repro.suite.expand import run_id_of
@@ -308,6 +308,19 @@ def test_records_are_readable_by_others(tmp_path: Path) -> None:
     path = tmp_path / "runs" / "s" / "r.json"
     write_json_atomic(path, {"a": 1})
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_atomic_path_gives_each_writer_its_own_temp_file_and_keeps_the_old_file_on_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "plots" / "a.png"
+    with atomic_path(path) as outer, atomic_path(path) as inner:
+        assert outer != inner and str(os.getpid()) in outer.name, "concurrent writers never share a temp file"
+        outer.write_bytes(b"new")
+        inner.write_bytes(b"old")
+    assert path.read_bytes() == b"new" and path.stat().st_mode & 0o777 == 0o644, "the last to finish wins, whole"
+    with pytest.raises(RuntimeError), atomic_path(path) as partial:
+        partial.write_bytes(b"half")
+        raise RuntimeError
+    assert path.read_bytes() == b"new" and [p.name for p in path.parent.iterdir()] == ["a.png"]
 
 
 # --- 7. Ctrl-C ---------------------------------------------------------------------------------------------------

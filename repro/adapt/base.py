@@ -40,6 +40,9 @@ class AdaptationMethod:
     #: True when the method has ``episodes(count)``: several independent episodes (views, each from the reset
     #: state) side by side in one forward, for the evaluator's episodic settings.
     parallel_episodes: ClassVar[bool] = False
+    #: True when the method never takes a gradient step (it only normalizes differently): one forward pass per
+    #: image, which the time estimates count apart from the methods that also go backward.
+    forward_only: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)

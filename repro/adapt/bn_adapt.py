@@ -24,6 +24,8 @@ class BNAdapt(AdaptationMethod):
         adapt_1d: also adapt ``BatchNorm1d`` layers; off by default as in the official code.
     """
 
+    forward_only = True
+
     def __init__(self, model: nn.Module, *, pseudo_samples: float, unbiased: bool = True, adapt_1d: bool = False
                  ) -> None:
         if not pseudo_samples >= 0:

@@ -19,6 +19,8 @@ class PredictionTimeBN(AdaptationMethod):
             default, as in the official TENT and robusta code, which adapt only 2d BNs.
     """
 
+    forward_only = True
+
     def __init__(self, model: nn.Module, *, adapt_1d: bool = False) -> None:
         self.adapt_1d = adapt_1d
         super().__init__(model)

@@ -65,6 +65,7 @@ class RobustBN(AdaptationMethod):
     """
 
     stateful = True
+    forward_only = True
 
     def __init__(self, model: nn.Module, *, momentum: float = 0.05, adapt_1d: bool = False) -> None:
         if not 0 < momentum <= 1:

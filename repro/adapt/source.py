@@ -8,3 +8,4 @@ class Source(AdaptationMethod):
     """No adaptation: the baseline every other method is compared with."""
 
     batch_independent = True
+    forward_only = True

@@ -72,6 +72,7 @@ class TestTimeBatchRenorm(AdaptationMethod):
     """
 
     stateful = True
+    forward_only = True
 
     def __init__(self, model: nn.Module, *, momentum: float = 0.95, adapt_1d: bool = False) -> None:
         if not 0 <= momentum < 1:

@@ -126,18 +126,33 @@ class ImageDataset:
         )
 
 
+@dataclass(frozen=True)
+class DatasetShape:
+    """The full splits' sizes and the image shape of a registered dataset, known without loading it."""
+
+    train_images: int
+    test_images: int
+    channels: int
+    image_size: int
+    num_classes: int
+
+
 DatasetLoader = Callable[..., ImageDataset]
 DATASETS: Registry[DatasetLoader] = Registry("dataset")
 
 
-def register_dataset(name: str, *, num_classes: int) -> Callable[[DatasetLoader], DatasetLoader]:
+def register_dataset(name: str, *, num_classes: int, train_images: int, test_images: int, channels: int,
+                     image_size: int) -> Callable[[DatasetLoader], DatasetLoader]:
     """Register ``fn(data_dir: Path | None, source: str, **kwargs) -> ImageDataset`` under ``name``.
 
-    ``num_classes`` stays on the entry, so that a record can be read against chance level without loading data.
+    Its ``DatasetShape`` stays on the entry (``loader.shape``), so that a record can be read against chance level
+    and a plan's time estimated without loading data.
     """
 
+    shape = DatasetShape(train_images, test_images, channels, image_size, num_classes)
+
     def decorator(loader: DatasetLoader) -> DatasetLoader:
-        loader.num_classes = num_classes  # type: ignore[attr-defined]
+        loader.shape = shape  # type: ignore[attr-defined]
         return DATASETS.register(name)(loader)
 
     return decorator

@@ -88,13 +88,13 @@ def _load_cifar(name: str, data_dir: Path | None, source: str, hub_id: str | Non
     raise UserError(f"{name}: no {folder_name}/ under {data_dir} (source={source})")
 
 
-@register_dataset("cifar10", num_classes=10)
+@register_dataset("cifar10", num_classes=10, train_images=50_000, test_images=10_000, channels=3, image_size=32)
 def load_cifar10(data_dir: Path | None = None, source: str = "auto", hub_id: str | None = None,
                  revision: str | None = None) -> ImageDataset:
     return _load_cifar("cifar10", data_dir, source, hub_id, revision)
 
 
-@register_dataset("cifar100", num_classes=100)
+@register_dataset("cifar100", num_classes=100, train_images=50_000, test_images=10_000, channels=3, image_size=32)
 def load_cifar100(data_dir: Path | None = None, source: str = "auto", hub_id: str | None = None,
                   revision: str | None = None) -> ImageDataset:
     return _load_cifar("cifar100", data_dir, source, hub_id, revision)

@@ -15,8 +15,6 @@ an optional disk cache) and has the same signature, so evaluation code does not 
 from __future__ import annotations
 
 import functools
-import os
-import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -30,6 +28,7 @@ from repro.corruptions import corrupt
 from repro.data.base import TensorSplit, subset_indices
 from repro.data.imagenet import scan_image_folder
 from repro.errors import UserError
+from repro.store.atomic import atomic_path
 
 SEVERITIES = (1, 2, 3, 4, 5)
 
@@ -206,22 +205,10 @@ class GeneratedView:
         self.seconds += time.perf_counter() - began
         self.images += len(images)
         if path is not None:
-            _save_npy_atomic(path, images.cpu().numpy())
+            with atomic_path(path) as partial, open(partial, "wb") as out:  # a path would gain a second .npy
+                np.save(out, images.cpu().numpy())
         _keep_in_memory(in_memory, images)
         return images, self.split.labels
-
-
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    """Write to a temporary file next to ``path`` and rename: a killed run never leaves a truncated cache file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(suffix=".npy.tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            np.save(out, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def subset_view(view: CorruptionView, n: int | None) -> CorruptionView:

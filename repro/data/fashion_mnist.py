@@ -84,7 +84,7 @@ def _missing(data_dir: Path | None, partial: str | None) -> UserError:
     )
 
 
-@register_dataset("fashion_mnist", num_classes=10)
+@register_dataset("fashion_mnist", num_classes=10, train_images=60_000, test_images=10_000, channels=1, image_size=28)
 def load_fashion_mnist(data_dir: Path | None = None, source: str = "auto", hub_id: str = HUB_ID,
                        revision: str | None = None) -> ImageDataset:
     """Load from, in order: ``data_dir``/``REPRO_DATA_DIR``, Debian's package folder, the hub.

@@ -27,7 +27,8 @@ def scan_image_folder(root: Path, image_size: int = 224) -> tuple[FolderSplit, l
     return FolderSplit(files, torch.tensor(labels, dtype=torch.int64), image_size), classes
 
 
-@register_dataset("imagenet", num_classes=1000)
+@register_dataset("imagenet", num_classes=1000, train_images=1_281_167, test_images=50_000, channels=3,
+                  image_size=224)
 def load_imagenet(data_dir: Path | None = None, source: str = "auto", image_size: int = 224) -> ImageDataset:
     """The ILSVRC-2012 tree; the hub copy (``ILSVRC/imagenet-1k``) is gated, so export it to this layout first."""
     data_dir = resolve_data_dir(data_dir)

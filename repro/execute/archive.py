@@ -17,9 +17,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import tarfile
-import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,7 +25,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from repro.errors import UserError, printable
-from repro.store.atomic import write_json_atomic, write_text_atomic
+from repro.store.atomic import atomic_path, write_json_atomic, write_text_atomic
 from repro.store.records import check_writable, is_complete, read_record, record_problem
 from repro.suite.load import list_suite_files, suites_dir
 
@@ -68,16 +66,8 @@ def pack(results_dir: Path, suites: list[str], archive: Path, log: Path | None =
             break
     else:
         raise RuntimeError(f"{archive}: the records alone take {buffer.tell() / 2**20:.1f} MiB, over 16 MiB")
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{archive.name}.", dir=archive.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(buffer.getvalue())
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the archive from the people it is for
-        os.replace(tmp, archive)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(archive) as tmp:
+        tmp.write_bytes(buffer.getvalue())
     return buffer.tell()
 
 

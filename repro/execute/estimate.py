@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from repro.tasks.workload import DATASET_SHAPES, Workload, device_type
+from repro.tasks.workload import Workload, dataset_shape, device_type
 
 
 @dataclass(frozen=True)
@@ -99,10 +99,11 @@ class CostTerms:
 
 def cost_terms(config: dict[str, Any], workload: Workload, kind: str) -> CostTerms:
     rate = DEVICE_RATES.get(kind, DEVICE_RATES["h200"])
-    _, _, chans, size, classes = DATASET_SHAPES.get(config["dataset"]["name"], (0, 0, 3, 32, 10))
+    shape = dataset_shape(config["dataset"]["name"])
     normalizer = config["normalizer"]
     flops = forward_flops(config["backbone"], normalizer["name"], json.dumps(normalizer["options"], sort_keys=True),
-                          bool(config["model"].get("small_input")), size, chans, classes)
+                          bool(config["model"].get("small_input")), shape.image_size, shape.channels,
+                          shape.num_classes)
     return CostTerms(flops * (3 * workload.train_images + workload.forward_images) / rate.flops_per_s,
                      workload.passes)
 

@@ -27,7 +27,7 @@ def is_collapsed(record: dict[str, Any]) -> bool:
     if record.get("status") != "ok" or dataset not in DATASETS or not all(
             isinstance(v, int | float) and not isinstance(v, bool) for v in (top1, loss)):
         return False
-    classes = DATASETS.get(dataset).num_classes
+    classes = DATASETS.get(dataset).shape.num_classes
     chance_loss = math.log(classes)
     return top1 <= CHANCE_TOP1_FACTOR * 100 / classes and abs(loss - chance_loss) <= CHANCE_LOSS_RELATIVE * chance_loss
 
@@ -49,4 +49,4 @@ def best_top1_before_divergence(record: dict[str, Any]) -> float | None:
     if reached:
         return float(max(reached))
     dataset = ((record.get("config") or {}).get("dataset") or {}).get("name")
-    return 100 / DATASETS.get(dataset).num_classes if dataset in DATASETS else None
+    return 100 / DATASETS.get(dataset).shape.num_classes if dataset in DATASETS else None

@@ -9,12 +9,12 @@ differences near 0), and on a shared axis it would squash every difference to a 
 from __future__ import annotations
 
 import math
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 from repro.results.check import CheckResult
+from repro.store.atomic import atomic_path
 
 #: one color per check status; statuses without a number (not run, incomplete) are pale, their rows still listed
 STATUS_COLORS = {
@@ -101,9 +101,8 @@ def write_forest_plots(results: list[CheckResult], folder: Path) -> list[Path]:
         ax.set_title(_title(suite, tier, claims), fontsize="medium")
         ax.grid(axis="x", alpha=0.3)
         path = folder / f"{suite}.forest.{tier}.png"
-        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-        fig.savefig(partial, dpi=120, bbox_inches="tight")  # "tight" keeps the status texts right of the axes
-        partial.replace(path)
+        with atomic_path(path) as partial:  # "tight" keeps the status texts right of the axes
+            fig.savefig(partial, format="png", dpi=120, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
     return written

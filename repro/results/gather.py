@@ -8,7 +8,6 @@ never guessed from records alone.
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from repro.errors import UserError
 from repro.results.check import CheckResult, check, report_frame
 from repro.results.forest import write_forest_plots
 from repro.results.tables import markdown, metric_columns, records_frame, select, summarize, to_markdown
-from repro.store.atomic import write_text_atomic
+from repro.store.atomic import atomic_path, write_text_atomic
 from repro.store.records import iter_records
 from repro.suite.expand import expand
 from repro.suite.load import load_suite, resolve_suite_path
@@ -106,9 +105,8 @@ def write_plots(results: SuiteResults, folder: Path) -> list[Path]:
             ax.grid(alpha=0.3)
             fig.tight_layout()
             path = folder / f"{results.name}.{plot.name}.{tier}.png"
-            partial = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-            fig.savefig(partial, dpi=120)
-            partial.replace(path)
+            with atomic_path(path) as partial:
+                fig.savefig(partial, format="png", dpi=120)
             plt.close(fig)
             written.append(path)
     return written

@@ -8,25 +8,40 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder and rename it: a reader, or a process killed half-way,
-    never leaves half a file. Readable by others (0644), like any file a tool writes for sharing."""
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path in ``path``'s folder for any writer that takes a path (``torch.save``, ``np.save`` on an
+    open file, ``savefig``): on success it is synced and renamed into place, on an error removed, so a reader, or
+    a process killed half-way, never sees half a file. Its name holds the process id and is unique (``mkstemp``):
+    concurrent writers never share one. Readable by others (0644), like any file a tool writes for sharing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    tmp = Path(name)
     try:
-        os.fchmod(handle, 0o644)
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
+        yield tmp
+        tmp.chmod(0o644)
+        descriptor = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through ``atomic_path``."""
+    with atomic_path(path) as tmp, open(tmp, "w") as out:
+        out.write(text)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from repro.data import ImageDataset, load_dataset
 from repro.models import build_model
 from repro.registry import Registry
-from repro.store.atomic import move_aside
+from repro.store.atomic import atomic_path, move_aside
 from repro.tasks.workload import Workload, training_workload
 from repro.train import TrainConfig, TrainResult, seed_everything, train_and_evaluate
 from repro.train.distributed import DataParallel
@@ -219,8 +218,6 @@ def save_checkpoint(model: torch.nn.Module, metrics: dict[str, Any], run: RunSpe
     can report it instead of training again.
     """
     path = ctx.checkpoint_path(run)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per process: concurrent runs never share it
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload: dict[str, Any] = {"state_dict": state, "metrics": metrics, "model_key": model_key(run.config),
                                "data_fingerprint": ctx.data_fingerprint(run.config["dataset"])}
@@ -229,9 +226,8 @@ def save_checkpoint(model: torch.nn.Module, metrics: dict[str, Any], run: RunSpe
                              "images_per_s": result.images_per_s, "peak_memory_mb": result.peak_memory_mb,
                              "extra": result.extra}
         payload["suite"] = run.suite
-    torch.save(payload, partial)
-    os.chmod(partial, 0o644)
-    partial.replace(path)
+    with atomic_path(path) as partial:
+        torch.save(payload, partial)
     return path
 
 

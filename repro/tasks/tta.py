@@ -40,8 +40,6 @@ from repro.tasks.workload import Workload, split_sizes, training_workload
 #: datasets whose released corrupted copy has a loader (CIFAR-10-C, CIFAR-100-C, ImageNet-C)
 RELEASED = ("cifar10", "cifar100", "imagenet")
 GROUP = ("method", "batch_size")
-#: methods that only normalize differently (no gradient step): a forward pass per image, for time estimates
-FORWARD_ONLY_METHODS = ("source", "ptbn", "bn_adapt", "tbr", "rbn")
 CALIBRATION = ("ece", "nll", "brier")
 COSTS = ("forward_per_image", "backward_per_image", "ms_per_image", "clean_error_after")
 
@@ -217,7 +215,7 @@ class TTATask(Task):
             batch_sizes = spec.batch_sizes or options.batch_sizes
             for batch_size in batch_sizes[:1] if method.batch_independent else batch_sizes:
                 images = (corrupted + options.clean) * per_view
-                if spec.name in FORWARD_ONLY_METHODS:
+                if method.forward_only:
                     forward += images
                 else:
                     stepped += images

@@ -1,6 +1,6 @@
 """What a run computes, in the units of the time estimates (``repro.execute.estimate``): images through
-forward and backward, forward-only images, and passes; and the full sizes and image shapes of the registered
-datasets, so that a plan needs no data on disk.
+forward and backward, forward-only images, and passes; the datasets' full sizes and image shapes come from their
+registry entries, so that a plan needs no data on disk.
 
 Each task reports its run's ``Workload`` (``Task.workload``); the estimator turns workloads into seconds.
 A training image costs three forward passes (forward, and a backward of about twice that).
@@ -13,13 +13,17 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-#: train/test sizes of the full splits and the image shape, so that a plan needs no data on disk
-DATASET_SHAPES = {
-    "fashion_mnist": (60_000, 10_000, 1, 28, 10),
-    "cifar10": (50_000, 10_000, 3, 32, 10),
-    "cifar100": (50_000, 10_000, 3, 32, 100),
-    "imagenet": (1_281_167, 50_000, 3, 224, 1000),
-}
+from repro.data import DATASETS
+from repro.data.base import DatasetShape
+
+#: how a dataset that is not registered (a test's stand-in) is planned: CIFAR-10's sizes and shape
+UNREGISTERED_SHAPE = DatasetShape(train_images=50_000, test_images=10_000, channels=3, image_size=32, num_classes=10)
+
+
+def dataset_shape(name: str) -> DatasetShape:
+    """The registered dataset's full split sizes and image shape (its registry entry's), so that a plan needs no
+    data on disk."""
+    return DATASETS.get(name).shape if name in DATASETS else UNREGISTERED_SHAPE
 
 
 def device_type(kind: str) -> str:
@@ -70,7 +74,8 @@ def step_pass_weight(config: dict[str, Any]) -> float:
     warning, where the step cannot be counted (a model that does not build on the meta device)."""
     from repro.train.operations import step_recipe, training_step_operations
 
-    _, _, chans, size, classes = DATASET_SHAPES.get(config["dataset"]["name"], (0, 0, 3, 32, 10))
+    shape = dataset_shape(config["dataset"]["name"])
+    chans, size, classes = shape.channels, shape.image_size, shape.num_classes
     small_input = bool(config["model"].get("small_input"))
 
     def operations(backbone: str, normalizer: str, options: dict[str, Any], train: dict[str, Any]) -> float:
@@ -89,6 +94,7 @@ def step_pass_weight(config: dict[str, Any]) -> float:
 
 
 def split_sizes(dataset: dict[str, Any]) -> tuple[int, int]:
-    full_train, full_test, *_ = DATASET_SHAPES.get(dataset["name"], (50_000, 10_000, 3, 32, 10))
+    shape = dataset_shape(dataset["name"])
+    full_train, full_test = shape.train_images, shape.test_images
     return (min(dataset.get("train_subset") or full_train, full_train),
             min(dataset.get("test_subset") or full_test, full_test))

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from repro.store.atomic import move_aside
+from repro.store.atomic import atomic_path, move_aside
 
 RESUME_FORMAT = 1
 
@@ -46,10 +46,8 @@ class ResumePolicy:
         return self.every_s is not None and self.clock() - self._last_save >= self.every_s
 
     def save(self, state: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_name(self.path.name + ".tmp")
-        torch.save({"format": RESUME_FORMAT, **state}, partial)
-        partial.replace(self.path)
+        with atomic_path(self.path) as partial:
+            torch.save({"format": RESUME_FORMAT, **state}, partial)
         self._last_save = self.clock()
 
     def load(self) -> dict[str, Any] | None:
