@@ -119,7 +119,7 @@ def reproduce(session: nox.Session) -> None:
     """The main job: train seed 0 of the laptop tier of fmnist-baseline (ResNet-20 under bn, gn and none on the
     whole of Fashion-MNIST) and convert its BN model in qbn-fmnist into reproduced/, two runs at a time (each with
     half of the CPU threads: one each on 2 cores, as the committed records were made); gather and check those
-    records, compare them with the committed ones of the same run ids, then check the committed three seeds. The
+    records, compare them with the committed ones of the same run ids, then check the committed seeds. The
     README gives the measured time.
 
     ``nox -s reproduce -- smoke`` does the same with the smoke tier of every suite (minutes; the quick check of the
@@ -132,7 +132,7 @@ def reproduce(session: nox.Session) -> None:
     fresh = "reproduced"
     # the laptop tier two runs at a time; the smoke tier one at a time, as its generated stand-in datasets are
     # written on first use by whichever run needs them
-    # the laptop tier's seed 0 (its claims' verdicts rest on three seeds, which would take over 20 minutes here;
+    # the laptop tier's seed 0 (its claims' verdicts rest on five seeds, which would take over 20 minutes here;
     # the committed records hold seeds 1 and 2, and `repro run NAME --tier laptop` runs them)
     workers = ["--workers", "2", "--seed", "0"] if tier == "laptop" else []
     for name in names:
@@ -142,7 +142,7 @@ def reproduce(session: nox.Session) -> None:
     _repro(session, "check", "--results", fresh, *names, success_codes=[0, 1])
     # same seed and code: identical on the same kind of CPU; elsewhere within 1 point (provenance says what differs)
     _repro(session, "compare", "results", fresh, *names, "--tolerance", "1.0")
-    if tier == "laptop":  # the verdicts over all three seeds, from the committed records the compare vouched for
+    if tier == "laptop":  # the verdicts over all the seeds, from the committed records the compare vouched for
         _repro(session, "check", "--results", "results", *names, success_codes=[0, 1])
 
 
