@@ -97,8 +97,10 @@ def test_clicking_a_column_header_sorts_the_table(browser, site, screenshots):
     assert header.get_attribute("aria-sort") == "descending"
 
 
-def test_no_page_logs_a_console_error(browser, site, screenshots):
-    pages = [site / "index.html", *sorted((site / "suites").glob("*.html"))]
+def test_no_page_logs_a_console_error(browser, site, report_results, screenshots, tmp_path):
+    compare = tmp_path / "compare"
+    assert main(["report", "--compare", str(report_results), str(report_results), "--out", str(compare)]) == 0
+    pages = [site / "index.html", *sorted((site / "suites").glob("*.html")), compare / "index.html"]
     errors = []
     for page in pages:
         _open(browser, page, screenshots)
