@@ -115,12 +115,20 @@ def check(session: nox.Session) -> None:
 
 
 @nox.session(**SHARED_VENV, default=False)
+def report(session: nox.Session) -> None:
+    """The results site of results/ into results/site/ (``repro report``; pass its flags after --, e.g.
+    ``-- --screenshot docs/report-index.png`` to refresh the README's picture of the index)."""
+    _install(session)
+    _repro(session, "report", "--results", "results", *session.posargs)
+
+
+@nox.session(**SHARED_VENV, default=False)
 def reproduce(session: nox.Session) -> None:
     """The main job: train seed 0 of the laptop tier of fmnist-baseline (ResNet-20 under bn, gn and none on the
     whole of Fashion-MNIST) and convert its BN model in qbn-fmnist into reproduced/, two runs at a time (each with
     half of the CPU threads: one each on 2 cores, as the committed records were made); gather and check those
-    records, compare them with the committed ones of the same run ids, then check the committed seeds. The
-    README gives the measured time.
+    records, compare them with the committed ones of the same run ids, then check the committed seeds, and end
+    with the results site of reproduced/ (its index's path printed last). The README gives the measured time.
 
     ``nox -s reproduce -- smoke`` does the same with the smoke tier of every suite (minutes; the quick check of the
     code paths). A second invocation resumes: runs with a complete record in reproduced/ are not trained again.
@@ -144,6 +152,8 @@ def reproduce(session: nox.Session) -> None:
     _repro(session, "compare", "results", fresh, *names, "--tolerance", "1.0")
     if tier == "laptop":  # the verdicts over all the seeds, from the committed records the compare vouched for
         _repro(session, "check", "--results", "results", *names, success_codes=[0, 1])
+    # the results site of what was reproduced; repro report ends by printing the path of its index
+    _repro(session, "report", "--results", fresh, *names)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ def noxfile():
 
 
 @pytest.mark.parametrize(("name", "posargs"), [("tests", []), ("lint", []), ("suite", ["fmnist-baseline"]),
-                                                ("gather", []), ("check", []), ("reproduce", [])])
+                                                ("gather", []), ("check", []), ("report", []),
+                                                ("reproduce", [])])
 def test_every_command_runs_on_the_sessions_interpreter(noxfile, name: str, posargs: list[str]) -> None:
     session = FakeSession(posargs)
     getattr(noxfile, name).func(session)
@@ -76,6 +77,19 @@ def test_the_tests_session_checks_its_interpreter_first(noxfile) -> None:
     assert pytest_run[:3] == ("python", "-m", "pytest")
     # the check itself passes in this interpreter, which imports torch and this checkout's repro
     exec(compile(check[2], "environment check", "exec"), {})
+
+
+def test_the_main_job_ends_with_the_results_site_of_what_it_reproduced(noxfile) -> None:
+    session = FakeSession([])
+    noxfile.reproduce.func(session)
+    assert session.commands[-1][:6] == ("python", "-m", "repro", "report", "--results", "reproduced")
+
+
+def test_the_report_session_builds_the_site_of_results_and_passes_its_flags(noxfile) -> None:
+    session = FakeSession(["--screenshot", "docs/report-index.png"])
+    noxfile.report.func(session)
+    assert session.commands == [("python", "-m", "repro", "report", "--results", "results", "--screenshot",
+                                 "docs/report-index.png")]
 
 
 def test_reaching_the_hub_is_announced(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,4 @@
-"""Command line: ``repro run | status | gather | check | list | compare | campaign | unpack | bundle``.
+"""Command line: ``repro run | status | gather | check | report | list | compare | campaign | unpack | bundle``.
 
 User errors (a bad suite file, a missing dataset, a bad flag) print one line and exit with status 2.
 """
@@ -9,13 +9,13 @@ import argparse
 import functools
 import sys
 
-from repro.cli import bundle, campaign, check, compare, gather, list_suites, run, status, unpack
+from repro.cli import bundle, campaign, check, compare, gather, list_suites, report, run, status, unpack
 from repro.errors import UserError
 from repro.process import keep_freed_memory
 
 #: one module per command, in the order ``repro --help`` lists them: each adds its parser and handles its command
-COMMANDS = {"run": run, "status": status, "gather": gather, "check": check, "compare": compare, "list": list_suites,
-            "campaign": campaign, "unpack": unpack, "bundle": bundle}
+COMMANDS = {"run": run, "status": status, "gather": gather, "check": check, "report": report, "compare": compare,
+            "list": list_suites, "campaign": campaign, "unpack": unpack, "bundle": bundle}
 
 
 def _parser() -> argparse.ArgumentParser:

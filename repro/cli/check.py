@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
 
 from repro.cli.common import RESULTS_HELP, suite_refs
@@ -13,18 +15,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     check.add_argument("--results", type=Path, default=Path("results"), help=RESULTS_HELP)
     check.add_argument("--strict", action="store_true",
                        help="also exit 1 when a reference is 'not run' or 'incomplete' (use in CI and campaigns)")
+    check.add_argument("--json", action="store_true",
+                       help="print the results as a JSON list, one object per reference and tier (status: the "
+                       "verdict), instead of the report; notes go to stderr; same exit status")
     check.add_argument("suites", nargs="*", help="suite names or files (default: every suite with records)")
 
 
 def handle(args: argparse.Namespace) -> int:
-    from repro.results.check import STATUSES, failing, report_frame
+    from repro.results.check import STATUSES, failing, report_frame, to_json
     from repro.results.gather import run_checks, stale_counts
     from repro.results.tables import markdown
 
     names = suite_refs(args.suites)
     results = run_checks(args.results, names)
+    notes = sys.stderr if args.json else sys.stdout  # stdout holds the JSON alone
     for name, count in stale_counts(args.results, names).items():
-        print(f"{name}: {count} stale records (an older version or recipe) ignored")
+        print(f"{name}: {count} stale records (an older version or recipe) ignored", file=notes)
+    if args.json:
+        print(json.dumps(to_json(results), indent=1))
+        return 1 if failing(results, strict=args.strict) or (args.strict and not results) else 0
     if not results:
         print(f"no references to check in {args.results}")
         return 1 if args.strict else 0

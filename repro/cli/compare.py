@@ -13,15 +13,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     compare.add_argument("results_a", type=Path, help="reference results folder (e.g. the committed results/)")
     compare.add_argument("results_b", type=Path, help="results folder to judge (e.g. a fresh run)")
     compare.add_argument("suites", nargs="*", help="suite names or files (default: every suite with records)")
-    compare.add_argument("--tolerance", type=float, default=0.5,
-                         help="largest |B - A| still accepted where a setting has a single seed in common, in each "
-                         "metric's unit (default 0.5: points of top-1)")
-    compare.add_argument("--match", choices=("run_id", "setting"), default="run_id",
-                         help="pair runs by run id (the same recipe and seed; default), or by suite, tier and setting "
-                              "(seed included), to compare two recipes of the same settings, e.g. float32 and bf16")
-    compare.add_argument("--confidence", type=float, default=0.95,
-                         help="level of the t-interval of the differences paired by seed, where a setting has 2 or "
-                         "more seeds in common; 0 within it is 'within noise' (default 0.95)")
+    add_judging_options(compare)
+
+
+def add_judging_options(parser: argparse.ArgumentParser) -> None:
+    """How two folders' runs are paired and judged: ``repro compare``'s options, shared by ``repro report
+    --compare``."""
+    parser.add_argument("--tolerance", type=float, default=0.5,
+                        help="largest |B - A| still accepted where a setting has a single seed in common, in each "
+                        "metric's unit (default 0.5: points of top-1)")
+    parser.add_argument("--match", choices=("run_id", "setting"), default="run_id",
+                        help="pair runs by run id (the same recipe and seed; default), or by suite, tier and setting "
+                             "(seed included), to compare two recipes of the same settings, e.g. float32 and bf16")
+    parser.add_argument("--confidence", type=float, default=0.95,
+                        help="level of the t-interval of the differences paired by seed, where a setting has 2 or "
+                        "more seeds in common; 0 within it is 'within noise' (default 0.95)")
 
 
 def handle(args: argparse.Namespace) -> int:

@@ -13,14 +13,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from repro.errors import UserError
+from repro.store.atomic import atomic_folder
 from repro.store.records import check_writable
 
 #: repro's imports that a PyTorch box lacks, pinned through requirements.lock when it is there
@@ -98,15 +97,8 @@ def write_bundle(out: Path, *, datasets: list[str], data_dir: Path | None, pytho
         raise UserError(f"--dataset {unknown[0]}: allowed: {', '.join(BUNDLED_DATASETS)} (the datasets whose files "
                         "are small enough to carry)")
     check_out_folder(out)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        source = _fill(staging, datasets, data_dir, python_version, platforms, repo)
-        staging.chmod(0o755)  # mkdtemp's 0700 would hide the bundle from the people it is for
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return source
+    with atomic_folder(out) as staging:
+        return _fill(staging, datasets, data_dir, python_version, platforms, repo)
 
 
 def _fill(folder: Path, datasets: list[str], data_dir: Path | None, python_version: str, platforms: list[str],

@@ -13,7 +13,7 @@ tolerance. One run per side gives no interval: such a reference is ``inconclusiv
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import pandas as pd
 from scipy import stats
@@ -303,7 +303,7 @@ def _relative(suite: str, tier: str, ref: RelativeReference, frame: pd.DataFrame
               ) -> CheckResult:
     a = _side(frame, runs, ref.a, ref.metric, ref.diverged_as, ref.collapsed_as)
     b = _side(frame, runs, ref.b, ref.metric, ref.diverged_as, ref.collapsed_as)
-    bounds = f"[{'-∞' if ref.min is None else f'{ref.min:g}'}, {'+∞' if ref.max is None else f'{ref.max:g}'}]"
+    bounds = bounds_text(ref.min, ref.max)
     common = {"confidence": ref.confidence, "bound_min": ref.min, "bound_max": ref.max}
     against = _diverged_against_claim(ref, {"a": a, "b": b})
     if against:
@@ -344,6 +344,11 @@ def _relative(suite: str, tier: str, ref: RelativeReference, frame: pd.DataFrame
     return CheckResult(suite, tier, ref.id, "relative", ref.metric, spread.mean, None, None, bounds, status,
                        len(measured), detail, None if math.isnan(spread.se) else spread.se, spread.low, spread.high,
                        seeds_to_decide=needed, **common)
+
+
+def bounds_text(low: float | None, high: float | None) -> str:
+    """A claim's bounds as ``[min, max]``, an open side as -∞ or +∞."""
+    return f"[{'-∞' if low is None else f'{low:g}'}, {'+∞' if high is None else f'{high:g}'}]"
 
 
 def _diverged_against_claim(ref: RelativeReference, sides: dict[str, _Side]) -> str:
@@ -395,15 +400,25 @@ def failing(results: list[CheckResult], *, strict: bool) -> list[CheckResult]:
     return [r for r in results if r.status in bad]
 
 
-def _fmt(value: float | None) -> str:
+def format_number(value: float | None) -> str:
+    """Two decimals, or — where there is no number (None or NaN)."""
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+
+
+def to_json(results: list[CheckResult]) -> list[dict]:
+    """The results as JSON-ready objects, every field of ``CheckResult``; a number that is not finite is None."""
+    def finite(value):
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+    return [{key: finite(value) for key, value in asdict(result).items()} for result in results]
 
 
 def report_frame(results: list[CheckResult]) -> pd.DataFrame:
     return pd.DataFrame([{
         "suite": r.suite, "tier": r.tier, "reference": r.reference, "kind": r.kind, "metric": r.metric,
-        "reproduced": _fmt(r.reproduced), "reported": _fmt(r.reported), "delta": _fmt(r.delta),
-        "tolerance": r.tolerance, "n": r.n, "se": _fmt(r.se),
+        "reproduced": format_number(r.reproduced), "reported": format_number(r.reported),
+        "delta": format_number(r.delta),
+        "tolerance": r.tolerance, "n": r.n, "se": format_number(r.se),
         "interval": "—" if r.low is None else f"[{r.low:.2f}, {r.high:.2f}]",
         "status": r.status, "detail": r.detail,
     } for r in results])

@@ -68,8 +68,8 @@ def _title(suite: str, tier: str, claims: list[CheckResult]) -> str:
     return f"{suite} · {tier} · differences a − b with {confidences}% intervals"
 
 
-def write_forest_plots(results: list[CheckResult], folder: Path) -> list[Path]:
-    """Write ``<suite>.forest.<tier>.png`` into ``folder`` for each suite and tier among ``results`` with a
+def write_forest_plots(results: list[CheckResult], folder: Path, fmt: str = "png") -> list[Path]:
+    """Write ``<suite>.forest.<tier>.<fmt>`` into ``folder`` for each suite and tier among ``results`` with a
     relative claim; returns the paths written."""
     import matplotlib
 
@@ -100,9 +100,9 @@ def write_forest_plots(results: list[CheckResult], folder: Path) -> list[Path]:
         ax.set_xlabel("a − b (the metric's unit; % of b for a percent claim) · black ticks: each claim's bounds")
         ax.set_title(_title(suite, tier, claims), fontsize="medium")
         ax.grid(axis="x", alpha=0.3)
-        path = folder / f"{suite}.forest.{tier}.png"
+        path = folder / f"{suite}.forest.{tier}.{fmt}"
         with atomic_path(path) as partial:  # "tight" keeps the status texts right of the axes
-            fig.savefig(partial, format="png", dpi=120, bbox_inches="tight")
+            fig.savefig(partial, format=fmt, dpi=120, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
     return written

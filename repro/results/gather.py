@@ -33,6 +33,7 @@ class SuiteResults:
     suite: Suite
     frame: pd.DataFrame
     stale: int
+    records: list[dict]  # the current runs' records, in the frame's order (their provenance, for the report)
 
 
 def expansion_order(suite: Suite) -> dict[str, int]:
@@ -41,7 +42,7 @@ def expansion_order(suite: Suite) -> dict[str, int]:
     return {run.run_id: index for index, run in enumerate(runs)}
 
 
-def _load_all(results_dir: Path, names: list[str] | None) -> list[SuiteResults]:
+def load_all(results_dir: Path, names: list[str] | None) -> list[SuiteResults]:
     """Every suite's results, loaded before anything is written (a mistyped folder is an error, not created)."""
     if not results_dir.is_dir():
         raise UserError(f"--results {results_dir}: no such folder")
@@ -50,7 +51,7 @@ def _load_all(results_dir: Path, names: list[str] | None) -> list[SuiteResults]:
 
 def stale_counts(results_dir: Path, names: list[str] | None = None) -> dict[str, int]:
     """Records per suite that belong to no current run (an older version or recipe): reported, never used."""
-    return {results.name: results.stale for results in _load_all(results_dir, names) if results.stale}
+    return {results.name: results.stale for results in load_all(results_dir, names) if results.stale}
 
 
 def load_results(results_dir: Path, name: str) -> SuiteResults:
@@ -63,7 +64,7 @@ def load_results(results_dir: Path, name: str) -> SuiteResults:
     order = expansion_order(suite)
     stale = sum(r["run_id"] not in order for r in records)
     records = sorted((r for r in records if r["run_id"] in order), key=lambda r: order[r["run_id"]])
-    return SuiteResults(name, suite, records_frame(records), stale)
+    return SuiteResults(name, suite, records_frame(records), stale, records)
 
 
 def suite_names(results_dir: Path) -> list[str]:
@@ -75,7 +76,15 @@ def columns_of(results: SuiteResults) -> list[str]:
     return [*setting_columns(results.suite), *TASKS.get(results.suite.task).extra_columns]
 
 
-def write_plots(results: SuiteResults, folder: Path) -> list[Path]:
+def table_metrics(results: SuiteResults, columns: list[str]) -> list[str]:
+    """The metrics a suite's table shows: its task's own list where it has one, else every metric column."""
+    metrics = metric_columns(results.frame, columns)
+    shown = TASKS.get(results.suite.task).table_metrics
+    return [m for m in shown if m in metrics] if shown else metrics
+
+
+def write_plots(results: SuiteResults, folder: Path, fmt: str = "png") -> list[Path]:
+    """The suite's own plots, one per plot and tier with records, as ``<suite>.<plot>.<tier>.<fmt>``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,9 +113,9 @@ def write_plots(results: SuiteResults, folder: Path) -> list[Path]:
             ax.legend(title=plot.line, fontsize="small")
             ax.grid(alpha=0.3)
             fig.tight_layout()
-            path = folder / f"{results.name}.{plot.name}.{tier}.png"
+            path = folder / f"{results.name}.{plot.name}.{tier}.{fmt}"
             with atomic_path(path) as partial:
-                fig.savefig(partial, format="png", dpi=120)
+                fig.savefig(partial, format=fmt, dpi=120)
             plt.close(fig)
             written.append(path)
     return written
@@ -118,7 +127,7 @@ def gather(results_dir: Path, names: list[str] | None = None) -> list[tuple[Suit
 
     Every suite is loaded before anything is written, and each file is replaced atomically."""
     tables = results_dir / "tables"
-    loaded = _load_all(results_dir, names)
+    loaded = load_all(results_dir, names)
     written = []
     for results in loaded:
         if results.frame.empty:  # nothing current: an older table must not stay to be read as current
@@ -134,9 +143,7 @@ def gather(results_dir: Path, names: list[str] | None = None) -> list[tuple[Suit
         columns = columns_of(results)
         summary = summarize(results.frame, columns)
         write_text_atomic(tables / f"{name}.csv", summary.to_csv(index=False, float_format="%.4f"))
-        metrics = metric_columns(results.frame, columns)
-        if TASKS.get(results.suite.task).table_metrics:
-            metrics = [m for m in TASKS.get(results.suite.task).table_metrics if m in metrics]
+        metrics = table_metrics(results, columns)
         write_text_atomic(tables / f"{name}.md", f"# {name}\n\n{to_markdown(summary, columns, metrics)}\n")
         write_text_atomic(tables / f"{name}.runs.csv", results.frame.to_csv(index=False, float_format="%.4f"))
         tiers_run = set(results.frame["tier"])  # a tier without records would plot nothing but 'not run' rows
@@ -149,7 +156,7 @@ def gather(results_dir: Path, names: list[str] | None = None) -> list[tuple[Suit
 
 def run_checks(results_dir: Path, names: list[str] | None = None) -> list[CheckResult]:
     """Check every suite (all loaded before anything is written); ``check.failing`` says which results fail."""
-    out = [result for results in _load_all(results_dir, names) for result in check(results.suite, results.frame)]
+    out = [result for results in load_all(results_dir, names) for result in check(results.suite, results.frame)]
     for name, part in report_frame(out).groupby("suite") if out else []:
         table = markdown(part.drop(columns="suite"))
         write_text_atomic(results_dir / "checks" / f"{name}.md", f"# {name}: check\n\n{table}\n")

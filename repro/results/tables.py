@@ -59,7 +59,8 @@ def summarize(frame: pd.DataFrame, setting_columns: list[str]) -> pd.DataFrame:
     return summary.reset_index()
 
 
-def _mean_std(mean: float, std: float, se: float) -> str:
+def mean_std_text(mean: float, std: float, se: float) -> str:
+    """'mean ± std (SE se)' over seeds; the mean alone for a single seed, — for none."""
     if pd.isna(mean):
         return "—"
     return f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} ± {std:.2f} (SE {se:.2f})"
@@ -80,7 +81,7 @@ def to_markdown(summary: pd.DataFrame, setting_columns: list[str], metrics: list
     shown = pd.DataFrame({k: summary[k] for k in keys})
     for metric in metrics:
         if f"{metric}_mean" in summary:
-            shown[metric] = [_mean_std(*stats) for stats in zip(
+            shown[metric] = [mean_std_text(*stats) for stats in zip(
                 summary[f"{metric}_mean"], summary[f"{metric}_std"], summary[f"{metric}_se"], strict=True)]
     shown["n"] = summary["n"]
     for count in ("diverged", "collapsed"):
