@@ -28,13 +28,17 @@ from repro.suite.schema import Suite
 from repro.tasks.workload import device_type
 
 
-def parse_duration(text: str, flag: str = "--budget") -> float:
-    """``9m``, ``90s``, ``1h30m`` or plain seconds, as seconds."""
+def parse_duration(text: str, flag: str = "--budget", *, above_zero: bool = False) -> float:
+    """``9m``, ``90s``, ``1h30m`` or plain seconds, as seconds; ``above_zero`` for a budget or an interval that
+    nothing could be done in (0 stays allowed where it means "every time", as for ``--checkpoint-every``)."""
     parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", text)
     if not text.strip() or parts is None or not any(parts.groups()):
         raise UserError(f"{flag} {text!r}: allowed: a duration such as 90s, 9m, 1h30m, or seconds")
     hours, minutes, seconds = (float(p) if p else 0.0 for p in parts.groups())
-    return 3600 * hours + 60 * minutes + seconds
+    total = 3600 * hours + 60 * minutes + seconds
+    if above_zero and total <= 0:
+        raise UserError(f"{flag} {text!r}: must be more than 0, such as 90s or 9m")
+    return total
 
 
 @dataclass
