@@ -41,7 +41,6 @@ from repro.suite.expand import expand
 from repro.suite.load import file_sha256, load_suite
 from repro.suite.schema import Suite
 from repro.tasks.base import TASKS, RunContext, RunOutcome, RunSpec
-from repro.train.config import TrainConfig
 from repro.train.distributed import DataParallel
 
 
@@ -112,7 +111,7 @@ def check_data_parallel(suite_ref: str | Path, tier: str, world_size: int) -> No
     if suite.task != "train":
         raise UserError(f"{path}: task {suite.task!r} runs in one process; --nproc applies to task 'train'")
     for run in runs:
-        cfg = TrainConfig.model_validate(run.config["train"])
+        cfg = run.typed_config.train
         if cfg.micro_batch is None:
             raise UserError(f"{path}: field train.micro_batch must be set to run on {world_size} processes "
                             f"(images per device; batch_size {cfg.batch_size} / {world_size} = "
@@ -174,7 +173,7 @@ class RunRecorder:
             outcome, error = self.task.run(run, ctx), None
         if (data_parallel is not None and not data_parallel.is_main) or outcome.status == "stopped":
             return outcome, error  # a stopped run has saved its training state; its record comes when it ends
-        data = ctx.dataset(run.config["dataset"])
+        data = ctx.dataset(run.typed_config.dataset)
         code_changes = changed_during_run(code_at_start, self.code_version())
         if code_changes:  # the numbers may come from code other than the record names: said on the run's line
             outcome.extra["provenance"] = PROVENANCE_CHANGED
@@ -189,7 +188,7 @@ class RunRecorder:
             "images_per_s": outcome.images_per_s, "diverged_step": outcome.diverged_step, "extra": outcome.extra,
             "error": error, "started_at": started, "finished_at": _now(), "shared_from": shared_from,
             "provenance": {
-                **provenance(ctx.device, ctx.data_fingerprint(run.config["dataset"]), data.source, code_at_start),
+                **provenance(ctx.device, ctx.data_fingerprint(run.typed_config.dataset), data.source, code_at_start),
                 "processes": 1 if data_parallel is None else data_parallel.world_size,
                 "runs_sharing_device": ctx.runs_sharing_device,
                 **job_provenance(),
