@@ -208,6 +208,21 @@ def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
+def test_a_duration_above_0_is_one_rule() -> None:
+    """--budget and --poll-every need a duration above 0; --checkpoint-every 0 means every epoch and stays allowed."""
+    from repro.errors import UserError
+
+    for flag in ("--budget", "--poll-every"):
+        with pytest.raises(UserError, match=f"^{flag} '0s': must be more than 0"):
+            parse_duration("0s", flag, above_zero=True)
+    assert parse_duration("0", "--checkpoint-every") == 0
+
+
+def test_poll_every_of_nothing_is_refused_by_repro_run(capsys: pytest.CaptureFixture) -> None:
+    assert main(["run", "fmnist-baseline", "--executor", "slurm", "--dry-run", "--poll-every", "0s"]) == 2
+    assert capsys.readouterr().err == "repro: error: --poll-every '0s': must be more than 0, such as 90s or 9m\n"
+
+
 def test_bad_budget_is_one_line_and_exit_2(capsys: pytest.CaptureFixture) -> None:
     assert main(["campaign", "--budget", "soon", "--plan"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
