@@ -317,6 +317,8 @@ class SlurmExecutor:
         return f"as {self.cluster.scheduler} jobs"
 
     def __enter__(self) -> SlurmExecutor:
+        """Before the first run: without submitit nothing could be submitted."""
+        _import_submitit()
         return self
 
     def __exit__(self, *error: object) -> None:
