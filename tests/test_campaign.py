@@ -14,10 +14,13 @@ import pytest
 
 from repro.cli import main
 from repro.execute.archive import unpack
+from repro.execute.base import SuiteRequest
 from repro.execute.campaign import Campaign
 from repro.execute.estimate import Estimate, Estimator
+from repro.execute.local import SequentialExecutor, WorkerExecutor
 from repro.execute.plan import PlannedRun, order_runs, parse_duration, plan_suite, window_seconds
 from repro.store.records import is_complete, iter_records
+from repro.tasks.base import RunOutcome, RunSpec
 from tests.conftest import TINY_SUITE, computed_fields
 
 
@@ -57,6 +60,98 @@ def test_campaign_keeps_its_budget_resumes_and_archives(campaign_suite: str, tmp
     assert not summary.refused
     assert {k: json.dumps(v, sort_keys=True) for k, v in _records(fresh).items()} == {
         k: json.dumps(records[k], sort_keys=True) for k in first.ran}
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeJob:
+    def __init__(self, run: RunSpec) -> None:
+        self.run, self.state = run, "queued"
+
+    def done(self) -> bool:
+        return self.state != "queued"
+
+    def result(self) -> tuple[RunOutcome, None]:
+        assert self.state == "ended", "the campaign asked for the result of a job that has not ended"
+        return RunOutcome("ok", {"top1": 12.5}, 1.0), None
+
+    def cancel(self) -> bool:
+        self.state = "cancelled"
+        return True
+
+
+class FakeCluster:
+    """Runs nothing: each of its first two waits ends the oldest job one (fake) second later; the third lasts until
+    the time it is given, when the campaign must stop, and ends nothing."""
+
+    slots = 2
+    runs_here = False
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.submitted: list[tuple[SuiteRequest, str, float | None]] = []
+        self.in_flight: list[FakeJob] = []
+        self.most_in_flight = 0
+        self.waits = 0
+
+    def expect(self, runs: int) -> None:
+        pass
+
+    def submit(self, request: SuiteRequest, runs: list[RunSpec], seconds_left: float | None = None) -> list[FakeJob]:
+        jobs = [FakeJob(run) for run in runs]
+        self.submitted += [(request, run.run_id, seconds_left) for run in runs]
+        self.in_flight += jobs
+        self.most_in_flight = max(self.most_in_flight, len(self.in_flight))
+        return jobs
+
+    def wait(self, handles: list[FakeJob], timeout: float | None = None) -> list[FakeJob]:
+        self.waits += 1
+        if self.waits > 2:
+            self.clock.now += timeout
+            return []
+        self.clock.now += 1.0
+        oldest = self.in_flight.pop(0)
+        oldest.state = "ended"
+        return [oldest]
+
+    def placement(self, device: object) -> str:
+        return "on a fake cluster"
+
+    def __enter__(self) -> "FakeCluster":
+        return self
+
+    def __exit__(self, *error: object) -> None:
+        pass
+
+
+def test_a_campaign_runs_on_the_executor_it_is_given_and_cancels_its_jobs_at_the_deadline(
+        campaign_suite: str, tmp_path: Path) -> None:
+    """On a fake two-slot cluster: the runs go to it in the campaign's order, two at a time, with the time left
+    before the closing reserve and the device as given (not resolved here: cuda on this CPU machine). Two end; the
+    two in flight at the deadline are cancelled; the other twelve are not started. Nothing runs here."""
+    from repro.execute.campaign import CLOSING_RESERVE_S
+
+    clock = FakeClock()
+    cluster = FakeCluster(clock)
+    budget = 1000.0
+    campaign = Campaign([campaign_suite], "smoke", budget, tmp_path / "results", device="cuda", executor=cluster,
+                        kind="cpu", clock=clock, echo=lambda _: None)
+    order = [item.run.run_id for item in order_runs(campaign.plans("cpu"))]
+    summary = campaign.run()
+    submitted = [run_id for _, run_id, _ in cluster.submitted]
+    assert submitted == order[:4] and cluster.most_in_flight == 2
+    assert [seconds for _, _, seconds in cluster.submitted] == [budget - CLOSING_RESERVE_S] * 2 + [
+        budget - CLOSING_RESERVE_S - 1, budget - CLOSING_RESERVE_S - 2]
+    assert {request.device for request, _, _ in cluster.submitted} == {"cuda"}
+    assert summary.ran == order[:2] and summary.statuses == {"ok": 2}
+    assert summary.cancelled == order[2:4] and summary.not_started == order[4:]
+    assert not list((tmp_path / "results").glob("runs/**/*.json")), "nothing ran in this process"
 
 
 def test_order_serves_one_seed_of_every_referenced_setting_first(campaign_suite: str, tmp_path: Path) -> None:
@@ -111,6 +206,21 @@ def test_window_on_workers_waits_for_a_model_being_trained() -> None:
 @pytest.mark.parametrize(("text", "seconds"), [("9m", 540), ("90s", 90), ("1h30m", 5400), ("45", 45)])
 def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
+
+
+def test_a_duration_above_0_is_one_rule() -> None:
+    """--budget and --poll-every need a duration above 0; --checkpoint-every 0 means every epoch and stays allowed."""
+    from repro.errors import UserError
+
+    for flag in ("--budget", "--poll-every"):
+        with pytest.raises(UserError, match=f"^{flag} '0s': must be more than 0"):
+            parse_duration("0s", flag, above_zero=True)
+    assert parse_duration("0", "--checkpoint-every") == 0
+
+
+def test_poll_every_of_nothing_is_refused_by_repro_run(capsys: pytest.CaptureFixture) -> None:
+    assert main(["run", "fmnist-baseline", "--executor", "slurm", "--dry-run", "--poll-every", "0s"]) == 2
+    assert capsys.readouterr().err == "repro: error: --poll-every '0s': must be more than 0, such as 90s or 9m\n"
 
 
 def test_bad_budget_is_one_line_and_exit_2(capsys: pytest.CaptureFixture) -> None:
@@ -232,15 +342,15 @@ def test_workers_record_what_one_process_records_and_wait_for_a_model_being_trai
                                                                                                      saving)))
     (suites_dir / "reader.yaml").write_text(textwrap.dedent(TINY_SUITE.format(name="reader")))
     records = {}
-    for workers in (1, 2):
-        results = tmp_path / f"workers-{workers}"
-        summary = Campaign(["saver", "reader"], "smoke", 600.0, results, device="cpu", workers=workers,
+    for name, executor in (("here", SequentialExecutor()), ("workers", WorkerExecutor(2))):
+        results = tmp_path / name
+        summary = Campaign(["saver", "reader"], "smoke", 600.0, results, device="cpu", executor=executor,
                            echo=lambda _: None).run()
         assert len(summary.ran) == 4 and summary.statuses == {"ok": 4}
-        records[workers] = [r for suite in ("saver", "reader") for r in iter_records(results, suite)]
-    assert [computed_fields(r) for r in records[2]] == [computed_fields(r) for r in records[1]]
+        records[name] = [r for suite in ("saver", "reader") for r in iter_records(results, suite)]
+    assert [computed_fields(r) for r in records["workers"]] == [computed_fields(r) for r in records["here"]]
     for normalizer in ("bn", "gn"):
-        pair = [r for r in records[2] if r["setting"]["normalizer"] == normalizer]
+        pair = [r for r in records["workers"] if r["setting"]["normalizer"] == normalizer]
         loaded = [bool(r["extra"].get("from_checkpoint")) for r in pair]
         assert loaded == [False, True], "trained beside the run that was training the same model"
 
@@ -250,8 +360,8 @@ def test_a_worker_killed_mid_run_loses_only_its_runs(campaign_suite: str, tmp_pa
     """SIGKILL one of two workers once a run has completed: the campaign ends without raising, names the runs it
     lost, and still leaves every completed record, the check and the archive."""
     results, archive = tmp_path / "results", tmp_path / "window.tar.gz"
-    campaign = Campaign([campaign_suite], "smoke", 600.0, results, device="cpu", archive=archive, workers=2,
-                        echo=lambda _: None)
+    campaign = Campaign([campaign_suite], "smoke", 600.0, results, device="cpu", archive=archive,
+                        executor=WorkerExecutor(2), echo=lambda _: None)
     outcome: dict[str, object] = {}
     thread = threading.Thread(target=lambda: outcome.update(summary=campaign.run()))
     thread.start()

@@ -198,14 +198,20 @@ def test_a_bad_cluster_file_names_its_field(suites_dir: Path, tmp_path: Path, te
 
 def test_without_submitit_the_error_names_the_extra(suites_dir: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from repro.execute.slurm import ClusterConfig, submit_suite
+    from repro.execute.campaign import Campaign
+    from repro.execute.slurm import ClusterConfig, SlurmExecutor, submit_suite
 
     monkeypatch.setitem(sys.modules, "submitit", None)
     request = SuiteRequest("tiny", "smoke", "cpu", tmp_path / "results")
+    missing = r"--executor slurm needs submitit: pip install 'repro\[slurm\]'"
     for dry_run in (True, False):
-        with pytest.raises(UserError, match=r"--executor slurm needs submitit: pip install 'repro\[slurm\]'"):
+        with pytest.raises(UserError, match=missing):
             submit_suite(request, ClusterConfig(), dry_run=dry_run, echo=lambda _: None)
-    assert not (tmp_path / "results" / "runs").exists()
+    campaign = Campaign(["tiny"], "smoke", 600.0, tmp_path / "results", executor=SlurmExecutor(ClusterConfig()),
+                        kind="cpu", echo=lambda _: None)
+    with pytest.raises(UserError, match=missing):
+        campaign.run()
+    assert not (tmp_path / "results" / "runs").exists() and not (tmp_path / "results" / "jobs").exists()
 
 
 @pytest.mark.parametrize(("flags", "message"), [

@@ -10,7 +10,7 @@ from repro.execute import run_suite
 from repro.execute.base import SuiteRequest
 from repro.execute.campaign import Campaign
 from repro.execute.estimate import Estimator
-from repro.execute.local import run_workers
+from repro.execute.local import WorkerExecutor, run_workers
 from repro.execute.plan import order_runs, plan_suite
 from repro.store.records import iter_records
 from repro.suite.expand import expand
@@ -141,7 +141,8 @@ def test_workers_copy_a_shared_run_instead_of_computing_it_beside_its_primary(
     if executor == "repro run --workers":
         run_workers(SuiteRequest("shared", "smoke", "cpu", results, progress=False), 2, echo=lambda _: None)
     else:
-        Campaign(["shared"], "smoke", 600.0, results, device="cpu", workers=2, echo=lambda _: None).run()
+        Campaign(["shared"], "smoke", 600.0, results, device="cpu", executor=WorkerExecutor(2),
+                 echo=lambda _: None).run()
     records = {(r["setting"]["normalizer"], r["setting"]["train.micro_batch"]): r
                for r in iter_records(results, "shared")}
     assert len(records) == 4

@@ -201,6 +201,28 @@ def test_amp_cpu_enters_the_run_id_only_when_set(suites_dir: Path) -> None:
     assert [TrainConfig.model_validate(r.config["train"]).amp_cpu for r in fp32 + bf16] == [False, False, True, True]
 
 
+def test_the_typed_config_holds_what_the_stored_config_holds() -> None:
+    """Every run of every shipped suite's tiers: the typed config tasks read (validated once, at expansion) says
+    what the stored config says (what records keep and run ids hash), ``sequential_micro_batches`` of unshared
+    seeds included, and the run id is still the stored config's hash."""
+    from repro.suite.load import list_suite_files
+
+    unshared = 0
+    for path in list_suite_files():
+        suite, _ = load_suite(path)
+        for tier in suite.tiers:
+            for run in expand(suite, tier):
+                typed, stored = run.typed_config, run.config
+                assert run_id_of(stored) == run.run_id
+                assert (typed.seed, typed.backbone) == (stored["seed"], stored["backbone"])
+                assert vars(typed.normalizer) == stored["normalizer"]
+                assert typed.dataset.model_dump() == stored["dataset"] and typed.model.model_dump() == stored["model"]
+                assert typed.train.stored_dump() == stored["train"], (path, tier, run.label)
+                assert typed.task_options.model_dump() == stored["task_options"]
+                unshared += typed.train.sequential_micro_batches
+    assert unshared > 0, "no unshared seed among the suites: the flag expansion sets went untested"
+
+
 def test_every_shipped_suite_validates() -> None:
     """The suites and experiments in the repository load (the reference rules included), and their smoke tiers
     expand to at least one run."""

@@ -8,12 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from repro.cli.common import DATA_DIR_HELP, RESULTS_HELP, TIER_HELP
+from repro.cli.common import (
+    DATA_DIR_HELP,
+    RESULTS_HELP,
+    SLURM_FLAGS,
+    TIER_HELP,
+    add_executor_arguments,
+    check_executor_flags,
+    slurm_executor,
+)
 from repro.errors import UserError
-
-#: ``repro run``'s flags (as argparse names them) that only the Slurm executor reads
-SLURM_FLAGS = ("wait", "poll_every", "dry_run", "cluster", "partition", "time", "gpus_per_node", "cpus_per_task",
-               "mem", "sbatch_option")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,44 +38,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--run-id", action="append", default=None, help="run only this run (repeatable)")
     run.add_argument("--seed", action="append", type=int, default=None,
                      help="run only the tier's runs of this seed (repeatable; with --run-id, runs matching both)")
-    _add_executor_arguments(run)
-
-
-def _add_executor_arguments(run: argparse.ArgumentParser) -> None:
-    where = run.add_argument_group("where runs execute (see README, 'Running a suite on a Slurm cluster')")
-    where.add_argument("--executor", choices=("local", "slurm"), default="local",
-                       help="local: this machine (default); slurm: one job per run through submitit")
-    where.add_argument("--workers", type=int, default=1,
-                       help="local: runs at once in separate processes, one GPU each or sharing the device "
-                       "(default 1)")
+    where = add_executor_arguments(run, "slurm --wait: how often to ask the scheduler, e.g. 5s (default 30s)")
     where.add_argument("--wait", action="store_true", help="slurm: return when every submitted job has ended")
-    where.add_argument("--poll-every", default=None, metavar="DURATION",
-                       help="slurm --wait: how often to ask the scheduler, e.g. 5s (default 30s)")
     where.add_argument("--dry-run", action="store_true", help="slurm: print the sbatch scripts, submit nothing")
-    where.add_argument("--cluster", type=Path, default=None, help="slurm: a YAML file with a 'cluster:' block")
-    where.add_argument("--partition", default=None, help="slurm: the partition the jobs go to")
-    where.add_argument("--time", type=int, default=None, help="slurm: minutes per job")
-    where.add_argument("--gpus-per-node", type=int, default=None,
-                       help="slurm: GPUs per job of a one-process run (a run with --nproc N gets N)")
-    where.add_argument("--cpus-per-task", type=int, default=None, help="slurm: CPU cores per job")
-    where.add_argument("--mem", type=float, default=None, help="slurm: memory per job in GB, a finite number above 0")
-    where.add_argument("--sbatch-option", action="append", default=[], metavar="KEY=VALUE",
-                       help="slurm: extra sbatch option, e.g. account=mylab (repeatable)")
 
 
 def _submit(args: argparse.Namespace, request) -> int:
-    from repro.execute.plan import parse_duration
-    from repro.execute.slurm import SlurmExecutor, cluster_config, parse_sbatch_options
+    from repro.execute.slurm import submit_suite
 
-    cluster = cluster_config(args.cluster, {
-        "partition": args.partition, "time": args.time, "gpus_per_node": args.gpus_per_node,
-        "cpus_per_task": args.cpus_per_task, "mem_gb": args.mem,
-        "sbatch_options": parse_sbatch_options(args.sbatch_option)})
-    poll_s = (parse_duration(args.poll_every, "--poll-every") if args.poll_every
-              else 1.0 if cluster.scheduler == "local" else 30.0)
-    if poll_s <= 0:
-        raise UserError(f"--poll-every {args.poll_every}: allowed: a duration above 0, such as 5s")
-    summary = SlurmExecutor(cluster, args.dry_run, args.wait, poll_s).run(request)
+    executor = slurm_executor(args)
+    summary = submit_suite(request, executor.cluster, dry_run=args.dry_run, wait=args.wait, poll_s=executor.poll_s)
     if args.dry_run:
         return 0
     if not args.wait:
@@ -94,22 +70,16 @@ def handle(args: argparse.Namespace, argv: list[str]) -> int:
     from repro.execute.base import SuiteRequest
     from repro.execute.local import SequentialExecutor, WorkerExecutor
     from repro.execute.plan import parse_duration
-    from repro.execute.runner import check_data_parallel, resolve_device
+    from repro.execute.runner import check_data_parallel, execute_suite, resolve_device
     from repro.train.distributed import init_data_parallel, under_torchrun
 
     started = int(os.environ["WORLD_SIZE"]) if under_torchrun() else 1
     if args.nproc < 1:
         raise UserError(f"--nproc {args.nproc}: must be at least 1")
-    if args.workers < 1:
-        raise UserError(f"--workers {args.workers}: must be at least 1")
-    slurm_only = next((name for name in SLURM_FLAGS if getattr(args, name) not in (None, False, [])), None)
-    if args.executor == "local" and slurm_only:
-        raise UserError(f"--{slurm_only.replace('_', '-')}: applies to --executor slurm")
+    check_executor_flags(args, (*SLURM_FLAGS, "wait", "dry_run"))
     if args.workers > 1 and args.nproc > 1:
         raise UserError(f"--workers {args.workers}: a run with --nproc {args.nproc} already uses several processes; "
                         "pass one of them")
-    if args.executor == "slurm" and args.workers > 1:
-        raise UserError(f"--workers {args.workers}: applies to --executor local; on Slurm each run is a job")
     request = SuiteRequest(args.suite, args.tier, args.device, args.results, args.data_dir, args.force,
                            not args.no_progress, args.nproc, _selected_run_ids(args),
                            parse_duration(args.checkpoint_every, "--checkpoint-every"))
@@ -126,7 +96,7 @@ def handle(args: argparse.Namespace, argv: list[str]) -> int:
         data_parallel = init_data_parallel(use_cuda=device.type == "cuda")
     try:
         executor = WorkerExecutor(args.workers) if args.workers > 1 else SequentialExecutor(data_parallel)
-        summary = executor.run(request)
+        summary = execute_suite(executor, request, data_parallel=data_parallel)
     finally:
         if data_parallel is not None:
             import torch.distributed as dist

@@ -5,6 +5,6 @@ A run is the unit of work. Whoever runs it writes its record (``repro.execute.ru
 and records do not depend on the executor.
 """
 
-from repro.execute.runner import run_suite
+from repro.execute.local import run_suite
 
 __all__ = ["run_suite"]

@@ -1,15 +1,18 @@
-"""The executor interface: what to run (a ``SuiteRequest``), independent of where an ``Executor`` runs it."""
+"""The executor interface: what to run (a ``SuiteRequest``), independent of where an ``Executor`` runs it, and
+the handle an executor returns for each run it takes."""
 
 from __future__ import annotations
 
 import shlex
-from collections.abc import Callable
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from repro.execute.runner import SuiteRunSummary
+    import torch
+
+    from repro.tasks.base import RunOutcome, RunSpec
 
 
 @dataclass(frozen=True)
@@ -48,11 +51,63 @@ class SuiteRequest:
         return command
 
 
-class Executor(Protocol):
-    """Places a request's pending runs: in this process, on local workers, or as cluster jobs.
+#: what running a run gives: its outcome and error, or None when another process completed it meanwhile
+RunResult = tuple["RunOutcome", str | None] | None
 
-    Every executor skips runs with a complete record (unless ``force``) and has each run's record written by
-    whoever ran it, through ``repro.execute.runner.RunRecorder``.
+
+class ExecutorLost(RuntimeError):
+    """The executor can run nothing more (a worker process died): the runs it held have no record."""
+
+
+class RunHandle(Protocol):
+    """One submitted run, as a submitit job is one submitted function: ask whether it has ended, wait for its
+    result, or cancel it."""
+
+    run: RunSpec
+
+    def done(self) -> bool: ...
+
+    def result(self) -> RunResult:
+        """Wait for the run to end; raises ``ExecutorLost`` when what ran it died."""
+        ...
+
+    def cancel(self) -> bool:
+        """Stop the run if this executor can (a queued or running job; a run not yet started); whether it did."""
+        ...
+
+
+class Executor(Protocol):
+    """Takes runs and returns one handle per run: in this process, on local worker processes, or as cluster jobs.
+
+    Whoever runs a run writes its record, through ``repro.execute.runner.RunRecorder``, so run ids and records do
+    not depend on the executor. An executor is a context manager: leaving it releases what it started (a process
+    pool) and cancels what has not started when an error leaves it.
     """
 
-    def run(self, request: SuiteRequest, echo: Callable[[str], None] = print) -> SuiteRunSummary: ...
+    #: how many runs it runs at once; callers keep no more than this many submitted and not done
+    slots: int
+    #: whether runs go to processes of this machine, so that the device is resolved here
+    runs_here: bool
+
+    def expect(self, runs: int) -> None:
+        """At most ``runs`` runs will be submitted in all: an executor that starts processes starts no more."""
+        ...
+
+    def submit(self, request: SuiteRequest, runs: Sequence[RunSpec], seconds_left: float | None = None
+               ) -> list[RunHandle]:
+        """Start ``runs`` of ``request``'s suite and tier (ordered as given). ``seconds_left``: a deadline, by which
+        training stops with a resumable state, where the executor can pass it to the run."""
+        ...
+
+    def wait(self, handles: Collection[RunHandle], timeout: float | None = None) -> list[RunHandle]:
+        """Block until at least one of ``handles`` is done (or ``timeout`` seconds passed); the done ones."""
+        ...
+
+    def placement(self, device: torch.device | None) -> str:
+        """Where runs go, for the line that starts a suite: ``on cpu``, ``on 2 workers, 2 GPUs``, ``as slurm jobs``
+        (``device``: None where runs do not go here)."""
+        ...
+
+    def __enter__(self) -> Executor: ...
+
+    def __exit__(self, *error: object) -> None: ...

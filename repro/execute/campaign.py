@@ -2,25 +2,28 @@
 most references per minute (``repro.execute.plan``), and leave an archive that is current after every completed
 run.
 
-A run whose estimate does not fit in the time left is not started; later, shorter runs still may be. Training
-checks the deadline after every epoch and stops there with a resumable checkpoint (``repro.train.resume``), so the
-next campaign or ``repro run`` continues it; no record is written for an unfinished run. Only data already on disk
-is used: the hub is switched off.
+A campaign is an ordering-and-budget policy over any executor (``repro.execute.base.Executor``): this process,
+local worker processes, or Slurm jobs. A run whose estimate does not fit in the time left is not started; later,
+shorter runs still may be. Training checks the deadline after every epoch and stops there with a resumable
+checkpoint (``repro.train.resume``), so the next campaign or ``repro run`` continues it; no record is written for
+an unfinished run. A cluster job gets no deadline: at the deadline the campaign cancels the jobs still running.
+Only data already on disk is used: the hub is switched off.
 
-With ``workers`` > 1 the runs go, in that order, to that many spawned processes sharing the device (small models
-at 28 px leave a large GPU mostly idle): a run starts when a process is free and its estimate fits in the time
+The executor runs up to its ``slots`` runs at once (``--workers K`` spawned processes sharing the device: small
+models at 28 px leave a large GPU mostly idle): a run starts when a slot is free and its estimate fits in the time
 left; a run that loads a model another running run is training waits for it, and later runs go first meanwhile.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from repro.errors import UserError
+from repro.execute.base import Executor, ExecutorLost, RunHandle, SuiteRequest
 from repro.execute.estimate import Estimate, Estimator, device_kind
 from repro.execute.plan import (
     PlannedRun,
@@ -50,15 +53,20 @@ class CampaignSummary:
     archive: Path | None = None
     trained: dict[str, str] = field(default_factory=dict)  # model key -> suite, for the models this campaign saved
     lost: list[str] = field(default_factory=list)  # runs whose worker process died
+    cancelled: list[str] = field(default_factory=list)  # cluster jobs still running at the deadline
 
 
 class Campaign:
-    """One budgeted campaign over several suites at one tier, on this process's device."""
+    """One budgeted campaign over several suites at one tier, on ``executor`` (default: this process)."""
 
     def __init__(self, suites: list[str], tier: str, budget_s: float, results_dir: Path, *, device: str = "auto",
                  data_dir: Path | None = None, archive: Path | None = None, progress: bool = False,
                  echo: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
-                 checkpoint_every_s: float | None = None, workers: int = 1) -> None:
+                 checkpoint_every_s: float | None = None, executor: Executor | None = None,
+                 kind: str | None = None) -> None:
+        import torch
+
+        from repro.execute.local import SequentialExecutor
         from repro.execute.runner import resolve_device
         from repro.tasks import RunContext
 
@@ -68,12 +76,19 @@ class Campaign:
         self.suites, self.tier, self.results_dir = suites, tier, results_dir
         self.clock = clock
         self.deadline = clock() + budget_s
-        self.device = resolve_device(device)
-        # training stops early enough to leave time for gathering, checking and archiving
-        self.ctx = RunContext(self.device, results_dir, data_dir, progress, deadline=self.deadline - CLOSING_RESERVE_S,
-                              clock=clock, checkpoint_every_s=checkpoint_every_s)
+        self.executor = executor if executor is not None else SequentialExecutor()
+        if not self.executor.runs_here and kind is None:
+            raise UserError("--plan-device: required with --executor slurm: the device kind the jobs run on, as "
+                            "records name it (h200, a100, ...), for the estimates")
+        #: the device kind estimates are for (default: this machine's)
+        self.kind = kind
+        #: the device runs resolve: here, or (None) on the nodes their jobs run on, from ``device_request``
+        self.device = resolve_device(device) if self.executor.runs_here else None
+        self.device_request = device
+        # planning only loads data (to see that it is here)
+        self.ctx = RunContext(self.device or torch.device("cpu"), results_dir, data_dir, progress)
         self.archive = archive
-        self.data_dir, self.checkpoint_every_s, self.workers = data_dir, checkpoint_every_s, workers
+        self.data_dir, self.checkpoint_every_s, self.progress = data_dir, checkpoint_every_s, progress
         self.log_path = results_dir / "campaign.log"
         self._echo = echo
         self.checks: list = []  # the closing check's results (repro.results.check.CheckResult)
@@ -90,10 +105,9 @@ class Campaign:
         return self.deadline - self.clock()
 
     def plans(self, kind: str | None = None) -> list[SuitePlan]:
-        from repro.store.provenance import device_name
         from repro.tasks.base import TASKS, saved_trainings
 
-        kind = kind or device_kind(device_name(self.device), self.device.type)
+        kind = kind or self.executor_kind
         estimator = Estimator(self.results_dir, kind)
         self._saved_before = saved_trainings(self.results_dir)
         plans = []
@@ -128,70 +142,72 @@ class Campaign:
                 self.log(f"{plan.suite.name}: skipped, data not present: {plan.skipped_reason}")
         ready = [plan for plan in plans if not plan.skipped_reason]
         ordered = order_runs(ready)
-        lanes = f" on {self.workers} workers" if self.workers > 1 else ""
-        self.log(f"campaign {self.tier} on {self.device}{lanes}: {len(ordered)} pending runs in "
+        slots = self.executor.slots
+        lanes = f", {slots} runs at once" if slots > 1 else ""
+        where = self.executor.placement(self.device)
+        self.log(f"campaign {self.tier} {where}{lanes}: {len(ordered)} pending runs in "
                  f"{', '.join(p.suite.name for p in ready) or 'no suite'}; {self.left() / 60:.1f} min budget")
         queue = [(f"[{index}/{len(ordered)}] {item.label}", item) for index, item in enumerate(ordered, 1)]
-        if self.workers > 1:
-            self._run_on_workers(queue, ready, summary)
-        else:
-            self._run_here(queue, ready, summary)
+        self.executor.expect(len(queue))
+        with self.executor:
+            self._run_queue(queue, ready, summary)
         self.close(ready)
         return summary
 
-    def _run_here(self, queue: list[tuple[str, PlannedRun]], plans: list[SuitePlan], summary: CampaignSummary
-                  ) -> None:
-        from repro.execute.runner import RunRecorder
-
-        recorders = {}
-        for prefix, item in queue:
-            if not self._may_start(prefix, item, summary):
+    def _run_queue(self, queue: list[tuple[str, PlannedRun]], plans: list[SuitePlan],
+                   summary: CampaignSummary) -> None:
+        """The queue on the executor: free slots take the first runs that may start."""
+        running: dict[RunHandle, tuple[str, PlannedRun]] = {}
+        while queue or running:
+            training = {item.model_key for _, item in running.values()
+                        if item.saves_model and not self._model_saved(item, summary)}
+            in_flight = {(item.suite.name, item.run.run_id) for _, item in running.values()}
+            for entry in list(queue):
+                if len(running) >= self.executor.slots:
+                    break
+                prefix, item = entry
+                if item.model_key in training or shared_primary(item) in in_flight:
+                    continue  # it loads the model that run saves, or copies that run's record
+                queue.remove(entry)
+                if self._may_start(prefix, item, summary):
+                    (handle,) = self.executor.submit(self._request(item), [item.run], self._seconds_to_stop())
+                    running[handle] = entry
+                    in_flight.add((item.suite.name, item.run.run_id))
+                    if item.saves_model and not self._model_saved(item, summary):
+                        training.add(item.model_key)
+            if running and self._seconds_to_stop() <= 0:
+                self._cancel_at_deadline(running, summary)
+            if not running:
                 continue
-            if item.suite.name not in recorders:
-                recorders[item.suite.name] = RunRecorder(item.suite, item.path, self.tier, self.ctx)
-            self._finish(prefix, item, recorders[item.suite.name].run(item.run), plans, summary)
+            # until the stop time, after which only runs that stop themselves (local ones) are left to wait for
+            for handle in self.executor.wait(running, timeout=max(self._seconds_to_stop(), 0) or None):
+                prefix, item = running.pop(handle)
+                try:
+                    result = handle.result()
+                except ExecutorLost:
+                    self._lose_executor(prefix, item, queue, running, summary)
+                    return
+                self._finish(prefix, item, result, plans, summary)
 
-    def _run_on_workers(self, queue: list[tuple[str, PlannedRun]], plans: list[SuitePlan],
-                        summary: CampaignSummary) -> None:
-        """The queue on ``workers`` spawned processes: free processes take the first runs that may start."""
-        from repro.execute.base import SuiteRequest
-        from repro.execute.local import run_in_worker, worker_pool
+    def _request(self, item: PlannedRun) -> SuiteRequest:
+        return SuiteRequest(str(item.path), self.tier, self.device_request, self.results_dir, self.data_dir,
+                            progress=self.progress, checkpoint_every_s=self.checkpoint_every_s)
 
-        running: dict[concurrent.futures.Future, tuple[str, PlannedRun]] = {}
-        with worker_pool(self.workers, self.device) as (pool, sharing):
-            while queue or running:
-                training = {item.model_key for _, item in running.values()
-                            if item.saves_model and not self._model_saved(item, summary)}
-                in_flight = {(item.suite.name, item.run.run_id) for _, item in running.values()}
-                for entry in list(queue):
-                    if len(running) >= self.workers:
-                        break
-                    prefix, item = entry
-                    if item.model_key in training or shared_primary(item) in in_flight:
-                        continue  # it loads the model that run saves, or copies that run's record
-                    queue.remove(entry)
-                    if self._may_start(prefix, item, summary):
-                        request = SuiteRequest(str(item.path), self.tier, str(self.device), self.results_dir,
-                                               self.data_dir, progress=False,
-                                               checkpoint_every_s=self.checkpoint_every_s)
-                        seconds_left = self.deadline - CLOSING_RESERVE_S - self.clock()
-                        running[pool.submit(run_in_worker, request, item.run.run_id, sharing, seconds_left)] = entry
-                        in_flight.add((item.suite.name, item.run.run_id))
-                        if item.saves_model and not self._model_saved(item, summary):
-                            training.add(item.model_key)
-                done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in done:
-                    prefix, item = running.pop(future)
-                    try:
-                        _, result = future.result()
-                    except concurrent.futures.process.BrokenProcessPool:
-                        self._lose_workers(prefix, item, queue, running, summary)
-                        return
-                    self._finish(prefix, item, result, plans, summary)
+    def _seconds_to_stop(self) -> float:
+        """Until training must stop: what gathering, checking and archiving need is kept back from the budget."""
+        return self.left() - CLOSING_RESERVE_S
 
-    def _lose_workers(self, prefix: str, item: PlannedRun, queue: list[tuple[str, PlannedRun]],
-                      running: dict[concurrent.futures.Future, tuple[str, PlannedRun]],
-                      summary: CampaignSummary) -> None:
+    def _cancel_at_deadline(self, running: dict[RunHandle, tuple[str, PlannedRun]], summary: CampaignSummary
+                            ) -> None:
+        """Cancel what the executor can cancel (cluster jobs); local runs stop themselves at the deadline."""
+        for handle, (prefix, item) in list(running.items()):
+            if handle.cancel():
+                del running[handle]
+                summary.cancelled.append(item.run.run_id)
+                self.log(f"{prefix}: cancelled at the deadline; no record (its last saved training state stays)")
+
+    def _lose_executor(self, prefix: str, item: PlannedRun, queue: list[tuple[str, PlannedRun]],
+                       running: dict[RunHandle, tuple[str, PlannedRun]], summary: CampaignSummary) -> None:
         """A worker process died (killed, out of memory): the pool is unusable. The runs it held have no record;
         the campaign ends here, and still gathers, checks and archives what completed."""
         for lost_prefix, lost in [(prefix, item), *running.values()]:
@@ -250,8 +266,11 @@ class Campaign:
 
     @property
     def executor_kind(self) -> str:
+        """The device kind estimates are for: the one given, else this machine's."""
         from repro.store.provenance import device_name
 
+        if self.kind is not None:  # given, or required: runs that do not go here (see __init__)
+            return self.kind
         return device_kind(device_name(self.device), self.device.type)
 
     def close(self, plans: list[SuitePlan]) -> None:

@@ -22,6 +22,8 @@ from repro.store.records import read_record, record_path
 from repro.tasks.base import RunSpec
 
 RUN_STATES = ("pending", "queued", "running", "ok", "failed", "diverged")
+#: the states of a run whose job the scheduler still lists
+ACTIVE_STATES = ("queued", "running")
 #: squeue's job states, as this module names them; a job squeue no longer lists has ended
 _SQUEUE_RUNNING = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT", "RESIZING"}
 

@@ -25,16 +25,21 @@ from repro.execute.estimate import Estimate, Estimator
 from repro.store.records import is_current, read_record, record_path
 from repro.suite.expand import matches
 from repro.suite.schema import Suite
+from repro.tasks.config import RunConfig
 from repro.tasks.workload import device_type
 
 
-def parse_duration(text: str, flag: str = "--budget") -> float:
-    """``9m``, ``90s``, ``1h30m`` or plain seconds, as seconds."""
+def parse_duration(text: str, flag: str = "--budget", *, above_zero: bool = False) -> float:
+    """``9m``, ``90s``, ``1h30m`` or plain seconds, as seconds; ``above_zero`` for a budget or an interval that
+    nothing could be done in (0 stays allowed where it means "every time", as for ``--checkpoint-every``)."""
     parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", text)
     if not text.strip() or parts is None or not any(parts.groups()):
         raise UserError(f"{flag} {text!r}: allowed: a duration such as 90s, 9m, 1h30m, or seconds")
     hours, minutes, seconds = (float(p) if p else 0.0 for p in parts.groups())
-    return 3600 * hours + 60 * minutes + seconds
+    total = 3600 * hours + 60 * minutes + seconds
+    if above_zero and total <= 0:
+        raise UserError(f"{flag} {text!r}: must be more than 0, such as 90s or 9m")
+    return total
 
 
 @dataclass
@@ -103,8 +108,9 @@ def plan_suite(suite_ref: str | Path, tier: str, results_dir: Path, estimator: E
             continue
         references = references_needing(suite, tier, run.setting)
         phase = 2 if not references else (0 if run.setting["seed"] == seeds[0] else 1)
-        key = model_key(run.config) if uses_model_cache(suite.task, run.config) else None
-        item = PlannedRun(suite, path, run, references, phase, key, saves_model=saves_model(suite.task, run.config))
+        key = model_key(run.config) if uses_model_cache(suite.task, run.typed_config) else None
+        item = PlannedRun(suite, path, run, references, phase, key,
+                          saves_model=saves_model(suite.task, run.typed_config))
         if run.shared_with:  # reports an earlier run's numbers (repro.suite.expand): nothing to compute
             item.estimate = Estimate(0.0, "shared with another run")
         else:
@@ -115,18 +121,18 @@ def plan_suite(suite_ref: str | Path, tier: str, results_dir: Path, estimator: E
     return SuitePlan(suite, path, tier, planned, complete)
 
 
-def uses_model_cache(task: str, config: dict[str, Any]) -> bool:
+def uses_model_cache(task: str, config: RunConfig) -> bool:
     """Whether a run's trained model may come from the checkpoint cache: tasks that evaluate trained models load
     it, and a train task reports another suite's saved training of the same recipe."""
-    return task in ("quantize", "tta", "train") and not config["model"].get("pretrained")
+    return task in ("quantize", "tta", "train") and not config.model.pretrained
 
 
-def saves_model(task: str, config: dict[str, Any]) -> bool:
+def saves_model(task: str, config: RunConfig) -> bool:
     """Whether a run leaves its trained model in the checkpoint cache: tasks that evaluate trained models save
     what they train, and a train task does when asked (``save_checkpoint``)."""
     if task in ("quantize", "tta"):
-        return not config["model"].get("pretrained")
-    return task == "train" and bool(config.get("task_options", {}).get("save_checkpoint"))
+        return not config.model.pretrained
+    return task == "train" and config.task_options.save_checkpoint
 
 
 def model_ready(item: PlannedRun, saved_models: dict[str, str | None]) -> bool:
@@ -211,7 +217,7 @@ def window_seconds(ordered: list[PlannedRun], workers: int) -> float:
 def suite_data_present(plan: SuitePlan, ctx) -> str | None:
     """None when the datasets of the plan's runs load here; else why not (the loader's own message)."""
     try:
-        specs = {repr(sorted(p.run.config["dataset"].items())): p.run.config["dataset"] for p in plan.runs}
+        specs = {repr(sorted(p.run.config["dataset"].items())): p.run.typed_config.dataset for p in plan.runs}
         for spec in specs.values():
             ctx.dataset(spec)
     except UserError as err:

@@ -1,9 +1,10 @@
-"""Running a suite: expand, skip runs whose record is complete, run the rest, write each record atomically.
+"""Running a suite: expand, skip runs whose record is complete, hand the rest to an executor, and the one step every
+executor takes for a run: run it and write its record atomically (``RunRecorder``).
 
 A run killed half-way leaves no record (records are written once, at the end, by rename), so the next
 ``repro run`` of the same suite resumes with exactly the runs that are missing or failed.
 
-Data-parallel (``repro run --nproc N``, one process per device under torchrun): every process runs this loop
+Data-parallel (``repro run --nproc N``, one process per device under torchrun): every process runs the loop
 over the same pending runs, in step, and only rank 0 prints and writes records. A run that raises stops the
 suite instead of being recorded as failed, since the other processes would wait for it forever.
 """
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from repro.errors import UserError
+from repro.execute.base import Executor, SuiteRequest
 from repro.results.chance import is_collapsed
 from repro.store.atomic import write_json_atomic
 from repro.store.provenance import provenance, source_version
@@ -39,7 +41,6 @@ from repro.suite.expand import expand
 from repro.suite.load import file_sha256, load_suite
 from repro.suite.schema import Suite
 from repro.tasks.base import TASKS, RunContext, RunOutcome, RunSpec
-from repro.train.config import TrainConfig
 from repro.train.distributed import DataParallel
 
 
@@ -110,7 +111,7 @@ def check_data_parallel(suite_ref: str | Path, tier: str, world_size: int) -> No
     if suite.task != "train":
         raise UserError(f"{path}: task {suite.task!r} runs in one process; --nproc applies to task 'train'")
     for run in runs:
-        cfg = TrainConfig.model_validate(run.config["train"])
+        cfg = run.typed_config.train
         if cfg.micro_batch is None:
             raise UserError(f"{path}: field train.micro_batch must be set to run on {world_size} processes "
                             f"(images per device; batch_size {cfg.batch_size} / {world_size} = "
@@ -172,7 +173,7 @@ class RunRecorder:
             outcome, error = self.task.run(run, ctx), None
         if (data_parallel is not None and not data_parallel.is_main) or outcome.status == "stopped":
             return outcome, error  # a stopped run has saved its training state; its record comes when it ends
-        data = ctx.dataset(run.config["dataset"])
+        data = ctx.dataset(run.typed_config.dataset)
         code_changes = changed_during_run(code_at_start, self.code_version())
         if code_changes:  # the numbers may come from code other than the record names: said on the run's line
             outcome.extra["provenance"] = PROVENANCE_CHANGED
@@ -187,7 +188,7 @@ class RunRecorder:
             "images_per_s": outcome.images_per_s, "diverged_step": outcome.diverged_step, "extra": outcome.extra,
             "error": error, "started_at": started, "finished_at": _now(), "shared_from": shared_from,
             "provenance": {
-                **provenance(ctx.device, ctx.data_fingerprint(run.config["dataset"]), data.source, code_at_start),
+                **provenance(ctx.device, ctx.data_fingerprint(run.typed_config.dataset), data.source, code_at_start),
                 "processes": 1 if data_parallel is None else data_parallel.world_size,
                 "runs_sharing_device": ctx.runs_sharing_device,
                 **job_provenance(),
@@ -260,40 +261,53 @@ def report_outcome(summary: SuiteRunSummary, run: RunSpec, prefix: str, outcome:
         echo(f"{prefix}: ok {how}{collapsed}: {shown}")
 
 
-def run_suite(suite_ref: str | Path, tier: str, *, device: str = "auto", results_dir: Path = Path("results"),
-              force: bool = False, data_dir: Path | None = None, progress: bool = True,
-              echo: Callable[[str], None] = print, data_parallel: DataParallel | None = None,
-              run_ids: list[str] | None = None, checkpoint_every_s: float | None = None) -> SuiteRunSummary:
-    suite, path, runs = expand_tier(suite_ref, tier)
-    runs = select_runs(runs, run_ids, path)
-    torch_device = resolve_device(device) if data_parallel is None else data_parallel.device
+def execute_suite(executor: Executor, request: SuiteRequest, echo: Callable[[str], None] = print,
+                  data_parallel: DataParallel | None = None) -> SuiteRunSummary:
+    """``repro run``'s loop over any executor: every selected run without a complete record goes to ``executor``;
+    a run that reports another's numbers goes when that run has ended, so that it copies its record.
+
+    ``data_parallel``: this process is one of torchrun's; every process runs this loop in step over the same runs
+    (``executor`` runs them in this process), and only rank 0 prints and writes records.
+    """
+    suite, path, runs = expand_tier(request.suite, request.tier)
+    runs = select_runs(runs, None if request.run_ids is None else list(request.run_ids), path)
     is_main = data_parallel is None or data_parallel.is_main
-    if not is_main:
-        echo, progress = (lambda _: None), False
     if is_main:
-        check_writable(results_dir / "runs" / suite.name, f"--results {results_dir}")
-    ctx = RunContext(torch_device, results_dir, data_dir, progress, data_parallel=data_parallel, retrain=force,
-                     checkpoint_every_s=checkpoint_every_s)
-    recorder = RunRecorder(suite, path, tier, ctx)
-    summary = SuiteRunSummary(suite.name, tier)
-    processes = "" if data_parallel is None else f" x {data_parallel.world_size} processes"
-    echo(f"suite {suite.name} v{suite.version}, tier {tier}: {len(runs)} runs on {torch_device}{processes} "
-         f"-> {results_dir}")
-    complete = complete_run_ids(suite, runs, results_dir, force)
-    for index, run in enumerate(runs, 1):
-        prefix = f"[{index}/{len(runs)}] {run.label}"
+        check_writable(request.results_dir / "runs" / suite.name, f"--results {request.results_dir}")
+    else:
+        echo = _silent
+    device = resolve_device(request.device) if data_parallel is None else data_parallel.device
+    complete = complete_run_ids(suite, runs, request.results_dir, request.force)
+    echo(f"suite {suite.name} v{suite.version}, tier {request.tier}: {len(runs)} runs ({len(complete)} complete) "
+         f"{executor.placement(device)} -> {request.results_dir}")
+    summary = SuiteRunSummary(suite.name, request.tier)
+    prefixes = {run.run_id: f"[{index}/{len(runs)}] {run.label}" for index, run in enumerate(runs, 1)}
+    for run in runs:
         if run.run_id in complete:
             summary.skipped.append(run.run_id)
-            echo(f"{prefix}: complete, skipped ({run.run_id}.json)")
-            continue
-        result = recorder.run(run)
-        if result is None:
-            summary.skipped.append(run.run_id)
-            echo(f"{prefix}: completed by another process meanwhile; skipped")
-            continue
-        outcome, error = result
-        if is_main:
-            report_outcome(summary, run, prefix, outcome, error, echo)
-        else:
-            summary.ran.append(run.run_id)
+            echo(f"{prefixes[run.run_id]}: complete, skipped ({run.run_id}.json)")
+    pending = {run.run_id: run for run in runs if run.run_id not in complete}
+    followers: dict[str, list[RunSpec]] = {}
+    for run in pending.values():
+        if run.shared_with in pending:
+            followers.setdefault(run.shared_with, []).append(run)
+    executor.expect(len(pending))
+    with executor:
+        handles = executor.submit(request, [run for run in pending.values() if run.shared_with not in pending])
+        while handles:
+            for handle in executor.wait(handles):
+                handles.remove(handle)
+                handles[:0] = executor.submit(request, followers.pop(handle.run.run_id, []))  # next, in order
+                result, prefix = handle.result(), prefixes[handle.run.run_id]
+                if result is None:
+                    summary.skipped.append(handle.run.run_id)
+                    echo(f"{prefix}: completed by another process meanwhile; skipped")
+                elif is_main:
+                    report_outcome(summary, handle.run, prefix, *result, echo)
+                else:
+                    summary.ran.append(handle.run.run_id)
     return summary
+
+
+def _silent(_: str) -> None:
+    """What a process other than torchrun's rank 0 prints."""

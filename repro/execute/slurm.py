@@ -1,4 +1,4 @@
-"""Slurm executor through submitit: one job per run, in job arrays with a concurrency limit.
+"""Slurm executor through submitit: one job per run, in job arrays with a concurrency limit; a handle per job.
 
 Each job runs ``repro run SUITE --run-id ID`` in a child process, with stdout and stderr appended to
 ``RESULTS/jobs/<suite>/logs/<run_id>.log``; a run with ``--nproc N`` becomes one job with N GPUs, in which
@@ -17,7 +17,7 @@ import re
 import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,9 +26,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from repro.errors import UserError, printable
-from repro.execute.base import SuiteRequest
+from repro.execute.base import RunResult, SuiteRequest
 from repro.execute.job import RunJob
-from repro.execute.jobs import jobs_dir, log_path, new_entry, run_states
+from repro.execute.jobs import ACTIVE_STATES, jobs_dir, log_path, new_entry, run_states
 from repro.execute.runner import (
     SuiteRunSummary,
     check_data_parallel,
@@ -36,7 +36,9 @@ from repro.execute.runner import (
     expand_tier,
     select_runs,
 )
-from repro.suite.load import format_validation_error
+from repro.store.records import read_record, record_path
+from repro.suite.load import format_validation_error, load_suite
+from repro.tasks.base import RunOutcome, RunSpec
 
 #: C0 and C1 control characters and DEL: a newline in a value would end an ``#SBATCH`` line and start a shell line
 #: in the script's header (sbatch stops reading options there)
@@ -204,18 +206,130 @@ def _executor(cluster: ClusterConfig, folder: Path, gpus: int, job_name: str):
     return executor
 
 
-@dataclass(frozen=True)
+def jobs_folder(results_dir: Path, suite: str) -> Path:
+    """Where submitit keeps a suite's job files: named in the sbatch script's ``#SBATCH`` lines, so it may hold no
+    control character."""
+    results = str(results_dir.resolve())
+    if CONTROL_CHARACTER.search(results):
+        raise UserError(f"--results {printable(results)}: holds a control character; allowed: a path without them")
+    return (jobs_dir(results_dir, suite) / "submitit").resolve()
+
+
+def job_gpus(request: SuiteRequest, cluster: ClusterConfig) -> int:
+    """GPUs per job: none on CPU, one per process of a data-parallel run, else the cluster's."""
+    return 0 if request.device == "cpu" else request.nproc if request.nproc > 1 else cluster.gpus_per_node
+
+
+def recorded_result(results_dir: Path, suite: str, run: RunSpec, job_id: str, log: Path) -> RunResult:
+    """An ended job's outcome, from the record its run wrote; ``failed`` when it wrote none (killed, out of
+    memory)."""
+    record = read_record(record_path(results_dir, suite, run.run_id), warn=False)
+    if record is None or record.get("status") not in ("ok", "failed", "diverged"):
+        return RunOutcome("failed", {}, 0.0), f"job {job_id} ended without a record; see its log {log}"
+    fields = {name: record.get(name) for name in ("images_per_s", "peak_memory_mb", "diverged_step")}
+    return RunOutcome(record["status"], record.get("metrics") or {}, record.get("wall_time_s") or 0.0,
+                      curve=record.get("curve") or [], rows=record.get("rows") or [], extra=record.get("extra") or {},
+                      **fields), record.get("error")
+
+
+@dataclass(eq=False)
+class SlurmJob:
+    """A run's job: done when the scheduler no longer lists it; its result is the record it wrote."""
+
+    run: RunSpec
+    suite: str
+    results_dir: Path
+    job: Any  # submitit's Job
+    log: Path
+    poll_s: float
+
+    def done(self) -> bool:
+        (state,) = run_states(self.suite, [self.run], self.results_dir)
+        return state.state not in ACTIVE_STATES
+
+    def result(self) -> RunResult:
+        while not self.done():
+            time.sleep(self.poll_s)
+        return recorded_result(self.results_dir, self.suite, self.run, str(self.job.job_id), self.log)
+
+    def cancel(self) -> bool:
+        """``scancel`` (or, for the local stand-in, an interrupt): the run leaves no record, and its last saved
+        training state for the next run to continue."""
+        if self.done():
+            return False
+        self.job.cancel(check=False)
+        return True
+
+
+@dataclass
 class SlurmExecutor:
-    """Submit the pending runs as jobs (``cluster.scheduler``: Slurm, or submitit's local stand-in)."""
+    """One job per run through submitit (``cluster.scheduler``: Slurm, or submitit's local stand-in); waiting
+    asks the scheduler every ``poll_s`` seconds."""
 
     cluster: ClusterConfig
-    dry_run: bool = False
-    wait: bool = False
     poll_s: float = 30.0
+    runs_here = False
 
-    def run(self, request: SuiteRequest, echo: Callable[[str], None] = print) -> SuiteRunSummary:
-        return submit_suite(request, self.cluster, dry_run=self.dry_run, wait=self.wait, poll_s=self.poll_s,
-                            echo=echo)
+    @property
+    def slots(self) -> int:
+        return self.cluster.array_parallelism
+
+    def expect(self, runs: int) -> None:
+        """Nothing to start: jobs wait in the scheduler's queue."""
+
+    def submit(self, request: SuiteRequest, runs: Sequence[RunSpec], seconds_left: float | None = None
+               ) -> list[SlurmJob]:
+        """One job per run, in one array when ``cluster.array``; each run's job file names its job. A job has no
+        deadline: a caller with one waits until it and cancels the jobs still running."""
+        if not runs:
+            return []
+        suite, path = load_suite(request.suite)
+        folder, gpus = jobs_folder(request.results_dir, suite.name), job_gpus(request, self.cluster)
+        executor = _executor(self.cluster, folder, gpus, f"repro-{suite.name}")
+        commands = [request.run_command(path, run.run_id, _python(self.cluster)) for run in runs]
+        logs = [log_path(request.results_dir, suite.name, run.run_id).resolve() for run in runs]
+        jobs_of = [RunJob(command, log) for command, log in zip(commands, logs, strict=True)]
+        if self.cluster.array:
+            with executor.batch():
+                jobs = [executor.submit(job) for job in jobs_of]
+        else:
+            jobs = [executor.submit(job) for job in jobs_of]
+        for run, job, command, log in zip(runs, jobs, commands, logs, strict=True):
+            new_entry(run.run_id, str(job.job_id), self.cluster.scheduler, log, command).write(request.results_dir,
+                                                                                              suite.name)
+        return [SlurmJob(run, suite.name, request.results_dir, job, log, self.poll_s)
+                for run, job, log in zip(runs, jobs, logs, strict=True)]
+
+    def wait(self, handles: Collection[SlurmJob], timeout: float | None = None) -> list[SlurmJob]:
+        """Ask the scheduler (one ``squeue`` per suite) until a job has ended or ``timeout`` has passed."""
+        until = None if timeout is None else time.monotonic() + timeout
+        while True:
+            done = [handle for (suite, results_dir), group in _by_suite(handles).items()
+                    for handle, state in zip(group, run_states(suite, [h.run for h in group], results_dir),
+                                             strict=True)
+                    if state.state not in ACTIVE_STATES]
+            left = None if until is None else until - time.monotonic()
+            if done or (left is not None and left <= 0):
+                return done
+            time.sleep(self.poll_s if left is None else min(self.poll_s, left))
+
+    def placement(self, device: object) -> str:
+        return f"as {self.cluster.scheduler} jobs"
+
+    def __enter__(self) -> SlurmExecutor:
+        """Before the first run: without submitit nothing could be submitted."""
+        _import_submitit()
+        return self
+
+    def __exit__(self, *error: object) -> None:
+        """Nothing to release: submitted jobs run on without this process."""
+
+
+def _by_suite(handles: Collection[SlurmJob]) -> dict[tuple[str, Path], list[SlurmJob]]:
+    groups: dict[tuple[str, Path], list[SlurmJob]] = {}
+    for handle in handles:
+        groups.setdefault((handle.suite, handle.results_dir), []).append(handle)
+    return groups
 
 
 def submit_suite(request: SuiteRequest, cluster: ClusterConfig, *, dry_run: bool = False, wait: bool = False,
@@ -225,38 +339,23 @@ def submit_suite(request: SuiteRequest, cluster: ClusterConfig, *, dry_run: bool
     runs = select_runs(runs, None if request.run_ids is None else list(request.run_ids), path)
     if request.nproc > 1:
         check_data_parallel(request.suite, request.tier, request.nproc)
-    results = str(request.results_dir.resolve())
-    if CONTROL_CHARACTER.search(results):  # the jobs' folder under it is named in the script's #SBATCH lines
-        raise UserError(f"--results {printable(results)}: holds a control character; allowed: a path without them")
+    folder = jobs_folder(request.results_dir, suite.name)
     summary = SuiteRunSummary(suite.name, request.tier)
     complete = complete_run_ids(suite, runs, request.results_dir, request.force)
     active = {state.run.run_id for state in run_states(suite.name, runs, request.results_dir)
-              if state.state in ("queued", "running")}
+              if state.state in ACTIVE_STATES}
     todo = [run for run in runs if run.run_id not in complete and run.run_id not in active]
     summary.skipped.extend(run.run_id for run in runs if run.run_id in complete or run.run_id in active)
-    gpus = 0 if request.device == "cpu" else request.nproc if request.nproc > 1 else cluster.gpus_per_node
-    folder = (jobs_dir(request.results_dir, suite.name) / "submitit").resolve()
-    job_name = f"repro-{suite.name}"
-    commands = {run.run_id: request.run_command(path, run.run_id, _python(cluster)) for run in todo}
+    gpus = job_gpus(request, cluster)
     echo(f"suite {suite.name} v{suite.version}, tier {request.tier}: {len(runs)} runs, {len(complete)} complete, "
          f"{len(active)} queued or running, {len(todo)} to submit ({cluster.scheduler}, {gpus} GPUs per job)")
     if dry_run:
-        _print_dry_run(cluster, folder, gpus, job_name, todo, commands, echo)
+        commands = {run.run_id: request.run_command(path, run.run_id, _python(cluster)) for run in todo}
+        _print_dry_run(cluster, folder, gpus, f"repro-{suite.name}", todo, commands, echo)
         return summary
-    if todo:
-        executor = _executor(cluster, folder, gpus, job_name)
-        log_of = {run.run_id: log_path(request.results_dir, suite.name, run.run_id).resolve() for run in todo}
-        jobs_of = [RunJob(commands[run.run_id], log_of[run.run_id]) for run in todo]
-        if cluster.array:
-            with executor.batch():
-                jobs = [executor.submit(job) for job in jobs_of]
-        else:
-            jobs = [executor.submit(job) for job in jobs_of]
-        for run, job in zip(todo, jobs, strict=True):
-            new_entry(run.run_id, str(job.job_id), cluster.scheduler, log_of[run.run_id],
-                      commands[run.run_id]).write(request.results_dir, suite.name)
-            summary.submitted.append(run.run_id)
-            echo(f"{run.label}: job {job.job_id}, log {log_of[run.run_id]}")
+    for job in SlurmExecutor(cluster, poll_s).submit(request, todo):
+        summary.submitted.append(job.run.run_id)
+        echo(f"{job.run.label}: job {job.job.job_id}, log {job.log}")
     if wait:
         wait_for_runs(suite.name, runs, request.results_dir, summary, poll_s=poll_s, echo=echo)
     return summary
@@ -281,7 +380,7 @@ def wait_for_runs(suite: str, runs: list, results_dir: Path, summary: SuiteRunSu
     """Return when no run is queued or running; fill the summary from the records, like the local runner."""
     while True:
         states = run_states(suite, runs, results_dir)
-        if not any(state.state in ("queued", "running") for state in states):
+        if not any(state.state in ACTIVE_STATES for state in states):
             break
         time.sleep(poll_s)
     for state in states:

@@ -15,8 +15,9 @@ from pydantic import ValidationError
 
 from repro.errors import UserError
 from repro.norms import NORMALIZERS
-from repro.suite.schema import ModelSpec, Suite
+from repro.suite.schema import Suite
 from repro.tasks.base import TASKS, RunSpec
+from repro.tasks.config import DatasetSpec, ModelSpec, NormalizerChoice, RunConfig
 from repro.train.config import TrainConfig
 
 _SECTIONS = {"train": "train", "task": "task_options", "model": "model"}
@@ -99,7 +100,8 @@ def expand(suite: Suite, tier: str, *, source: str | None = None) -> list[RunSpe
 
     A run that differs from an earlier one only along grid keys its normalizer is invariant to names that run in
     ``shared_with``: it is reported, not executed again, except for the tier's ``unshared_seeds``. Errors name
-    ``source`` (the suite file, when known) and the field."""
+    ``source`` (the suite file, when known) and the field. Each run's config is validated here, once: its stored
+    dict (what records keep and run ids hash) and its typed form (``RunConfig``, what tasks read)."""
     where_suite = source or f"suite {suite.name}"
     spec = suite.tiers[tier]
     dataset = suite.dataset.model_dump()
@@ -134,10 +136,11 @@ def expand(suite: Suite, tier: str, *, source: str | None = None) -> list[RunSpe
             for path, assigned in {key: value, **implied.get(value, {})}.items():
                 section, _, field = path.partition(".")
                 config[_SECTIONS[section]][field] = assigned
+        validated: dict[str, Any] = {}
         for section, model in (("train", TrainConfig), ("task_options", TASKS.get(suite.task).Options),
                                ("model", ModelSpec)):
             try:
-                resolved = model.model_validate(config[section])
+                validated[section] = resolved = model.model_validate(config[section])
             except ValidationError as err:
                 where = ", ".join(f"{k}={v}" for k, v in zip(grid, values, strict=True)) or f"tier {tier}"
                 first = err.errors()[0]
@@ -151,9 +154,12 @@ def expand(suite: Suite, tier: str, *, source: str | None = None) -> list[RunSpe
         invariant = invariant_grid_keys(config, list(grid))
         if seed in spec.unshared_seeds:
             _measure_invariance(config, invariant)
+            validated["train"] = validated["train"].model_copy(update=config["train"])  # the flag it may set
             invariant = []
         run_id = run_id_of(config)
         primary = first_of_execution.setdefault(shared_execution_key(config, invariant), run_id) if invariant else None
-        runs.append(RunSpec(suite.name, suite.version, tier, run_id, config, setting,
+        typed = RunConfig(seed, backbone, NormalizerChoice(**config["normalizer"]),
+                          DatasetSpec.model_validate(config["dataset"]), **validated)
+        runs.append(RunSpec(suite.name, suite.version, tier, run_id, config, setting, typed,
                             shared_with=primary if primary != run_id else None))
     return runs

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from repro.tasks.config import DatasetSpec, ModelSpec
 from repro.train.config import TrainConfig
 
 
@@ -27,20 +28,6 @@ class NormalizerSpec(_Strict):
     @property
     def column(self) -> str:
         return self.label or self.name
-
-
-class DatasetSpec(_Strict):
-    name: str
-    source: Literal["auto", "local", "debian", "hub"] = "auto"
-    revision: str | None = Field(default=None, description="hub commit to pin, when loading from the hub")
-    train_subset: int | None = Field(default=None, ge=1)
-    test_subset: int | None = Field(default=None, ge=1)
-    generated: bool = Field(default=False, description="use a small generated copy in the real on-disk layout")
-
-
-class ModelSpec(_Strict):
-    small_input: bool = False
-    pretrained: str | None = Field(default=None, description="None, 'hub', or a local weights file")
 
 
 class TierSpec(_Strict):

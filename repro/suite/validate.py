@@ -12,8 +12,9 @@ from repro.data import DATASETS
 from repro.errors import UserError
 from repro.norms import NORMALIZERS, create_normalizer
 from repro.suite.expand import expand, matches, tier_settings
-from repro.suite.schema import AbsoluteReference, ModelSpec, RelativeReference, Suite
+from repro.suite.schema import AbsoluteReference, RelativeReference, Suite
 from repro.tasks.base import TASKS
+from repro.tasks.config import ModelSpec
 from repro.train.config import TrainConfig
 
 

@@ -22,8 +22,9 @@ from repro.data import ImageDataset, load_dataset
 from repro.models import build_model
 from repro.registry import Registry
 from repro.store.atomic import atomic_path, move_aside
+from repro.tasks.config import DatasetSpec, RunConfig
 from repro.tasks.workload import Workload, training_workload
-from repro.train import TrainConfig, TrainResult, seed_everything, train_and_evaluate
+from repro.train import TrainResult, seed_everything, train_and_evaluate
 from repro.train.distributed import DataParallel
 from repro.train.resume import ResumePolicy
 
@@ -36,8 +37,11 @@ class RunSpec:
     suite_version: int
     tier: str
     run_id: str
+    #: the resolved configuration as records store it and run ids hash it
     config: dict[str, Any]
     setting: dict[str, Any]
+    #: the same configuration, typed and validated at expansion: what a task reads
+    typed_config: RunConfig
     #: the run id of an earlier run of the expansion whose numbers this one shares (``Normalizer.invariant_to``)
     shared_with: str | None = None
 
@@ -70,19 +74,19 @@ class RunContext:
     _datasets: dict[str, ImageDataset] = field(default_factory=dict)
     _fingerprints: dict[str, str] = field(default_factory=dict)
 
-    def dataset(self, spec: dict[str, Any]) -> ImageDataset:
+    def dataset(self, spec: DatasetSpec) -> ImageDataset:
         """Load (once per process) the dataset a run's config names, cut to the tier's subsets."""
-        key = repr(sorted(spec.items()))
+        key = repr(sorted(spec.model_dump().items()))
         if key not in self._datasets:
-            revision = {"revision": spec["revision"]} if spec.get("revision") else {}
-            data = load_dataset(spec["name"], data_dir=self.data_dir, source=spec["source"],
-                                generated=spec["generated"], **revision)
-            self._datasets[key] = data.subset(spec["train_subset"], spec["test_subset"])
+            revision = {"revision": spec.revision} if spec.revision else {}
+            data = load_dataset(spec.name, data_dir=self.data_dir, source=spec.source, generated=spec.generated,
+                                **revision)
+            self._datasets[key] = data.subset(spec.train_subset, spec.test_subset)
         return self._datasets[key]
 
-    def data_fingerprint(self, spec: dict[str, Any]) -> str:
+    def data_fingerprint(self, spec: DatasetSpec) -> str:
         """Hash of the images and labels a run's config loads (once per process and dataset)."""
-        key = repr(sorted(spec.items()))
+        key = repr(sorted(spec.model_dump().items()))
         if key not in self._fingerprints:
             self._fingerprints[key] = self.dataset(spec).fingerprint()
         return self._fingerprints[key]
@@ -172,12 +176,11 @@ def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
 
 def build_run_model(run: RunSpec, data: ImageDataset) -> torch.nn.Module:
     """The run's model, seeded so that the initial weights depend on the run's seed only."""
-    config = run.config
-    seed_everything(config["seed"])
+    config = run.typed_config
+    seed_everything(config.seed)
     return build_model(
-        config["backbone"], config["normalizer"]["name"], num_classes=data.num_classes, in_chans=data.in_chans,
-        small_input=config["model"]["small_input"], pretrained=config["model"]["pretrained"],
-        **config["normalizer"]["options"],
+        config.backbone, config.normalizer.name, num_classes=data.num_classes, in_chans=data.in_chans,
+        small_input=config.model.small_input, pretrained=config.model.pretrained, **config.normalizer.options,
     )
 
 
@@ -220,7 +223,7 @@ def save_checkpoint(model: torch.nn.Module, metrics: dict[str, Any], run: RunSpe
     path = ctx.checkpoint_path(run)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload: dict[str, Any] = {"state_dict": state, "metrics": metrics, "model_key": model_key(run.config),
-                               "data_fingerprint": ctx.data_fingerprint(run.config["dataset"])}
+                               "data_fingerprint": ctx.data_fingerprint(run.typed_config.dataset)}
     if result is not None:  # a train task's model: another suite with the same training reports it
         payload["result"] = {"curve": result.curve, "wall_time_s": result.wall_time_s,
                              "images_per_s": result.images_per_s, "peak_memory_mb": result.peak_memory_mb,
@@ -239,7 +242,7 @@ def load_checkpoint(model: torch.nn.Module, run: RunSpec, ctx: RunContext) -> di
     if ctx.retrain or not path.is_file():
         return None
     expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
-    fingerprint = ctx.data_fingerprint(run.config["dataset"])
+    fingerprint = ctx.data_fingerprint(run.typed_config.dataset)
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         state, metrics = saved["state_dict"], dict(saved["metrics"])
@@ -285,14 +288,14 @@ def train_or_load(run: RunSpec, ctx: RunContext, *, save: bool = True) -> Traine
     Tasks that evaluate trained models (quantization, test-time adaptation) call this, so a model is trained
     once however many suites and tasks use it. Diverged models are returned but never saved.
     """
-    data = ctx.dataset(run.config["dataset"])
+    data = ctx.dataset(run.typed_config.dataset)
     model = build_run_model(run, data)
     saved = load_checkpoint(model, run, ctx)
     if saved is not None:
         return TrainedModel(model.to(ctx.device), data, "ok", saved["metrics"], from_checkpoint=True,
                             training_extra=dict((saved.get("result") or {}).get("extra") or {}))
-    cfg = TrainConfig.model_validate(run.config["train"])
-    result = train_and_evaluate(model, data, cfg, device=ctx.device, seed=run.config["seed"], progress=ctx.progress,
+    result = train_and_evaluate(model, data, run.typed_config.train, device=ctx.device, seed=run.typed_config.seed,
+                                progress=ctx.progress,
                                 description=run.label, resume=ctx.resume_policy(run))
     if save and result.status == "ok":  # with the result: a train run of another suite reports it
         save_checkpoint(model, result.metrics, run, ctx, result)

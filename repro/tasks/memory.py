@@ -100,7 +100,7 @@ class MemoryTask(Task):
             timing = measure_training_step(run.config, str(ctx.device), threads)
         else:
             timing = measure_in_fresh_process(run.config, threads)
-        batch_size = run.config["train"]["batch_size"]
+        batch_size = run.typed_config.train.batch_size
         images_per_s = batch_size / (timing["median_ms"] / 1000)
         metrics = {
             "peak_memory_mb": timing["peak_memory_mb"], "memory_before_mb": timing["memory_before_mb"],

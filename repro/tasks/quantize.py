@@ -36,17 +36,17 @@ class QuantizeTask(Task):
 
     def run(self, run: RunSpec, ctx: RunContext) -> RunOutcome:
         start = time.perf_counter()
-        options = QuantizeOptions.model_validate(run.config["task_options"])
+        options: QuantizeOptions = run.typed_config.task_options
         trained = train_or_load(run, ctx)
         if trained.status != "ok":
             return RunOutcome(trained.status, trained.metrics, time.perf_counter() - start,
                               diverged_step=trained.result.diverged_step if trained.result else None)
         model, data = trained.model.eval(), trained.data
         if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
-            raise UserError(f"suite {run.suite}: task quantize: normalizer {run.config['normalizer']['name']!r} "
+            raise UserError(f"suite {run.suite}: task quantize: normalizer {run.typed_config.normalizer.name!r} "
                             "leaves no BatchNorm2d to quantize; allowed: bn, qbn")
         loader_args = {"device": ctx.device, "mean": data.mean, "std": data.std}
-        batch_size = run.config["train"]["eval_batch_size"]
+        batch_size = run.typed_config.train.eval_batch_size
         calibration = [images for images, _ in make_loader(data.train.subset(options.calibration_images), batch_size,
                                                            **loader_args)]
         quantized = convert_to_qbn(model, calibration, options.bits, options.multiplier_bits)

@@ -37,8 +37,8 @@ def step_time_against_bn(run: RunSpec, model: torch.nn.Module, data: ImageDatase
     """
     shape = {"batch_size": cfg.micro_batch or cfg.batch_size, "image_size": data.train.image_size,
              "in_chans": data.in_chans, "num_classes": data.num_classes, "device": device}
-    bn_twin = build_model(run.config["backbone"], "bn", num_classes=data.num_classes, in_chans=data.in_chans,
-                          small_input=run.config["model"]["small_input"])
+    bn_twin = build_model(run.typed_config.backbone, "bn", num_classes=data.num_classes, in_chans=data.in_chans,
+                          small_input=run.typed_config.model.small_input)
     timings = [measure_step_time(m, **shape, amp_cpu=cfg.amp_cpu) for m in (copy.deepcopy(model), bn_twin)]
     step_ms, bn_step_ms = (t.median_ms if device.type == "cuda" else t.median_cpu_ms for t in timings)
     return {"micro_step_ms": step_ms, "bn_micro_step_ms": bn_step_ms, "step_time_vs_bn": step_ms / bn_step_ms}
@@ -64,16 +64,16 @@ class TrainTask(Task):
     table_metrics = ("top1", "best_top1", "loss", "step_time_ms", "step_time_vs_bn", "images_per_s", "peak_memory_mb")
 
     def run(self, run: RunSpec, ctx: RunContext) -> RunOutcome:
-        options = TrainOptions.model_validate(run.config["task_options"])
+        options: TrainOptions = run.typed_config.task_options
         data_parallel = ctx.data_parallel
         if options.sync_batchnorm:
             if data_parallel is None:
                 raise UserError(f"suite {run.suite}: task_options.sync_batchnorm needs data-parallel processes "
                                 "(repro run --nproc N)")
             data_parallel = dataclasses.replace(data_parallel, sync_batchnorm=True)
-        data = ctx.dataset(run.config["dataset"])
+        data = ctx.dataset(run.typed_config.dataset)
         model = build_run_model(run, data)
-        cfg = TrainConfig.model_validate(run.config["train"])
+        cfg = run.typed_config.train
         is_main = data_parallel is None or data_parallel.is_main
         saved = load_checkpoint(model, run, ctx)
         if saved is not None and reports_saved_training(saved, run.suite):  # reported, not repeated
@@ -84,7 +84,7 @@ class TrainTask(Task):
         else:
             if saved is not None:  # the checkpoint's weights went into the model: start from the seeded init
                 model = build_run_model(run, data)
-            result = train_and_evaluate(model, data, cfg, device=ctx.device, seed=run.config["seed"],
+            result = train_and_evaluate(model, data, cfg, device=ctx.device, seed=run.typed_config.seed,
                                         progress=ctx.progress, description=run.label, data_parallel=data_parallel,
                                         resume=ctx.resume_policy(run))
             if options.save_checkpoint and result.status == "ok" and is_main:
@@ -98,9 +98,9 @@ class TrainTask(Task):
         """The shared numbers; the step time on one micro-batch is timed at this run's micro-batch (on a fresh
         model: the normalizers that share runs keep no training state that changes a step's cost)."""
         outcome = super().shared_outcome(run, primary, ctx)
-        options = TrainOptions.model_validate(run.config["task_options"])
+        options: TrainOptions = run.typed_config.task_options
         if options.step_time_vs_bn and outcome.status == "ok":
-            data = ctx.dataset(run.config["dataset"])
-            cfg = TrainConfig.model_validate(run.config["train"])
-            outcome.metrics.update(step_time_against_bn(run, build_run_model(run, data), data, cfg, ctx.device))
+            data = ctx.dataset(run.typed_config.dataset)
+            outcome.metrics.update(step_time_against_bn(run, build_run_model(run, data), data, run.typed_config.train,
+                                                        ctx.device))
         return outcome

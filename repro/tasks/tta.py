@@ -241,11 +241,11 @@ class TTATask(Task):
                 for corruption, severity in views]
 
     def run(self, run: RunSpec, ctx: RunContext) -> RunOutcome:
-        options = TTAOptions.model_validate(run.config["task_options"])
+        options: TTAOptions = run.typed_config.task_options
         start = time.perf_counter()
         training_extra: dict[str, object] = {}
-        if run.config["model"]["pretrained"]:
-            data = ctx.dataset(run.config["dataset"])
+        if run.typed_config.model.pretrained:
+            data = ctx.dataset(run.typed_config.dataset)
             model, metrics = build_run_model(run, data).to(ctx.device), {}
         else:
             trained = train_or_load(run, ctx)
@@ -258,7 +258,7 @@ class TTATask(Task):
         model.eval()
         clean = in_memory_split(data, options.workers).subset(options.images)
         if options.data == "released":
-            images = options.images or run.config["dataset"]["test_subset"]
+            images = options.images or run.typed_config.dataset.test_subset
             view = subset_view(released_view(options, data, ctx), images)
             generated = None
         else:

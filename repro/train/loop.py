@@ -22,14 +22,9 @@ from repro.data import ImageDataset, make_loader
 from repro.norms.ghost import can_run_in_one_pass, ghost_batches
 from repro.train.config import TrainConfig
 from repro.train.distributed import DataParallel, init_data_parallel
-from repro.train.resume import (
-    ResumePolicy,
-    load_normalizer_states,
-    load_random_states,
-    normalizer_states,
-    random_states,
-)
+from repro.train.resume import ResumePolicy
 from repro.train.schedule import lr_multiplier
+from repro.train.state import TrainingState
 
 #: how often (in steps) the loop reads the loss back to check it and update the progress bar (only with progress on)
 SYNC_EVERY = 20
@@ -194,125 +189,112 @@ def train_and_evaluate(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *
     one_pass = (data_parallel is None and not cfg.sequential_micro_batches
                 and can_run_in_one_pass(model, cfg.mixup_alpha))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, steps_per_epoch))
-    mix_generator = torch.Generator(device=device).manual_seed(seed + 1)
-
-    curve: list[dict[str, float]] = []
+    state = TrainingState(model, optimizer, scheduler, train_loader,
+                          torch.Generator(device=device).manual_seed(seed + 1), device)
     first_bad_step = torch.full((), -1, device=device)  # set on the device, read back only every SYNC_EVERY steps
-    train_time = 0.0
-    trained_images = 0
-    step = 0
-    start_epoch = 0
-    resumed_at: list[int] = []  # the epochs this run continued from a saved state at, which its record names
-    start_wall = time.perf_counter()
     if data_parallel is not None:
         resume = None  # every rank would have to save and agree; data-parallel runs restart instead
-    saved = resume.load() if resume is not None else None
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        train_loader.set_rng_state(saved["loader"])
-        mix_generator.set_state(saved["mixup"])
-        load_random_states(saved["random"], device)
-        load_normalizer_states(model, saved["normalizers"])
-        curve, step, start_epoch = saved["curve"], saved["step"], saved["epoch"]
-        resumed_at = [*saved.get("resumed_at", []), start_epoch]
-        train_time, trained_images = saved["train_time"], saved["trained_images"]
-        start_wall -= saved["wall_time_s"]
-    record_extra = {"resumed_at_epochs": resumed_at} if resumed_at else {}  # what the run's record says of it
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        synchronize(device)
-        epoch_start = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        seen = 0
-        bar = tqdm(total=steps_per_epoch, desc=f"{description} epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
-                   leave=False, mininterval=1.0, dynamic_ncols=True)
-        for batch_index, (images, labels) in enumerate(train_loader):
-            if batch_index >= steps_per_epoch:
-                break
-            optimizer.zero_grad(set_to_none=True)
-            local_batch = (images, labels) if data_parallel is None else data_parallel.shard(images, labels)
-            batch_loss, batch_correct = _forward_backward(train_model, *local_batch, cfg, device, mix_generator,
-                                                          one_pass)
-            if data_parallel is not None:  # global sums, so that every rank takes the same divergence decisions
-                batch_loss, batch_correct = data_parallel.sum_over_ranks(batch_loss, batch_correct)
-            optimizer.step()
-            scheduler.step()
-            if normalizer is not None:
-                normalizer.after_step(model)
-            loss_sum += batch_loss
-            correct += batch_correct
-            seen += len(labels)
-            step += 1
-            first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(batch_loss), step, first_bad_step)
-            # without progress nothing is read back within the epoch: divergence is checked at its end
-            if progress and (step % SYNC_EVERY == 0 or batch_index == steps_per_epoch - 1):
-                if first_bad_step.item() >= 0:
-                    break
-                elapsed = time.perf_counter() - epoch_start
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
-                                img_s=f"{seen / max(elapsed, 1e-9):.0f}", refresh=False)
-            bar.update(1)
-        bar.close()
+    if resume is not None:
+        state.load(resume)
+    record_extra = state.record_extra()
+    while state.epoch < cfg.epochs:
+        loss_sum, correct, seen, epoch_start = _train_epoch(state, train_model, cfg, steps_per_epoch, one_pass,
+                                                            first_bad_step, data_parallel, progress, description)
         if first_bad_step.item() >= 0:
-            return _diverged(int(first_bad_step), curve, start_wall, trained_images + seen, train_time, device,
-                             record_extra)
+            return _diverged(int(first_bad_step), state, state.trained_images + seen, record_extra)
         synchronize(device)
         epoch_time = time.perf_counter() - epoch_start
-        train_time += epoch_time
-        trained_images += seen
+        state.train_time += epoch_time
+        state.trained_images += seen
         train_loss = loss_sum.item() / seen
         test_top1, test_loss = evaluate(model, test_loader, device, cfg.amp, data_parallel, cfg.amp_cpu)
-        curve.append({
-            "epoch": epoch + 1, "train_loss": train_loss, "train_top1": 100 * correct.item() / seen,
+        state.epoch += 1
+        state.curve.append({
+            "epoch": state.epoch, "train_loss": train_loss, "train_top1": 100 * correct.item() / seen,
             "test_top1": test_top1, "test_loss": test_loss, "lr": optimizer.param_groups[0]["lr"],
             "epoch_time_s": epoch_time,
         })
         if progress:
-            tqdm.write(f"{description} epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, "
+            tqdm.write(f"{description} epoch {state.epoch}/{cfg.epochs}: train loss {train_loss:.4f}, "
                        f"test top-1 {test_top1:.2f}%, {seen / epoch_time:.0f} img/s")
         if not math.isfinite(test_loss):
-            return _diverged(step, curve, start_wall, trained_images, train_time, device, record_extra)
-        if resume is not None and epoch + 1 < cfg.epochs:
-            epoch_with_eval = time.perf_counter() - epoch_start
-            stop = resume.should_stop(epoch_with_eval)
+            return _diverged(state.step, state, state.trained_images, record_extra)
+        if resume is not None and state.epoch < cfg.epochs:
+            stop = resume.should_stop(time.perf_counter() - epoch_start)
             if stop or resume.should_save():
-                resume.save({
-                    "epoch": epoch + 1, "step": step, "curve": curve, "train_time": train_time,
-                    "trained_images": trained_images, "wall_time_s": time.perf_counter() - start_wall,
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "loader": train_loader.rng_state(),
-                    "mixup": mix_generator.get_state(), "random": random_states(device),
-                    "normalizers": normalizer_states(model), "resumed_at": resumed_at,
-                })
+                state.save(resume)
             if stop:
-                return TrainResult("stopped", {}, curve, time.perf_counter() - start_wall,
-                                   trained_images / max(train_time, 1e-9), peak_memory_mb(device))
+                return TrainResult("stopped", {}, state.curve, state.wall_time_s(),
+                                   state.trained_images / max(state.train_time, 1e-9), peak_memory_mb(device))
     if resume is not None:
         resume.discard()
 
-    last = curve[-1]
+    curve, last = state.curve, state.curve[-1]
     metrics = {
         "top1": last["test_top1"], "top1_error": 100 - last["test_top1"], "loss": last["test_loss"],
         "best_top1": max(c["test_top1"] for c in curve),
-        "train_loss": last["train_loss"], "epoch_time_s": train_time / cfg.epochs,
-        "step_time_ms": 1000 * train_time / max(step, 1),
+        "train_loss": last["train_loss"], "epoch_time_s": state.train_time / cfg.epochs,
+        "step_time_ms": 1000 * state.train_time / max(state.step, 1),
     }
-    return TrainResult("ok", metrics, curve, time.perf_counter() - start_wall, trained_images / train_time,
+    return TrainResult("ok", metrics, curve, state.wall_time_s(), state.trained_images / state.train_time,
                        peak_memory_mb(device), extra=record_extra)
 
 
-def _diverged(step: int, curve: list, start_wall: float, images: int, train_time: float, device: torch.device,
-              extra: dict[str, Any]) -> TrainResult:
+def _train_epoch(state: TrainingState, train_model: nn.Module, cfg: TrainConfig, steps_per_epoch: int,
+                 one_pass: bool, first_bad_step: torch.Tensor, data_parallel: DataParallel | None, progress: bool,
+                 description: str) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+    """The optimizer steps of the state's next epoch: the summed loss and correct predictions (on the device), the
+    images they came from, and when the epoch started (``time.perf_counter()``). The first non-finite loss's step
+    goes to ``first_bad_step``; with progress on, the epoch stops at the next read-back after it (without, divergence
+    is checked at the epoch's end)."""
+    model, device = state.model, state.device
+    normalizer = getattr(model, "normalizer", None)
+    model.train()
+    synchronize(device)
+    epoch_start = time.perf_counter()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    seen = 0
+    bar = tqdm(total=steps_per_epoch, desc=f"{description} epoch {state.epoch + 1}/{cfg.epochs}",
+               disable=not progress, leave=False, mininterval=1.0, dynamic_ncols=True)
+    for batch_index, (images, labels) in enumerate(state.loader):
+        if batch_index >= steps_per_epoch:
+            break
+        state.optimizer.zero_grad(set_to_none=True)
+        local_batch = (images, labels) if data_parallel is None else data_parallel.shard(images, labels)
+        batch_loss, batch_correct = _forward_backward(train_model, *local_batch, cfg, device, state.mix_generator,
+                                                      one_pass)
+        if data_parallel is not None:  # global sums, so that every rank takes the same divergence decisions
+            batch_loss, batch_correct = data_parallel.sum_over_ranks(batch_loss, batch_correct)
+        state.optimizer.step()
+        state.scheduler.step()
+        if normalizer is not None:
+            normalizer.after_step(model)
+        loss_sum += batch_loss
+        correct += batch_correct
+        seen += len(labels)
+        state.step += 1
+        first_bad_step.copy_(torch.where((first_bad_step < 0) & ~torch.isfinite(batch_loss), state.step,
+                                         first_bad_step))
+        if progress and (state.step % SYNC_EVERY == 0 or batch_index == steps_per_epoch - 1):
+            if first_bad_step.item() >= 0:
+                break
+            elapsed = time.perf_counter() - epoch_start
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
+                            img_s=f"{seen / max(elapsed, 1e-9):.0f}", refresh=False)
+        bar.update(1)
+    bar.close()
+    return loss_sum, correct, seen, epoch_start
+
+
+def _diverged(step: int, state: TrainingState, images: int, extra: dict[str, Any]) -> TrainResult:
     """Record a run whose loss became NaN or infinite; the best accuracy reached so far is kept."""
     metrics: dict[str, Any] = {"top1": None, "loss": None}
-    if curve:
-        metrics["best_top1"] = max(c["test_top1"] for c in curve)
-    return TrainResult("diverged", metrics, curve, time.perf_counter() - start_wall,
-                       images / train_time if train_time else 0.0, peak_memory_mb(device), diverged_step=step,
-                       extra=extra)
+    if state.curve:
+        metrics["best_top1"] = max(c["test_top1"] for c in state.curve)
+    return TrainResult("diverged", metrics, state.curve, state.wall_time_s(),
+                       images / state.train_time if state.train_time else 0.0, peak_memory_mb(state.device),
+                       diverged_step=step, extra=extra)
 
 
 def train_data_parallel(make_model: Callable[[], nn.Module], data: ImageDataset, cfg: TrainConfig, *, seed: int,
