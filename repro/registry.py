@@ -166,8 +166,9 @@ def use_plugin_modules(modules: list[str]) -> None:
     for the processes this one starts (workers, cluster jobs)."""
     for module in modules:
         import_plugin(module)
-    named = [m for m in os.environ.get(PLUGIN_MODULES_ENV, "").split(",") if m]
-    os.environ[PLUGIN_MODULES_ENV] = ",".join(dict.fromkeys([*named, *modules]))
+    if modules:
+        named = [m for m in os.environ.get(PLUGIN_MODULES_ENV, "").split(",") if m]
+        os.environ[PLUGIN_MODULES_ENV] = ",".join(dict.fromkeys([*named, *modules]))
 
 
 def plugin_of(kind: str, name: str) -> Plugin | None:
@@ -176,7 +177,8 @@ def plugin_of(kind: str, name: str) -> Plugin | None:
     load_plugins()
     if kind == "backbone":
         return _backbones.get(name.split(".")[0])
-    return _REGISTRIES[kind].source(name)
+    registry = _REGISTRIES.get(kind)  # None: nothing has imported that registry's package, so nothing is in it
+    return registry.source(name) if registry else None
 
 
 def registry_names(kind: str) -> list[str]:
