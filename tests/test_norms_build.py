@@ -15,11 +15,12 @@ ALL_NORMALIZERS = NORMALIZERS.names()
 #: normalizers defined only for residual networks: they must refuse the light backbone with a user error
 RESNET_ONLY = {"fixup"}
 #: normalizers that must build on the light backbone; any other registered one may refuse it with a user error
-LIGHT_APPLICABLE = {"bn", "gn", "none", "mimicnorm", "qbn"}
+LIGHT_APPLICABLE = {"bn", "gn", "none", "mimicnorm", "qbn", "evonorm_b0", "evonorm_s0", "frn_tlu", "layernorm2d",
+                    "gn1"}
 #: depthwise convs, builds and converts at 28x28 with one input channel; all its widths are multiples of 8
 LIGHT_BACKBONE = "mobilenetv2_050"
 #: options without which a normalizer does not fit narrow models (8- or 16-channel layers cannot form 32 groups)
-NARROW_OPTIONS = {"gn": {"group_size": 8}}
+NARROW_OPTIONS = {"gn": {"group_size": 8}, "evonorm_s0": {"group_size": 8}}
 
 
 def build(backbone: str, normalizer: str, **options) -> nn.Module:

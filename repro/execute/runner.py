@@ -188,7 +188,8 @@ class RunRecorder:
             "images_per_s": outcome.images_per_s, "diverged_step": outcome.diverged_step, "extra": outcome.extra,
             "error": error, "started_at": started, "finished_at": _now(), "shared_from": shared_from,
             "provenance": {
-                **provenance(ctx.device, ctx.data_fingerprint(run.typed_config.dataset), data.source, code_at_start),
+                **provenance(ctx.device, ctx.data_fingerprint(run.typed_config.dataset), data.source, code_at_start,
+                             run.config.get("plugins")),
                 "processes": 1 if data_parallel is None else data_parallel.world_size,
                 "runs_sharing_device": ctx.runs_sharing_device,
                 **job_provenance(),

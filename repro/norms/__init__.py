@@ -4,9 +4,13 @@ from repro.norms import (  # noqa: F401  (registration side effect)
     batch_renorm,
     batchnorm,
     cbn,
+    evonorm,
     fixup,
+    frn,
     groupnorm,
+    groupnorm1,
     identity,
+    layernorm2d,
     mimicnorm,
     qbn,
 )

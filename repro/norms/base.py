@@ -67,6 +67,14 @@ class Normalizer:
         return f"{type(self).__name__}({opts})"
 
 
+class PerSampleNormalizer(Normalizer):
+    """A normalizer that normalizes each image alone (or not at all): invariant to ``train.micro_batch``, and its
+    micro-batches are exact in one pass."""
+
+    micro_batches_in_one_pass = True
+    invariant_to = frozenset({"train.micro_batch"})
+
+
 NORMALIZERS: Registry[type[Normalizer]] = Registry("normalizer")
 
 
@@ -247,17 +255,24 @@ def conv_feeding_each_batchnorm(model: nn.Module) -> dict[str, nn.Conv2d]:
         return lookup
 
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    if not convs:
-        return {}
     handles = [conv.register_forward_hook(remember_output) for conv in convs]
     handles += [bn.register_forward_pre_hook(make_lookup(name)) for name, bn in batchnorm_modules(model)]
+    probe_forward(model, handles)
+    return fed
+
+
+def probe_forward(model: nn.Module, handles: list[torch.utils.hooks.RemovableHandle]) -> None:
+    """One small eval forward of a zero image through ``model`` for its tracing hooks, which are removed after.
+
+    Nothing runs for a model without a conv (no input shape to probe with)."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     size = max(32, *getattr(model, "pretrained_cfg", {}).get("min_input_size", (0, 0, 0))[1:])
     was_training = model.training
     try:
-        model.eval()
-        model(convs[0].weight.new_zeros(1, convs[0].in_channels, size, size))
+        if convs:
+            model.eval()
+            model(convs[0].weight.new_zeros(1, convs[0].in_channels, size, size))
     finally:
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    return fed

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from repro.errors import UserError
-from repro.norms.base import Normalizer, copy_affine, register_normalizer, replace_batchnorms
+from repro.norms.base import PerSampleNormalizer, copy_affine, register_normalizer, replace_batchnorms
 
 
 class ChannelsFirstBf16GroupNorm(nn.GroupNorm):
@@ -27,14 +27,11 @@ class ChannelsFirstBf16GroupNorm(nn.GroupNorm):
 
 
 @register_normalizer("gn")
-class GroupNorm(Normalizer):
+class GroupNorm(PerSampleNormalizer):
     """``groups`` groups per layer (the paper's G=32), or ``group_size`` channels per group when given.
 
     ``group_size`` is what makes 16- or 24-channel layers work (e.g. ``group_size=8``).
     """
-
-    micro_batches_in_one_pass = True
-    invariant_to = frozenset({"train.micro_batch"})
 
     def __init__(self, groups: int = 32, group_size: int | None = None, eps: float = 1e-5) -> None:
         self.groups = groups

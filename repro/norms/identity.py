@@ -2,15 +2,12 @@
 
 from torch import nn
 
-from repro.norms.base import Normalizer, register_normalizer, replace_batchnorms
+from repro.norms.base import PerSampleNormalizer, register_normalizer, replace_batchnorms
 
 
 @register_normalizer("none")
-class NoNorm(Normalizer):
+class NoNorm(PerSampleNormalizer):
     """The un-normalized baseline (MimicNorm's NoNorm): BNs become identities and nothing else changes."""
-
-    micro_batches_in_one_pass = True
-    invariant_to = frozenset({"train.micro_batch"})
 
     def apply(self, model: nn.Module) -> nn.Module:
         replace_batchnorms(model, lambda name, bn: nn.Identity())

@@ -57,8 +57,10 @@ def stale_counts(results_dir: Path, names: list[str] | None = None) -> dict[str,
 def load_results(results_dir: Path, name: str) -> SuiteResults:
     """The records of the suite's current runs, in its expansion order; raises the suite's own error when the
     suite file is missing or invalid. ``name``: a suite in ``suites/`` or a suite file elsewhere (the
-    experiments in ``benchmarks/experiments/``)."""
-    suite, _ = load_suite(resolve_suite_path(name))
+    experiments in ``benchmarks/experiments/``), or one the results folder keeps in its ``suites/`` (the suites
+    ``repro battery`` generates)."""
+    kept = results_dir / "suites" / f"{name}.yaml"
+    suite, _ = load_suite(kept if kept.is_file() else resolve_suite_path(name))
     name = suite.name
     records = iter_records(results_dir, name)
     order = expansion_order(suite)

@@ -79,9 +79,11 @@ def environment() -> dict[str, Any]:
 
 
 def provenance(device: torch.device, data_fingerprint: str | None, data_source: str | None,
-               code: dict[str, Any]) -> dict[str, Any]:
-    """A record's provenance; ``code`` is the source's version and the suite file's hash when the run started."""
+               code: dict[str, Any], plugins: dict[str, str] | None = None) -> dict[str, Any]:
+    """A record's provenance; ``code`` is the source's version and the suite file's hash when the run started;
+    ``plugins`` the ``{distribution: version}`` of the plugins the run uses (none: no key, as before plugins)."""
     return {
+        **({"plugins": plugins} if plugins else {}),
         **code,
         **environment(),
         "device": device.type,

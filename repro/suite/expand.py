@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from repro.errors import UserError
 from repro.norms import NORMALIZERS
+from repro.registry import plugin_of
 from repro.suite.schema import Suite
 from repro.tasks.base import TASKS, RunSpec
 from repro.tasks.config import DatasetSpec, ModelSpec, NormalizerChoice, RunConfig
@@ -62,6 +63,15 @@ def tier_settings(suite: Suite, tier: str) -> list[dict[str, Any]]:
             for backbone, normalizer, values, seed in itertools.product(
                 spec.backbones or suite.backbones, suite.normalizers, itertools.product(*grid.values()),
                 spec.seeds or suite.seeds)]
+
+
+def plugins_used(config: dict[str, Any]) -> dict[str, str]:
+    """``{distribution: version}`` of the plugins whose normalizer, backbone, dataset, task or adaptation methods
+    this run uses: a new version of a plugin gives its runs new ids."""
+    used = [plugin_of("normalizer", config["normalizer"]["name"]), plugin_of("backbone", config["backbone"]),
+            plugin_of("dataset", config["dataset"]["name"]), plugin_of("task", config["task"]),
+            *(plugin_of("adaptation method", method["name"]) for method in config["task_options"].get("methods", []))]
+    return {plugin.distribution: plugin.version for plugin in used if plugin}
 
 
 def invariant_grid_keys(config: dict[str, Any], grid_keys: list[str]) -> list[str]:
@@ -156,6 +166,9 @@ def expand(suite: Suite, tier: str, *, source: str | None = None) -> list[RunSpe
             _measure_invariance(config, invariant)
             validated["train"] = validated["train"].model_copy(update=config["train"])  # the flag it may set
             invariant = []
+        plugins = plugins_used(config)
+        if plugins:  # only runs that use a plugin's thing: the ids of every other run stay as they were
+            config["plugins"] = plugins
         run_id = run_id_of(config)
         primary = first_of_execution.setdefault(shared_execution_key(config, invariant), run_id) if invariant else None
         typed = RunConfig(seed, backbone, NormalizerChoice(**config["normalizer"]),

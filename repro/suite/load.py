@@ -11,7 +11,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from repro.errors import UserError
+from repro.errors import UserError, printable
+from repro.registry import import_plugin
 from repro.suite.schema import Suite
 
 SUITE_SUFFIXES = (".yaml", ".yml")
@@ -133,6 +134,14 @@ def load_suite(name_or_path: str | Path) -> tuple[Suite, Path]:
         raise UserError(f"{path}:{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a suite file must be a YAML mapping of fields")
+    plugins = raw.get("plugins", [])
+    if not isinstance(plugins, list) or not all(isinstance(module, str) and module for module in plugins):
+        raise UserError(f"{path}: field plugins: must be a list of module names (got {printable(repr(plugins))[:80]})")
+    for module in plugins:
+        try:
+            import_plugin(module)
+        except UserError as err:
+            raise UserError(f"{path}: field plugins: {err}") from None
     try:
         suite = Suite.model_validate(raw)
     except ValidationError as err:

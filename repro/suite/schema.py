@@ -166,6 +166,9 @@ class Suite(_Strict):
     version: int = Field(ge=1)
     description: str
     citation: str
+    plugins: list[str] = Field(
+        default_factory=list, description="modules that register what the suite names (repro.registry), imported "
+        "before the suite is checked against the registries")
     task: str = "train"
     dataset: DatasetSpec
     backbones: list[str] = Field(min_length=1)

@@ -1,0 +1,1 @@
+"""An example repro plugin: ``channel_rms`` (a normalizer) and ``flip_average`` (a test-time method)."""
