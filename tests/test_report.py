@@ -118,6 +118,15 @@ def test_a_results_folder_without_records_is_one_line_and_exit_2(tmp_path, capsy
     assert not (tmp_path / "site").exists()
 
 
+def test_judging_options_without_compare_are_one_line_and_exit_2(report_results, tmp_path, capsys):
+    for option, value in (("--tolerance", "1"), ("--match", "setting"), ("--confidence", "0.9")):
+        assert main(["report", "--results", str(report_results), "--out", str(tmp_path / "site"), option,
+                     value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and option in err and "--compare" in err
+    assert not (tmp_path / "site").exists()
+
+
 def test_compare_page_highlights_the_settings_that_moved(report_results, tmp_path, capsys):
     moved = tmp_path / "moved"
     shutil.copytree(report_results, moved)

@@ -16,16 +16,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_judging_options(compare)
 
 
-def add_judging_options(parser: argparse.ArgumentParser) -> None:
+#: ``repro compare``'s judging defaults, also those of ``repro report --compare``
+JUDGING_DEFAULTS = {"tolerance": 0.5, "match": "run_id", "confidence": 0.95}
+
+
+def add_judging_options(parser: argparse.ArgumentParser, *, with_defaults: bool = True) -> None:
     """How two folders' runs are paired and judged: ``repro compare``'s options, shared by ``repro report
-    --compare``."""
-    parser.add_argument("--tolerance", type=float, default=0.5,
+    --compare``. ``with_defaults=False`` leaves them None, so that a command can tell whether they were given."""
+    default = JUDGING_DEFAULTS if with_defaults else dict.fromkeys(JUDGING_DEFAULTS)
+    parser.add_argument("--tolerance", type=float, default=default["tolerance"],
                         help="largest |B - A| still accepted where a setting has a single seed in common, in each "
                         "metric's unit (default 0.5: points of top-1)")
-    parser.add_argument("--match", choices=("run_id", "setting"), default="run_id",
+    parser.add_argument("--match", choices=("run_id", "setting"), default=default["match"],
                         help="pair runs by run id (the same recipe and seed; default), or by suite, tier and setting "
                              "(seed included), to compare two recipes of the same settings, e.g. float32 and bf16")
-    parser.add_argument("--confidence", type=float, default=0.95,
+    parser.add_argument("--confidence", type=float, default=default["confidence"],
                         help="level of the t-interval of the differences paired by seed, where a setting has 2 or "
                         "more seeds in common; 0 within it is 'within noise' (default 0.95)")
 

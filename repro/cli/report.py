@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from repro.cli.common import RESULTS_HELP, suite_refs
-from repro.cli.compare import add_judging_options
+from repro.cli.compare import JUDGING_DEFAULTS, add_judging_options
 from repro.errors import UserError
 
 
@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "highlighted")
     report.add_argument("--screenshot", type=Path, default=None, metavar="PNG",
                         help="also save a screenshot of the index page there (needs Debian's chromium)")
-    add_judging_options(report)
+    add_judging_options(report, with_defaults=False)
     report.add_argument("suites", nargs="*", help="suite names or files (default: every suite with records)")
 
 
@@ -34,6 +34,12 @@ def handle(args: argparse.Namespace) -> int:
 
     if args.screenshot is not None and args.screenshot.suffix.lower() != ".png":
         raise UserError(f"--screenshot {args.screenshot}: allowed: a .png file")
+    given = [f"--{name}" for name in JUDGING_DEFAULTS if getattr(args, name) is not None]
+    if given and not args.compare:
+        raise UserError(f"{', '.join(given)}: judge a comparison, so only allowed with --compare A B")
+    for name, value in JUDGING_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     start = time.perf_counter()
     if args.compare:
         from repro.results.compare import compare
