@@ -1,5 +1,6 @@
 """``repro campaign``: a budget that is kept, complete records only, resumption, and an archive that unpacks."""
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -20,7 +21,7 @@ from repro.execute.estimate import Estimate, Estimator
 from repro.execute.local import SequentialExecutor, WorkerExecutor
 from repro.execute.plan import PlannedRun, order_runs, parse_duration, plan_suite, window_seconds
 from repro.store.records import is_complete, iter_records
-from repro.tasks.base import RunOutcome, RunSpec
+from repro.tasks.base import RunOutcome, RunSpec, typed_config
 from tests.conftest import TINY_SUITE, computed_fields
 
 
@@ -228,6 +229,13 @@ def test_bad_budget_is_one_line_and_exit_2(capsys: pytest.CaptureFixture) -> Non
     assert capsys.readouterr().err.count("\n") == 1
 
 
+def _with_train(run: RunSpec, **train) -> RunSpec:
+    """``run`` with its training recipe changed, in its stored and its typed form alike."""
+    config = json.loads(json.dumps(run.config))
+    config["train"].update(train)
+    return dataclasses.replace(run, config=config, typed_config=typed_config(config))
+
+
 def test_calibration_sums_the_runs_that_did_their_own_work(campaign_suite: str, tmp_path: Path) -> None:
     """Calibrated scale = Σ measured / Σ modelled over records that did their own work; shared runs, trainings
     loaded from the checkpoint cache and runs on generated stand-in data do not count."""
@@ -246,7 +254,8 @@ def test_calibration_sums_the_runs_that_did_their_own_work(campaign_suite: str, 
                   "wall_time_s": wall, "provenance": provenance, **fields}
         (record_dir / f"{run.run_id}.json").write_text(json.dumps(record))
 
-    modelled = [modelled_seconds(run.config, training_workload(run.config, "cpu"), "cpu") for run in runs[:3]]
+    modelled = [modelled_seconds(run.typed_config, training_workload(run.typed_config, "cpu"), "cpu")
+                for run in runs[:3]]
     write(runs[0], 2.0 * modelled[0])
     write(runs[1], 5.0 * modelled[1])
     write(runs[2], 1000.0, shared_from=runs[0].run_id)
@@ -257,12 +266,11 @@ def test_calibration_sums_the_runs_that_did_their_own_work(campaign_suite: str, 
     record = json.loads((record_dir / f"{runs[4].run_id}.json").read_text())
     (record_dir / f"{runs[4].run_id}.json").write_text(json.dumps({**record, "config": generated}))
     estimator = Estimator(tmp_path, "cpu")
-    unseen = json.loads(json.dumps(runs[5].config))
-    unseen["train"]["epochs"] = 3  # a configuration no record measured
-    estimate = estimator.estimate(unseen, training_workload(unseen, "cpu"))
+    unseen = _with_train(runs[5], epochs=3)  # a configuration no record measured
+    estimate = estimator.estimate(unseen, training_workload(unseen.typed_config, "cpu"))
     expected_scale = (2.0 * modelled[0] + 5.0 * modelled[1]) / (modelled[0] + modelled[1])
     assert estimate.basis == f"cost model x {expected_scale:.2f} (calibrated on cpu records)"
-    unseen_modelled = modelled_seconds(unseen, training_workload(unseen, "cpu"), "cpu")
+    unseen_modelled = modelled_seconds(unseen.typed_config, training_workload(unseen.typed_config, "cpu"), "cpu")
     assert estimate.seconds == pytest.approx(expected_scale * unseen_modelled)
 
 
@@ -279,7 +287,8 @@ def test_costs_are_fitted_once_records_span_three_workloads(campaign_suite: str,
     a, b, c = 0.5, 0.012, 3.0
 
     def wall(config: dict) -> float:
-        terms = cost_terms(config, training_workload(config, "cpu"), "cpu")
+        typed = typed_config(config)
+        terms = cost_terms(typed, training_workload(typed, "cpu"), "cpu")
         return a * terms.flop_seconds + b * terms.passes + c
 
     workloads = [(1, 1000), (2, 1000), (4, 1000), (2, 1), (8, 1)]  # (epochs, evaluation batch)
@@ -296,16 +305,15 @@ def test_costs_are_fitted_once_records_span_three_workloads(campaign_suite: str,
                   "provenance": {"device": "cpu", "device_name": "cpu"}}
         (record_dir / f"run{index}.json").write_text(json.dumps(record))
 
-    unseen = json.loads(json.dumps(plan.runs[5].run.config))
-    unseen["train"].update(epochs=5, eval_batch_size=7)
+    unseen = _with_train(plan.runs[5].run, epochs=5, eval_batch_size=7)
     for index in range(3):
         write(index, *workloads[index])
-    unseen_workload = training_workload(unseen, "cpu")
+    unseen_workload = training_workload(unseen.typed_config, "cpu")
     assert Estimator(tmp_path, "cpu").estimate(unseen, unseen_workload).basis.startswith("cost model x ")
     for index in range(3, 5):
         write(index, *workloads[index])
     estimate = Estimator(tmp_path, "cpu").estimate(unseen, unseen_workload)
-    assert estimate.seconds == pytest.approx(wall(unseen), rel=1e-6)
+    assert estimate.seconds == pytest.approx(wall(unseen.config), rel=1e-6)
     assert estimate.basis.startswith("cost model fitted to 4 cpu records (0.50 x FLOP time + 12.00 ms per pass + "
                                      "3.0 s per run")
 

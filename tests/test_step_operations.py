@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from repro.norms import create_normalizer
+from repro.tasks.config import DatasetSpec, ModelSpec, NormalizerChoice, RunConfig
+from repro.tasks.train import TrainOptions
 from repro.tasks.workload import REFERENCE_BACKBONE, step_pass_weight
+from repro.train.config import TrainConfig
 from repro.train.operations import OperationCounter, step_recipe, training_step_operations
 
 META = torch.device("meta")
@@ -97,11 +100,12 @@ def test_cbn_declares_its_burn_in_and_window():
     assert create_normalizer("bn").step_pattern(10) == (1, 1)
 
 
-def _config(normalizer: str, micro_batch: int | None, backbone: str = "test_resnet") -> dict:
-    return {"task": "train", "backbone": backbone, "model": {"small_input": True},
-            "normalizer": {"name": normalizer, "options": NORMALIZERS.get(normalizer, {})},
-            "dataset": {"name": "fashion_mnist"},
-            "train": {"epochs": 2, "batch_size": 32, "lr": 0.1, "micro_batch": micro_batch}}
+def _config(normalizer: str, micro_batch: int | None, backbone: str = "test_resnet") -> RunConfig:
+    return RunConfig(task="train", seed=0, backbone=backbone,
+                     normalizer=NormalizerChoice(normalizer, normalizer, NORMALIZERS.get(normalizer, {})),
+                     dataset=DatasetSpec(name="fashion_mnist"), model=ModelSpec(small_input=True),
+                     train=TrainConfig(epochs=2, batch_size=32, lr=0.1, micro_batch=micro_batch),
+                     task_options=TrainOptions())
 
 
 def test_a_training_step_weighs_by_its_operations_against_a_plain_batchnorm_step_of_the_reference_backbone():
@@ -121,9 +125,11 @@ def test_a_backbone_that_launches_more_kernels_per_step_weighs_more():
     MobileNetV2-0.5 run outlasted the estimate that weighed both alike)."""
     reference = _config("bn", None, backbone=REFERENCE_BACKBONE)
     reference_count = training_step_operations(
-        REFERENCE_BACKBONE, "bn", "{}", True, (1, 28, 28), 10, step_recipe(reference["train"])).device_operations
+        REFERENCE_BACKBONE, "bn", "{}", True, (1, 28, 28), 10, step_recipe(reference.train.model_dump())
+    ).device_operations
     mobilenet_count = training_step_operations(
-        "mobilenetv2_050", "bn", "{}", True, (1, 28, 28), 10, step_recipe(reference["train"])).device_operations
+        "mobilenetv2_050", "bn", "{}", True, (1, 28, 28), 10, step_recipe(reference.train.model_dump())
+    ).device_operations
     weight = step_pass_weight(_config("bn", None, backbone="mobilenetv2_050"))
     assert weight == pytest.approx(mobilenet_count / reference_count) and weight > 2
 
@@ -138,6 +144,6 @@ def test_only_an_accelerator_weighs_a_step_by_its_operations():
     from repro.tasks.workload import training_workload
 
     config = _config("cbn", 4)
-    steps, eval_batches = 60_000 // 32, -(-10_000 // 32)  # the evaluation batch defaults to the training one
+    steps, eval_batches = 60_000 // 32, -(-10_000 // 1000)  # TrainConfig's evaluation batch: 1000
     assert training_workload(config, "cpu").passes == 2 * (steps + eval_batches)
     assert training_workload(config, "cuda").passes == 2 * (steps * step_pass_weight(config) + eval_batches)

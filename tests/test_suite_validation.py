@@ -204,7 +204,9 @@ def test_amp_cpu_enters_the_run_id_only_when_set(suites_dir: Path) -> None:
 def test_the_typed_config_holds_what_the_stored_config_holds() -> None:
     """Every run of every shipped suite's tiers: the typed config tasks read (validated once, at expansion) says
     what the stored config says (what records keep and run ids hash), ``sequential_micro_batches`` of unshared
-    seeds included, and the run id is still the stored config's hash."""
+    seeds included, and the run id is still the stored config's hash. Typed again from the stored form (as the cost
+    model types a record's), it is the same typed config."""
+    from repro.tasks.base import typed_config
     from repro.suite.load import list_suite_files
 
     unshared = 0
@@ -219,6 +221,7 @@ def test_the_typed_config_holds_what_the_stored_config_holds() -> None:
                 assert typed.dataset.model_dump() == stored["dataset"] and typed.model.model_dump() == stored["model"]
                 assert typed.train.stored_dump() == stored["train"], (path, tier, run.label)
                 assert typed.task_options.model_dump() == stored["task_options"]
+                assert typed.task == stored["task"] and typed_config(stored) == typed, (path, tier, run.label)
                 unshared += typed.train.sequential_micro_batches
     assert unshared > 0, "no unshared seed among the suites: the flag expansion sets went untested"
 

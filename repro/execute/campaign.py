@@ -123,8 +123,8 @@ class Campaign:
             if trainer is None or item is trainer or item.run.shared_with or model_ready(item, self._saved_before):
                 continue
             if model_ready(item, {item.model_key: trainer.suite.name}):
-                workload = TASKS.get(item.suite.task).workload(item.run.config, True, device_type(kind))
-                item.estimate = estimator.estimate(item.run.config, workload, model_loaded=True)
+                workload = TASKS.get(item.suite.task).workload(item.run.typed_config, True, device_type(kind))
+                item.estimate = estimator.estimate(item.run, workload, model_loaded=True)
         return plans
 
     def run(self) -> CampaignSummary:
@@ -261,8 +261,9 @@ class Campaign:
         from repro.tasks import TASKS
 
         estimator = Estimator(self.results_dir, self.executor_kind)
-        workload = TASKS.get(item.suite.task).workload(item.run.config, model_trained, device_type(estimator.kind))
-        return estimator.estimate(item.run.config, workload, model_trained)
+        workload = TASKS.get(item.suite.task).workload(item.run.typed_config, model_trained,
+                                                      device_type(estimator.kind))
+        return estimator.estimate(item.run, workload, model_trained)
 
     @property
     def executor_kind(self) -> str:

@@ -32,6 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from repro.errors import UserError
+from repro.tasks import TASKS, RunSpec
+from repro.tasks.base import typed_config
+from repro.tasks.config import RunConfig
 from repro.tasks.workload import Workload, dataset_shape, device_type
 
 
@@ -97,13 +101,12 @@ class CostTerms:
     passes: float
 
 
-def cost_terms(config: dict[str, Any], workload: Workload, kind: str) -> CostTerms:
+def cost_terms(config: RunConfig, workload: Workload, kind: str) -> CostTerms:
     rate = DEVICE_RATES.get(kind, DEVICE_RATES["h200"])
-    shape = dataset_shape(config["dataset"]["name"])
-    normalizer = config["normalizer"]
-    flops = forward_flops(config["backbone"], normalizer["name"], json.dumps(normalizer["options"], sort_keys=True),
-                          bool(config["model"].get("small_input")), shape.image_size, shape.channels,
-                          shape.num_classes)
+    shape = dataset_shape(config.dataset.name)
+    options = json.dumps(config.normalizer.options, sort_keys=True)
+    flops = forward_flops(config.backbone, config.normalizer.name, options, config.model.small_input,
+                          shape.image_size, shape.channels, shape.num_classes)
     return CostTerms(flops * (3 * workload.train_images + workload.forward_images) / rate.flops_per_s,
                      workload.passes)
 
@@ -114,7 +117,7 @@ def prior_seconds(terms: CostTerms, kind: str) -> float:
     return terms.flop_seconds + terms.passes * rate.seconds_per_pass + rate.seconds_per_run
 
 
-def modelled_seconds(config: dict[str, Any], workload: Workload, kind: str) -> float:
+def modelled_seconds(config: RunConfig, workload: Workload, kind: str) -> float:
     return prior_seconds(cost_terms(config, workload, kind), kind)
 
 
@@ -179,62 +182,60 @@ class Estimator:
             if record.get("status") not in COMPLETE_STATUSES or record_device_kind(record) != kind:
                 continue
             wall = record.get("wall_time_s")
-            config = record.get("config")
-            if not isinstance(wall, int | float) or not isinstance(config, dict) or record.get("shared_from"):
+            stored = record.get("config")
+            if not isinstance(wall, int | float) or not isinstance(stored, dict) or record.get("shared_from"):
                 continue
             loaded = bool((record.get("extra") or {}).get("from_checkpoint"))
-            task = config.get("task", "train")
-            if loaded and task == "train":  # the wall time of a training done elsewhere, maybe on another device
+            if loaded and stored.get("task") == "train":  # a training done elsewhere, maybe on another device
                 continue
-            self._measured.setdefault((seedless_key(config), loaded), []).append(float(wall))
-            dataset = config.get("dataset", {})
-            if dataset.get("generated") and not (dataset.get("train_subset") and dataset.get("test_subset")):
-                continue  # a small stand-in whose size the cost model does not know
+            self._measured.setdefault((seedless_key(stored), loaded), []).append(float(wall))
             if record["status"] != "ok":  # diverged: it stopped before doing its whole workload
                 continue
-            workload = _workload_of(config, device_type(kind), loaded)
-            if workload is not None:
-                try:
-                    terms = cost_terms(config, workload, kind)
-                except Exception:  # a backbone this version cannot build: no calibration from it
-                    continue
-                self._runs.setdefault(task, []).append((terms, float(wall)))
-                sharing = (record.get("provenance") or {}).get("runs_sharing_device")
-                if isinstance(sharing, int):
-                    self._sharing.setdefault(task, set()).add(sharing)
+            config = _typed_or_none(stored)
+            if config is None:
+                continue
+            if config.dataset.generated and not (config.dataset.train_subset and config.dataset.test_subset):
+                continue  # a small stand-in whose size the cost model does not know
+            try:
+                terms = cost_terms(config, TASKS.get(config.task).workload(config, loaded, device_type(kind)), kind)
+            except Exception:  # a backbone this version cannot build: no calibration from it
+                continue
+            self._runs.setdefault(config.task, []).append((terms, float(wall)))
+            sharing = (record.get("provenance") or {}).get("runs_sharing_device")
+            if isinstance(sharing, int):
+                self._sharing.setdefault(config.task, set()).add(sharing)
         self._fits = {task: fit_costs(rows) for task, rows in self._runs.items()}
         self._scales = {task: sum(seconds for _, seconds in rows) / sum(prior_seconds(terms, kind) for terms, _ in rows)
                         for task, rows in self._runs.items()}
 
-    def estimate(self, config: dict[str, Any], workload: Workload, model_loaded: bool = False) -> Estimate:
+    def estimate(self, run: RunSpec, workload: Workload, model_loaded: bool = False) -> Estimate:
         """``workload`` as the run's task computes it; ``model_loaded``: the run's trained model comes from the
         checkpoint cache (records of runs that trained it measure something else)."""
-        measured = self._measured.get((seedless_key(config), model_loaded))
+        measured = self._measured.get((seedless_key(run.config), model_loaded))
         if measured:
             return Estimate(statistics.fmean(measured), f"measured ({len(measured)} records on {self.kind})")
-        task = config.get("task", "train")
-        rows = self._runs.get(task)
+        config = run.typed_config
+        rows = self._runs.get(config.task)
         if not rows:
             return Estimate(modelled_seconds(config, workload, self.kind), f"cost model ({self.kind}, uncalibrated)")
-        sharing = sorted(self._sharing.get(task, ()))
+        sharing = sorted(self._sharing.get(config.task, ()))
         made = f", made {' or '.join(map(str, sharing))} to a device" if sharing else ""
-        fitted = self._fits[task]
+        fitted = self._fits[config.task]
         weighed = " (a training step weighed by its operations)" if device_type(self.kind) != "cpu" else ""
         if fitted is not None:
             return Estimate(fitted.seconds(cost_terms(config, workload, self.kind)),
                             f"cost model fitted to {len(rows)} {self.kind} records ({fitted.flop_scale:.2f} x FLOP "
                             f"time + {1000 * fitted.seconds_per_pass:.2f} ms per pass{weighed} + "
                             f"{fitted.seconds_per_run:.1f} s per run{made})")
-        scale = self._scales[task]
+        scale = self._scales[config.task]
         return Estimate(modelled_seconds(config, workload, self.kind) * scale,
                         f"cost model x {scale:.2f} (calibrated on {self.kind} records{made})")
 
 
-def _workload_of(config: dict[str, Any], on: str, model_loaded: bool) -> Workload | None:
-    """The work a recorded run did, for calibration: with training unless its model came from the checkpoint
-    cache."""
-    from repro.tasks import TASKS
-
-    if config.get("task", "train") not in TASKS:
+def _typed_or_none(stored: dict[str, Any]) -> RunConfig | None:
+    """A record's config, typed; None for one this version cannot type (a task it lacks, an older schema), which
+    then calibrates nothing."""
+    try:
+        return typed_config(stored)
+    except (KeyError, ValueError, UserError):  # pydantic's ValidationError is a ValueError
         return None
-    return TASKS.get(config.get("task", "train")).workload(config, model_loaded, device_type=on)

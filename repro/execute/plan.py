@@ -115,8 +115,8 @@ def plan_suite(suite_ref: str | Path, tier: str, results_dir: Path, estimator: E
             item.estimate = Estimate(0.0, "shared with another run")
         else:
             ready = model_ready(item, saved_models)
-            workload = task.workload(run.config, ready, device_type(estimator.kind))
-            item.estimate = estimator.estimate(run.config, workload, ready)
+            workload = task.workload(run.typed_config, ready, device_type(estimator.kind))
+            item.estimate = estimator.estimate(run, workload, ready)
         planned.append(item)
     return SuitePlan(suite, path, tier, planned, complete)
 
@@ -217,7 +217,7 @@ def window_seconds(ordered: list[PlannedRun], workers: int) -> float:
 def suite_data_present(plan: SuitePlan, ctx) -> str | None:
     """None when the datasets of the plan's runs load here; else why not (the loader's own message)."""
     try:
-        specs = {repr(sorted(p.run.config["dataset"].items())): p.run.typed_config.dataset for p in plan.runs}
+        specs = {p.run.typed_config.dataset.model_dump_json(): p.run.typed_config.dataset for p in plan.runs}
         for spec in specs.values():
             ctx.dataset(spec)
     except UserError as err:

@@ -171,8 +171,9 @@ def expand(suite: Suite, tier: str, *, source: str | None = None) -> list[RunSpe
             config["plugins"] = plugins
         run_id = run_id_of(config)
         primary = first_of_execution.setdefault(shared_execution_key(config, invariant), run_id) if invariant else None
-        typed = RunConfig(seed, backbone, NormalizerChoice(**config["normalizer"]),
-                          DatasetSpec.model_validate(config["dataset"]), **validated)
+        typed = RunConfig(task=suite.task, seed=seed, backbone=backbone,
+                          normalizer=NormalizerChoice(**config["normalizer"]),
+                          dataset=DatasetSpec.model_validate(config["dataset"]), **validated)
         runs.append(RunSpec(suite.name, suite.version, tier, run_id, config, setting, typed,
                             shared_with=primary if primary != run_id else None))
     return runs

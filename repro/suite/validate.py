@@ -142,9 +142,9 @@ def _check_row_keys(path: Path, i: int, ref_id: str, tier: str, row: dict, runs:
         return
     identities: dict[str, list[dict]] = {}
     for run in runs:  # runs of one tier mostly share their task options: each distinct one is listed once
-        key = repr(sorted(run.config["task_options"].items(), key=str))
+        key = run.typed_config.task_options.model_dump_json()
         if key not in identities:
-            identities[key] = TASKS.get(run.config["task"]).row_identities(run.config)
+            identities[key] = TASKS.get(run.typed_config.task).row_identities(run.typed_config)
     rows = [identity for listed in identities.values() for identity in listed]
     if any(matches(identity, row) for identity in rows):
         return

@@ -140,7 +140,7 @@ class Task:
         raise NotImplementedError
 
     @classmethod
-    def workload(cls, config: dict[str, Any], model_cached: bool = False, device_type: str = "cuda") -> Workload:
+    def workload(cls, config: RunConfig, model_cached: bool = False, device_type: str = "cuda") -> Workload:
         """The images this run pushes through its model, for time estimates (``repro.execute.estimate``).
 
         ``model_cached``: the trained model is already in the checkpoint cache (or trained earlier in the same
@@ -150,7 +150,7 @@ class Task:
         return Workload() if model_cached else training_workload(config, device_type)
 
     @classmethod
-    def row_identities(cls, config: dict[str, Any]) -> list[dict[str, Any]]:
+    def row_identities(cls, config: RunConfig) -> list[dict[str, Any]]:
         """The ``extra_columns`` values of every table row a run of ``config`` writes, so that a reference naming
         a row (a method, corruption, severity, batch size) no run produces is refused when the suite loads."""
         return []
@@ -172,6 +172,11 @@ TASKS: Registry[type[Task]] = Registry("task")
 def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
     """Class decorator: register a Task subclass under ``name``."""
     return TASKS.register_named(name)
+
+
+def typed_config(config: dict[str, Any]) -> RunConfig:
+    """A stored run config (a record's), typed with its task's ``Options``: ``RunConfig.from_stored``."""
+    return RunConfig.from_stored(config, TASKS.get(config["task"]).Options)
 
 
 def build_run_model(run: RunSpec, data: ImageDataset) -> torch.nn.Module:

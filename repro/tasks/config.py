@@ -3,7 +3,8 @@ field wherever the run runs.
 
 The stored form stays beside it (``RunSpec.config``): the JSON dict a record keeps and a run id and a checkpoint
 key hash, built exactly as before the typed form existed, so committed records, run ids and checkpoints stay
-current. Code that reads records (the cost model's calibration, checks) reads that stored form.
+current. Code that starts from a record (the cost model's calibration, the memory task's child process) types its
+stored config once with ``RunConfig.from_stored`` and reads fields from then on.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class NormalizerChoice:
 class RunConfig:
     """What a task reads of its run's configuration. ``task_options`` is the task's own validated ``Options``."""
 
+    task: str
     seed: int
     backbone: str
     normalizer: NormalizerChoice
@@ -56,3 +58,16 @@ class RunConfig:
     model: ModelSpec
     train: TrainConfig
     task_options: BaseModel
+
+    @classmethod
+    def from_stored(cls, config: dict[str, Any], options: type[BaseModel]) -> RunConfig:
+        """The typed form of a stored config (a record's ``config``), ``options`` being its task's ``Options``.
+        Raises pydantic's ``ValidationError`` (or ``KeyError``) for a config this code's schema does not accept:
+        a record written by an older version."""
+        normalizer = config["normalizer"]
+        return cls(task=config["task"], seed=config["seed"], backbone=config["backbone"],
+                   normalizer=NormalizerChoice(normalizer["name"], normalizer.get("label", normalizer["name"]),
+                                               normalizer["options"]),
+                   dataset=DatasetSpec.model_validate(config["dataset"]),
+                   model=ModelSpec.model_validate(config["model"]), train=TrainConfig.model_validate(config["train"]),
+                   task_options=options.model_validate(config["task_options"]))

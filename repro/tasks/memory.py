@@ -33,8 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from repro.models import build_model
 from repro.tasks.base import RunContext, RunOutcome, RunSpec, Task, register_task
+from repro.tasks.config import RunConfig
 from repro.tasks.workload import Workload
-from repro.train import TrainConfig, seed_everything
+from repro.train import seed_everything
 from repro.train.timing import measure_step_time
 
 
@@ -48,29 +49,30 @@ class MemoryOptions(BaseModel):
     warmup: int = Field(default=1, ge=0, description="untimed steps first (kernel selection, lazy allocations)")
 
 
-def measure_training_step(config: dict[str, Any], device: str, threads: int) -> dict[str, Any]:
+def measure_training_step(config: RunConfig, device: str, threads: int) -> dict[str, Any]:
     """Build the run's model and time its steps (in this process)."""
     torch.set_num_threads(threads)
-    options = MemoryOptions.model_validate(config["task_options"])
-    train = TrainConfig.model_validate(config["train"])
-    seed_everything(config["seed"])
-    model = build_model(config["backbone"], config["normalizer"]["name"], num_classes=options.num_classes,
-                        in_chans=options.in_chans, small_input=config["model"]["small_input"],
-                        **config["normalizer"]["options"])
+    options: MemoryOptions = config.task_options
+    train = config.train
+    seed_everything(config.seed)
+    model = build_model(config.backbone, config.normalizer.name, num_classes=options.num_classes,
+                        in_chans=options.in_chans, small_input=config.model.small_input, **config.normalizer.options)
     timing = measure_step_time(
         model, batch_size=train.batch_size, image_size=options.image_size, in_chans=options.in_chans,
         num_classes=options.num_classes, device=torch.device(device), steps=options.steps, warmup=options.warmup,
-        seed=config["seed"], amp=train.amp, channels_last=train.channels_last, amp_cpu=train.amp_cpu,
+        seed=config.seed, amp=train.amp, channels_last=train.channels_last, amp_cpu=train.amp_cpu,
     )
     return dataclasses.asdict(timing)
 
 
-_CHILD = ("import json, sys; from repro.tasks.memory import measure_training_step; "
-          "print(json.dumps(measure_training_step(*json.loads(sys.argv[1]))))")
+_CHILD = ("import json, sys; from repro.tasks.base import typed_config; "
+          "from repro.tasks.memory import measure_training_step; config, device, threads = json.loads(sys.argv[1]); "
+          "print(json.dumps(measure_training_step(typed_config(config), device, threads)))")
 
 
 def measure_in_fresh_process(config: dict[str, Any], threads: int) -> dict[str, Any]:
-    """``measure_training_step`` on CPU in a new interpreter, so that its peak RSS is this configuration's alone."""
+    """``measure_training_step`` on CPU in a new interpreter, so that its peak RSS is this configuration's alone.
+    ``config`` is the run's stored form, which crosses to the child as JSON."""
     package_root = str(Path(__file__).resolve().parents[2])  # the same repro as this process, not an installed one
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     child = subprocess.run([sys.executable, "-c", _CHILD, json.dumps([config, "cpu", threads])], env=env,
@@ -88,16 +90,16 @@ class MemoryTask(Task):
     table_metrics = ("peak_memory_mb", "step_memory_mb", "step_time_ms", "images_per_s")
 
     @classmethod
-    def workload(cls, config: dict[str, Any], model_cached: bool = False, device_type: str = "cuda") -> Workload:
-        options = config["task_options"]
-        steps = options["steps"] + options["warmup"]
-        return Workload(train_images=steps * config["train"]["batch_size"], passes=steps)
+    def workload(cls, config: RunConfig, model_cached: bool = False, device_type: str = "cuda") -> Workload:
+        options: MemoryOptions = config.task_options
+        steps = options.steps + options.warmup
+        return Workload(train_images=steps * config.train.batch_size, passes=steps)
 
     def run(self, run: RunSpec, ctx: RunContext) -> RunOutcome:
         start = time.perf_counter()
         threads = torch.get_num_threads()
         if ctx.device.type == "cuda":
-            timing = measure_training_step(run.config, str(ctx.device), threads)
+            timing = measure_training_step(run.typed_config, str(ctx.device), threads)
         else:
             timing = measure_in_fresh_process(run.config, threads)
         batch_size = run.typed_config.train.batch_size

@@ -35,6 +35,7 @@ from repro.data.corrupted import (
 from repro.data.loaders import PixelNormalizer, decode_folder
 from repro.errors import UserError
 from repro.tasks.base import RunContext, RunOutcome, RunSpec, Task, build_run_model, register_task, train_or_load
+from repro.tasks.config import RunConfig
 from repro.tasks.workload import Workload, split_sizes, training_workload
 
 #: datasets whose released corrupted copy has a loader (CIFAR-10-C, CIFAR-100-C, ImageNet-C)
@@ -200,12 +201,12 @@ class TTATask(Task):
                      "clean_error_after", "forward_per_image", "backward_per_image", "ms_per_image")
 
     @classmethod
-    def workload(cls, config: dict[str, Any], model_cached: bool = False, device_type: str = "cuda") -> Workload:
+    def workload(cls, config: RunConfig, model_cached: bool = False, device_type: str = "cuda") -> Workload:
         """Every view through every method × batch size (``source`` once: its predictions ignore the batch);
         methods that take gradient steps also go backward, and stateful ones score the clean images after each
         view. Passes as the evaluator makes them (``evaluation_passes``)."""
-        options = TTAOptions.model_validate(config["task_options"])
-        _, test_images = split_sizes(config["dataset"])
+        options: TTAOptions = config.task_options
+        _, test_images = split_sizes(config.dataset)
         per_view = min(options.images or test_images, test_images)
         corrupted = len(options.corruptions) * len(options.severities)
         clean_after = min(options.clean_after_images, test_images) if options.setting != "mixed" else 0
@@ -225,15 +226,15 @@ class TTATask(Task):
                 passes += evaluation_passes(method, spec.options, batch_size, per_view, 1, "episodic", 0,
                                             device_type) if options.clean else 0
         own = Workload(stepped, forward, passes)
-        if model_cached or config["model"]["pretrained"]:
+        if model_cached or config.model.pretrained:
             return own
         return own + training_workload(config, device_type)
 
     @classmethod
-    def row_identities(cls, config: dict[str, Any]) -> list[dict[str, Any]]:
+    def row_identities(cls, config: RunConfig) -> list[dict[str, Any]]:
         """Per method × batch size: each view, the clean images (``clean``, severity 0) when evaluated, and the
         summary (``all``, no severity)."""
-        options = TTAOptions.model_validate(config["task_options"])
+        options: TTAOptions = config.task_options
         views = [*corrupted_views(options), *[("clean", 0)] * options.clean, ("all", None)]
         return [{"method": spec.column, "setting": options.setting, "corruption": corruption, "severity": severity,
                  "batch_size": batch_size}
