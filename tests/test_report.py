@@ -65,7 +65,7 @@ def test_report_writes_an_index_and_a_page_per_suite_whose_verdicts_are_the_chec
     page = (site / "suites" / f"{REPORT_SUITES[0]}.html").read_text()
     for section in ("claims", "results", "plots", "references", "suite-file", "provenance"):
         assert f'id="{section}"' in page
-    assert "Test CPU (cpu, 1 threads, fp32 on cpu)" in index and "torch 2.15.0, timm 1.0.31" in index
+    assert "Test CPU (cpu, 1 thread, fp32 on cpu)" in index and "torch 2.15.0, timm 1.0.31" in index
     assert "gn within 50 points of bn" in page and "top1-per-seed" in page
     plots = sorted(path.name for path in (site / "plots").iterdir())
     assert plots == sorted(f"{name}.{plot}.smoke.svg" for name in REPORT_SUITES for plot in ("forest", "top1-per-seed"))

@@ -206,8 +206,8 @@ def test_the_typed_config_holds_what_the_stored_config_holds() -> None:
     what the stored config says (what records keep and run ids hash), ``sequential_micro_batches`` of unshared
     seeds included, and the run id is still the stored config's hash. Typed again from the stored form (as the cost
     model types a record's), it is the same typed config."""
-    from repro.tasks.base import typed_config
     from repro.suite.load import list_suite_files
+    from repro.tasks.base import typed_config
 
     unshared = 0
     for path in list_suite_files():

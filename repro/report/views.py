@@ -110,7 +110,8 @@ def provenance_of(record: dict[str, Any]) -> dict[str, str]:
 
 
 def _hardware(prov: dict[str, str]) -> str:
-    threads = "" if prov["cpu_threads"] == "—" else f", {prov['cpu_threads']} threads"
+    count = prov["cpu_threads"]
+    threads = "" if count == "—" else f", {count} thread{'' if count == '1' else 's'}"
     return f"{prov['device_name']} ({prov['device']}{threads}, {prov['precision']})"
 
 
